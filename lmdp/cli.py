@@ -1,0 +1,90 @@
+"""The `lmdp` command line: check, make-tiny, compare."""
+import argparse
+import logging
+import sys
+import tempfile
+
+
+def _int_list(text: str):
+    return [int(x) for x in text.split(',') if x.strip()]
+
+
+def cmd_check(args) -> int:
+    from .check_env import check_model
+    report = check_model(args.model_path, trust_remote_code=args.trust_remote_code,
+                         custom_module_map=args.custom_module_map)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def cmd_make_tiny(args) -> int:
+    from .tiny import make_tiny
+    overrides = {}
+    if args.layers is not None:
+        overrides['num_hidden_layers'] = args.layers
+    path = make_tiny(args.model_type, args.out_dir, seed=args.seed, dtype=args.dtype,
+                     max_shard_size=args.max_shard_size, **overrides)
+    print(f'wrote a tiny {args.model_type} checkpoint to {path}')
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from parity import compare_logits
+    with tempfile.TemporaryDirectory(prefix='lmdp-tiny-') as tmp:
+        model_path = args.model_path
+        if model_path is None:
+            from .tiny import make_tiny
+            model_path = str(make_tiny('llama', tmp))
+            print(f'no model given: built the tiny llama in {model_path}')
+        report = compare_logits(model_path, prompt_lengths=args.prompt_lengths, decode_steps=args.decode_steps,
+                                dtype=args.dtype, device=args.device, block_size=args.block_size,
+                                custom_module_map=args.custom_module_map)
+        print(report.summary())
+    return 0 if report.passed else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='lmdp', description='lmdp: port HF models to a paged engine and prove '
+                                     'they compute what transformers computes')
+    parser.add_argument('-v', '--verbose', action='store_true', help='log progress')
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    p = sub.add_parser('check', help='can lmdp load this checkpoint? (no weights are read)')
+    p.add_argument('model_path')
+    p.add_argument('--trust-remote-code', action='store_true')
+    p.add_argument('--custom-module-map', help='a .py file defining MODULE_MAP entries to add or override')
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser('make-tiny', help='write a tiny random-weight checkpoint with transformers')
+    p.add_argument('model_type', help='llama, gemma, gemma2, ...')
+    p.add_argument('out_dir')
+    p.add_argument('--layers', type=int, help='number of decoder layers')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
+    p.add_argument('--max-shard-size', help='e.g. 200KB, to write a sharded checkpoint')
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser('compare', help='logits of lmdp vs transformers (packed prefill + paged decode)')
+    p.add_argument('model_path', nargs='?', help='checkpoint folder (default: a fresh tiny llama)')
+    p.add_argument('--dtype', default='float32')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--prompt-lengths', type=_int_list, default=[5, 17, 64], help='comma-separated')
+    p.add_argument('--decode-steps', type=int, default=8)
+    p.add_argument('--block-size', type=int, default=16)
+    p.add_argument('--custom-module-map')
+    p.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format='%(levelname)s %(message)s')
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f'lmdp {args.command}: error: {e}', file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())

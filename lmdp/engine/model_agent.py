@@ -1,0 +1,64 @@
+"""Builds a model from a checkpoint folder and runs one step of it."""
+import logging
+import time
+from typing import Optional
+
+import torch
+
+from ..config import ModelConfig
+from ..model_inputs import ModelInputs, StepContext, StepContextManager
+from ..models.registry import CustomModuleMap, get_model_class
+from ..weight_loader import load_model_weights
+
+logger = logging.getLogger('lmdp')
+
+
+def build_model(model_config: ModelConfig, model_path: Optional[str] = None, device='cpu',
+                custom_module_map: CustomModuleMap = None, load_weights: bool = True):
+    """Instantiate the registered class for the config's architecture and (optionally) load its weights."""
+    model_cls = get_model_class(model_config.hf_config, custom_module_map)
+    ctx_mgr = StepContextManager()
+    model = model_cls(model_config.hf_config, ctx_mgr, dtype=model_config.dtype, device=torch.device(device))
+    # a port written without dtype/device plumbing (plain nn.Linear) still ends up where asked
+    for param in model.parameters():
+        if param.is_floating_point() and (param.dtype != model_config.dtype or param.device != torch.device(device)):
+            param.data = param.data.to(device=device, dtype=model_config.dtype)
+    model.eval()
+    if load_weights:
+        load_model_weights(model, model_path)
+    return model, ctx_mgr
+
+
+class ModelAgent:
+    """A model, its step-context manager and the forward of one packed step."""
+
+    def __init__(self, model, ctx_mgr: StepContextManager, model_config: ModelConfig, device='cpu'):
+        self.model, self.ctx_mgr, self.model_config = model, ctx_mgr, model_config
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_pretrained(cls, model_path: str, dtype='auto', device='cpu', custom_module_map: CustomModuleMap = None,
+                        trust_remote_code: bool = False) -> 'ModelAgent':
+        start = time.perf_counter()
+        model_config = ModelConfig.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model, ctx_mgr = build_model(model_config, model_path, device, custom_module_map)
+        logger.info('loaded %s (%s, %s) in %.1f s', model_path, type(model).__name__, model_config.dtype,
+                    time.perf_counter() - start)
+        return cls(model, ctx_mgr, model_config, device)
+
+    @torch.inference_mode()
+    def forward(self, inputs: ModelInputs, kv_caches) -> torch.Tensor:
+        """The model's raw output for the step, `[T, hidden]` (or `[T, vocab]` for a port that returns logits)."""
+        context = StepContext.new(inputs, self.model_config, kv_caches)
+        with self.ctx_mgr.context(context):
+            kwargs = self.model.prepare_inputs_for_generation(past_key_values=kv_caches,
+                                                              inputs_embeds=inputs.inputs_embeds, context=context)
+            output = self.model(**kwargs)
+        return output.reshape(-1, output.size(-1))
+
+    @torch.inference_mode()
+    def get_logits(self, output: torch.Tensor) -> torch.Tensor:
+        """float32 logits of the given rows of `forward`'s output."""
+        get_logits = getattr(self.model, 'get_logits', None)
+        logits = output if get_logits is None else get_logits(output)
+        return logits.float()

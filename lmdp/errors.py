@@ -1,0 +1,17 @@
+"""Errors lmdp raises for bad input. Each message names what was wrong and what to do about it."""
+
+
+class LmdpError(Exception):
+    """Base of lmdp's own errors."""
+
+
+class ConfigError(LmdpError, ValueError):
+    """A checkpoint's config.json can't be read or lacks what the engine needs."""
+
+
+class ArchitectureError(LmdpError, ValueError):
+    """No model class is registered for a checkpoint's architecture."""
+
+
+class WeightLoadError(LmdpError, ValueError):
+    """A checkpoint's tensors don't fit the model: missing, mis-shaped or unreadable."""

@@ -1,0 +1,67 @@
+"""The one place that picks an op's implementation: Triton for CUDA tensors, the pure-torch reference elsewhere.
+
+`LMDP_KERNELS=reference` forces the references everywhere (to bisect a suspected kernel bug on the GPU).
+"""
+import functools
+import importlib
+import os
+
+import torch
+
+from . import activation, fill_kv_cache as _fill, paged_attention as _attn, rms_norm as _norm, rotary as _rotary
+
+_REFERENCE = {
+    'fill_kv_cache': _fill.fill_kv_cache,
+    'paged_attention_fwd': _attn.paged_attention_fwd,
+    'rms_norm': _norm.rms_norm,
+    'apply_rotary_pos_emb': _rotary.apply_rotary_pos_emb,
+    'silu_and_mul': activation.silu_and_mul,
+    'gelu_and_mul': activation.gelu_and_mul,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_impl(name: str):
+    """The Triton implementation of `name` from `lmdp.kernels.triton`, or None where it can't be had."""
+    if os.environ.get('LMDP_KERNELS', '').lower() == 'reference':
+        return None
+    try:
+        module = importlib.import_module('lmdp.kernels.triton')
+    except ImportError:
+        return None
+    return getattr(module, name, None)
+
+
+def implementation(name: str, tensor: torch.Tensor):
+    """The function that runs op `name` on tensors living where `tensor` lives."""
+    if tensor.is_cuda:
+        impl = _triton_impl(name)
+        if impl is not None:
+            return impl
+    return _REFERENCE[name]
+
+
+def fill_kv_cache(k_states, v_states, k_cache, v_cache, q_start_loc, q_seqlens, kv_seqlens, block_offsets):
+    return implementation('fill_kv_cache', k_states)(k_states, v_states, k_cache, v_cache, q_start_loc, q_seqlens,
+                                                     kv_seqlens, block_offsets)
+
+
+def paged_attention_fwd(q, k_cache, v_cache, block_offsets, q_start_loc, q_seqlens, kv_seqlens, **kwargs):
+    return implementation('paged_attention_fwd', q)(q, k_cache, v_cache, block_offsets, q_start_loc, q_seqlens,
+                                                    kv_seqlens, **kwargs)
+
+
+def rms_norm(x, weight, eps=1e-6, residual=None):
+    return implementation('rms_norm', x)(x, weight, eps, residual)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, q_out=None, k_out=None):
+    return implementation('apply_rotary_pos_emb', q)(q, k, cos, sin, q_out, k_out)
+
+
+def silu_and_mul(x):
+    return implementation('silu_and_mul', x)(x)
+
+
+def gelu_and_mul(x, approximate='none'):
+    return implementation('gelu_and_mul', x)(x, approximate)

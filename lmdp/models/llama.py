@@ -1,0 +1,180 @@
+"""Llama (and Mistral-style sliding-window Llamas) on lmdp's paged engine."""
+from typing import Any, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..model_inputs import StepContext, StepContextManager
+from ..nn import (ApplyRotaryEmb, Attention, ParallelEmbedding, RMSNorm, SiluAndMul, build_merged_colwise_linear,
+                  build_qkv_proj, build_rotary_embedding_from_config, build_rowwise_linear)
+from ..weight_loader import load_weight
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, 'head_dim', None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+
+    def __init__(self, config, dtype=None, device=None):
+        super().__init__()
+        quant_config = getattr(config, 'quantization_config', None)
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, 'num_key_value_heads', None) or num_heads
+        head_dim = head_dim_of(config)
+        bias = getattr(config, 'attention_bias', False)
+        self.qkv_proj = build_qkv_proj(config.hidden_size, num_q_heads=num_heads, num_kv_heads=num_kv_heads,
+                                       head_size=head_dim, bias=bias, quant_config=quant_config, dtype=dtype,
+                                       device=device)
+        self.apply_rotary_pos_emb = ApplyRotaryEmb()
+        window = getattr(config, 'sliding_window', None) if getattr(config, 'use_sliding_window', True) else None
+        self.attn_fwd = Attention(num_heads, head_dim, num_kv_heads=num_kv_heads, v_head_size=head_dim,
+                                  sliding_window=window)
+        self.o_proj = build_rowwise_linear(num_heads * head_dim, config.hidden_size, bias=bias,
+                                           quant_config=quant_config, dtype=dtype, device=device, is_tp=True)
+
+    def forward(self, hidden_states: torch.Tensor, rotary_pos_emb: Tuple[torch.Tensor, torch.Tensor],
+                past_key_value: Tuple[torch.Tensor, torch.Tensor], attn_metadata: Any = None):
+        qkv_states = self.qkv_proj(hidden_states).flatten(0, -2)   # [T, ...]: the step's tokens, packed
+        query_states, key_states, value_states = self.qkv_proj.split_qkv(qkv_states)
+        cos, sin = rotary_pos_emb
+        query_states, key_states = self.apply_rotary_pos_emb(query_states, key_states, cos, sin, inplace=True)
+        attn_output = self.attn_fwd(query_states, key_states, value_states, past_key_value[0], past_key_value[1],
+                                    attn_metadata, inplace=True)
+        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1)
+        return self.o_proj(attn_output)
+
+
+class LlamaMLP(nn.Module):
+
+    def __init__(self, config, dtype=None, device=None):
+        super().__init__()
+        quant_config = getattr(config, 'quantization_config', None)
+        bias = getattr(config, 'mlp_bias', False)
+        self.gate_up_proj = build_merged_colwise_linear(config.hidden_size,
+                                                        [config.intermediate_size, config.intermediate_size],
+                                                        bias=bias, dtype=dtype, device=device,
+                                                        quant_config=quant_config, is_tp=True)
+        self.act_fn = SiluAndMul(inplace=True)
+        self.down_proj = build_rowwise_linear(config.intermediate_size, config.hidden_size, bias=bias,
+                                              quant_config=quant_config, dtype=dtype, device=device, is_tp=True)
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+
+    def __init__(self, config, layer_idx: int, dtype=None, device=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = LlamaAttention(config, dtype=dtype, device=device)
+        self.mlp = LlamaMLP(config, dtype=dtype, device=device)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+
+    def forward(self, hidden_states, rotary_pos_emb, past_key_value, residual: Optional[torch.Tensor] = None,
+                attn_metadata: Any = None):
+        # The residual add is fused into the next norm: a layer returns (mlp_out, residual) and the stream
+        # itself is their sum.
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(hidden_states, rotary_pos_emb, past_key_value, attn_metadata)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        hidden_states = self.mlp(hidden_states)
+        return hidden_states, residual
+
+
+class LlamaModel(nn.Module):
+
+    def __init__(self, config, dtype=None, device=None):
+        super().__init__()
+        self.embed_tokens = ParallelEmbedding(config.vocab_size, config.hidden_size,
+                                              getattr(config, 'pad_token_id', None), dtype=dtype, device=device)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(config, i, dtype=dtype, device=device)
+                                     for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+        self.rotary_emb = build_rotary_embedding_from_config(config, device=device)
+
+    def forward(self, input_ids=None, position_ids=None, past_key_values=None, attn_metadata=None,
+                inputs_embeds=None):
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        rotary_pos_emb = self.rotary_emb(hidden_states, position_ids)
+        residual = None
+        for idx, decoder_layer in enumerate(self.layers):
+            hidden_states, residual = decoder_layer(hidden_states, rotary_pos_emb, past_key_values[idx], residual,
+                                                    attn_metadata)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+
+class LlamaForCausalLM(nn.Module):
+    """The model contract: forward → hidden states; get_logits → logits of the rows the engine samples."""
+
+    support_cuda_graph = True
+    packed_modules_mapping = {
+        'qkv_proj': ['q_proj', 'k_proj', 'v_proj'],
+        'gate_up_proj': ['gate_proj', 'up_proj'],
+    }
+    # (param name, checkpoint name, shard id)
+    stacked_params_mapping = [
+        ('.qkv_proj', '.q_proj', 'q'),
+        ('.qkv_proj', '.k_proj', 'k'),
+        ('.qkv_proj', '.v_proj', 'v'),
+        ('.gate_up_proj', '.gate_proj', 0),
+        ('.gate_up_proj', '.up_proj', 1),
+    ]
+
+    def __init__(self, config, ctx_mgr: StepContextManager, dtype: torch.dtype = None,
+                 device: torch.device = None):
+        super().__init__()
+        self.config = config
+        self.ctx_mgr = ctx_mgr
+        self.model = LlamaModel(config, dtype=dtype, device=device)
+        self.tie_word_embeddings = bool(getattr(config, 'tie_word_embeddings', False))
+        self.lm_head = build_rowwise_linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype,
+                                            device=device)
+        # checkpoint tensors that are expected to match nothing (the coverage check stays quiet about them)
+        self.ignored_checkpoint_keys = [r'rotary_emb\.inv_freq', r'rotary_emb\.(cos|sin)_cached']
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+            self.ignored_checkpoint_keys.append(r'^lm_head\.weight$')
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past_key_values: List[List[torch.Tensor]],
+                attn_metadata: Any = None, inputs_embeds: torch.Tensor = None, **kwargs):
+        return self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=past_key_values,
+                          attn_metadata=attn_metadata, inputs_embeds=inputs_embeds)
+
+    def get_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states)
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def prepare_inputs_for_generation(self, past_key_values: List[List[torch.Tensor]],
+                                      inputs_embeds: Optional[torch.Tensor] = None, context: StepContext = None):
+        return dict(input_ids=context.input_ids, position_ids=context.position_ids,
+                    past_key_values=past_key_values, attn_metadata=context.attn_metadata,
+                    inputs_embeds=inputs_embeds)
+
+    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]):
+        params_dict = dict(self.named_parameters())
+        for name, loaded_weight in weights:
+            if self.tie_word_embeddings and name == 'lm_head.weight':
+                continue
+            for param_name, weight_name, shard_id in self.stacked_params_mapping:
+                if weight_name not in name:
+                    continue
+                name = name.replace(weight_name, param_name)
+                if name in params_dict:
+                    load_weight(params_dict[name], loaded_weight, shard_id=shard_id)
+                break
+            else:
+                if name in params_dict:
+                    load_weight(params_dict[name], loaded_weight)

@@ -1,0 +1,206 @@
+"""Linear layers that know how they split under tensor parallelism and how checkpoint tensors land in them.
+
+Names follow lmdeploy: a *colwise* linear splits its output features across ranks (q/k/v, gate/up); a *rowwise*
+linear splits its input features and sums the partial results (o_proj, down_proj). `is_tp=False` keeps a layer
+whole on every rank. `quant_config` is accepted everywhere so quantised layers can plug in later; today only
+unquantised weights load, and a quantised checkpoint is refused with a clear error.
+"""
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributed import all_reduce, get_tp_world_rank
+from ..errors import WeightLoadError
+from ..weight_loader.loaders import check_shape, default_weight_loader, set_weight_loader, split_for_rank
+from ..weight_loader.tracker import record_load
+
+
+def check_quant_config(quant_config):
+    """Refuse quantisation schemes lmdp can't load yet, before any weight is read."""
+    if quant_config is None:
+        return
+    method = quant_config.get('quant_method') if isinstance(quant_config, dict) else getattr(
+        quant_config, 'quant_method', quant_config)
+    raise NotImplementedError(f'quantised checkpoints ({method!r}) are not supported yet; use an unquantised '
+                              'checkpoint (bfloat16/float16/float32)')
+
+
+def _tp(is_tp: bool):
+    world, rank = get_tp_world_rank()
+    return (world, rank) if is_tp else (1, 0)
+
+
+def _divide(total: int, world: int, what: str) -> int:
+    if total % world:
+        raise ValueError(f'{what} ({total}) does not split evenly over {world} tensor-parallel ranks')
+    return total // world
+
+
+class LinearBase(nn.Module):
+    """`y = x W^T + b` with W `[out_local, in_local]`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype=None, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self):
+        return f'in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}'
+
+
+class ColwiseParallelLinear(LinearBase):
+
+    def __init__(self, in_features, out_features, bias, dtype=None, device=None, is_tp=False):
+        self.tp_world, self.tp_rank = _tp(is_tp)
+        super().__init__(in_features, _divide(out_features, self.tp_world, 'out_features'), bias, dtype, device)
+        for p in self.parameters():
+            set_weight_loader(p, self.weight_loader)
+
+    def weight_loader(self, param, loaded_weight):
+        default_weight_loader(param, split_for_rank(loaded_weight, 0, self.tp_world, self.tp_rank, 'colwise linear'))
+
+
+class RowwiseParallelLinear(LinearBase):
+
+    def __init__(self, in_features, out_features, bias, dtype=None, device=None, is_tp=False, all_reduce=True):
+        self.tp_world, self.tp_rank = _tp(is_tp)
+        super().__init__(_divide(in_features, self.tp_world, 'in_features'), out_features, bias, dtype, device)
+        self.all_reduce = all_reduce and self.tp_world > 1
+        for p in self.parameters():
+            set_weight_loader(p, self.weight_loader)
+
+    def weight_loader(self, param, loaded_weight):
+        if param is self.weight:
+            loaded_weight = split_for_rank(loaded_weight, 1, self.tp_world, self.tp_rank, 'rowwise linear')
+        default_weight_loader(param, loaded_weight)
+
+    def forward(self, x):
+        if not self.all_reduce:
+            return super().forward(x)
+        # the bias is added once, after the partial products are summed
+        return all_reduce(F.linear(x, self.weight)) + (self.bias if self.bias is not None else 0)
+
+
+class MergedColwiseLinear(LinearBase):
+    """Several colwise projections of the same input stacked in one matrix (gate/up → gate_up_proj).
+
+    Its loader takes `shard_id`: the index of the projection, or its name from `out_names`.
+    """
+
+    def __init__(self, in_features, all_out_features: Sequence[int], bias, dtype=None, device=None, is_tp=True,
+                 out_names: Optional[Sequence[str]] = None):
+        self.tp_world, self.tp_rank = _tp(is_tp)
+        self.local_out = [_divide(o, self.tp_world, 'out_features') for o in all_out_features]
+        super().__init__(in_features, sum(self.local_out), bias, dtype, device)
+        self.out_names = list(out_names) if out_names is not None else list(range(len(all_out_features)))
+        for p in self.parameters():
+            set_weight_loader(p, self.weight_loader, shards=self.out_names)
+
+    def shard_index(self, shard_id) -> int:
+        if shard_id in self.out_names:
+            return self.out_names.index(shard_id)
+        if isinstance(shard_id, int) and 0 <= shard_id < len(self.local_out):
+            return shard_id
+        raise WeightLoadError(f'unknown shard {shard_id!r} for a merged linear with shards {self.out_names}')
+
+    def local_shard(self, param, loaded_weight: torch.Tensor, idx: int) -> torch.Tensor:
+        """This rank's rows of projection `idx`."""
+        return split_for_rank(loaded_weight, 0, self.tp_world, self.tp_rank, 'merged linear')
+
+    def weight_loader(self, param, loaded_weight, shard_id):
+        idx = self.shard_index(shard_id)
+        offset, size = sum(self.local_out[:idx]), self.local_out[idx]
+        loaded_weight = self.local_shard(param, loaded_weight, idx)
+        target = param.narrow(0, offset, size)
+        check_shape(param, target.shape, loaded_weight, self.out_names[idx])
+        with torch.no_grad():
+            target.copy_(loaded_weight.to(param.dtype))
+        record_load(param, self.out_names[idx])
+
+    def split(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The stacked outputs, one view per projection."""
+        return list(x.split(self.local_out, dim=-1))
+
+
+class QKVParallelLinear(MergedColwiseLinear):
+    """q, k and v projections in one matrix; shards 'q', 'k', 'v'.
+
+    Under tensor parallelism the query heads split across ranks; key/value heads split too, or are replicated
+    when there are fewer of them than ranks.
+    """
+
+    def __init__(self, in_features, num_q_heads, num_kv_heads, head_size, head_size_v=None, bias=False,
+                 dtype=None, device=None, is_tp=True, num_replicate_kv_heads=1):
+        world, rank = _tp(is_tp)
+        head_size_v = head_size if head_size_v is None else head_size_v
+        total_kv = num_kv_heads * num_replicate_kv_heads
+        if (total_kv >= world and total_kv % world) or (total_kv < world and world % total_kv):
+            raise ValueError(f'{total_kv} key/value heads can be neither split nor replicated evenly over {world} '
+                             'tensor-parallel ranks')
+        self.num_q_heads = _divide(num_q_heads, world, 'num_attention_heads')
+        self.num_kv_heads = max(1, total_kv // world)
+        self.head_size, self.head_size_v = head_size, head_size_v
+        self.total_heads = (num_q_heads, num_kv_heads, num_kv_heads)
+        self.num_replicate_kv_heads = num_replicate_kv_heads
+        # built unsplit: this class picks each rank's heads itself in local_shard
+        super().__init__(in_features, [self.num_q_heads * head_size, self.num_kv_heads * head_size,
+                                       self.num_kv_heads * head_size_v], bias, dtype, device, is_tp=False,
+                         out_names=['q', 'k', 'v'])
+        self.tp_world, self.tp_rank = world, rank
+
+    def local_shard(self, param, loaded_weight, idx):
+        head = self.head_size_v if idx == 2 else self.head_size
+        rows = self.total_heads[idx] * head
+        if loaded_weight.size(0) != rows:
+            check_shape(param, (rows, *loaded_weight.shape[1:]), loaded_weight, self.out_names[idx])
+        heads = loaded_weight.unflatten(0, (-1, head))
+        if idx > 0 and self.num_replicate_kv_heads > 1:
+            heads = heads.repeat_interleave(self.num_replicate_kv_heads, 0)
+        local = self.num_q_heads if idx == 0 else self.num_kv_heads
+        # fewer kv heads than ranks: neighbouring ranks share one kv head
+        start = self.tp_rank * local if heads.size(0) >= self.tp_world else self.tp_rank * heads.size(0) // self.tp_world
+        return heads.narrow(0, start, local).flatten(0, 1)
+
+    def split_qkv(self, x: torch.Tensor):
+        """q `[T, Hq, D]`, k `[T, Hk, D]`, v `[T, Hk, Dv]` as views of the fused output `[T, ...]`."""
+        q, k, v = self.split(x)
+        return (q.unflatten(-1, (self.num_q_heads, self.head_size)),
+                k.unflatten(-1, (self.num_kv_heads, self.head_size)),
+                v.unflatten(-1, (self.num_kv_heads, self.head_size_v)))
+
+
+def build_colwise_linear(in_features: int, out_features: int, bias: bool, dtype=None, device=None,
+                         quant_config=None, is_tp: bool = False, **kwargs) -> ColwiseParallelLinear:
+    check_quant_config(quant_config)
+    return ColwiseParallelLinear(in_features, out_features, bias, dtype, device, is_tp)
+
+
+def build_rowwise_linear(in_features: int, out_features: int, bias: bool, dtype=None, device=None,
+                         quant_config=None, is_tp: bool = False, all_reduce: bool = True,
+                         **kwargs) -> RowwiseParallelLinear:
+    check_quant_config(quant_config)
+    return RowwiseParallelLinear(in_features, out_features, bias, dtype, device, is_tp, all_reduce)
+
+
+def build_merged_colwise_linear(in_features: int, all_out_features: Sequence[int], bias: bool, dtype=None,
+                                device=None, quant_config=None, is_tp: bool = True,
+                                out_names: Optional[Sequence[Union[int, str]]] = None,
+                                **kwargs) -> MergedColwiseLinear:
+    check_quant_config(quant_config)
+    return MergedColwiseLinear(in_features, all_out_features, bias, dtype, device, is_tp, out_names)
+
+
+def build_qkv_proj(in_features: int, num_q_heads: int, num_kv_heads: int, head_size: int,
+                   head_size_v: Optional[int] = None, bias: bool = False, quant_config=None, dtype=None, device=None,
+                   is_tp: bool = True, num_replicate_kv_heads: int = 1, **kwargs) -> QKVParallelLinear:
+    check_quant_config(quant_config)
+    return QKVParallelLinear(in_features, num_q_heads, num_kv_heads, head_size, head_size_v, bias, dtype, device,
+                             is_tp, num_replicate_kv_heads)

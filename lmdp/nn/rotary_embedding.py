@@ -1,0 +1,395 @@
+"""Rotary position embedding: cos/sin tables built from an HF config, and the op applying them.
+
+``RotaryEmbedding.forward(x, position_ids)`` returns ``(cos, sin)`` of shape
+``[T, R]`` for the packed tokens of a step (R = rotary dim). The inverse
+frequencies are computed with the same torch ops, in the same order, as
+transformers' ``ROPE_INIT_FUNCTIONS`` so that float32 tables match HF bit for
+bit (the tests check this); keep it that way when editing the math.
+"""
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import kernels
+
+
+class RopeType(str, enum.Enum):
+    """Supported rope types; the values are HF's ``rope_type`` names."""
+    Default = 'default'
+    LinearScaling = 'linear'
+    DynamicNTKScaling = 'dynamic'
+    Llama3 = 'llama3'
+    Yarn = 'yarn'
+    LongRoPEScaling = 'longrope'
+
+
+SUPPORTED_ROPE_TYPES = tuple(t.value for t in RopeType)
+
+# Legacy names found in older checkpoints. 'su' is Phi-3's name for longrope.
+# 'mrope' (Qwen2-VL) equals default rope when positions are 1-D (text only);
+# real multimodal 3-D positions need an mrope wrapper, which this is not.
+_ROPE_TYPE_ALIASES = {'su': 'longrope', 'mrope': 'default'}
+
+
+def _parse_rope_type(rope_type: Any) -> RopeType:
+    name = rope_type.value if isinstance(rope_type, RopeType) else str(rope_type)
+    name = _ROPE_TYPE_ALIASES.get(name, name)
+    try:
+        return RopeType(name)
+    except ValueError:
+        raise ValueError(f'Unsupported rope type {name!r}; supported rope types: '
+                         f'{", ".join(SUPPORTED_ROPE_TYPES)}') from None
+
+
+@dataclass
+class YarnParameters:
+    """YaRN settings (HF ``rope_parameters`` keys of the same names)."""
+    attention_factor: Optional[float] = None  # None: derived from factor / mscale as HF does
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    truncate: bool = True
+    original_max_position_embeddings: Optional[int] = None  # None: max_position_embeddings
+
+
+@dataclass
+class LongRoPEScalingParameters:
+    """LongRoPE settings: per-frequency factors for short and long contexts."""
+    short_factor: Sequence[float]
+    long_factor: Sequence[float]
+    original_max_position_embeddings: Optional[int] = None  # None: max_position_embeddings
+    attention_factor: Optional[float] = None  # None: derived from factor as HF does
+
+
+@dataclass
+class Llama3Parameters:
+    """Llama 3.1 frequency smoothing settings."""
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+# --- inverse frequencies (float32, [R // 2]); op order mirrors transformers ---
+
+
+def _rope_exponents(dim: int) -> Tensor:
+    # int64 arange then float, as HF does, so later pow() sees identical inputs.
+    return torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+
+
+def _default_inv_freq(dim: int, base: float) -> Tensor:
+    return 1.0 / (base**_rope_exponents(dim))
+
+
+def _llama3_inv_freq(dim: int, base: float, factor: float, params: Llama3Parameters) -> Tensor:
+    inv_freq = _default_inv_freq(dim, base)
+    old_context_len = params.original_max_position_embeddings
+    low_freq_wavelen = old_context_len / params.low_freq_factor
+    high_freq_wavelen = old_context_len / params.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths are interpolated by `factor`, short ones kept, the middle band blended.
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - params.low_freq_factor) / (params.high_freq_factor -
+                                                                      params.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_attention_factor(factor: float, params: YarnParameters) -> float:
+    if params.attention_factor is not None:
+        return float(params.attention_factor)
+    if params.mscale and params.mscale_all_dim:
+        return float(_yarn_get_mscale(factor, params.mscale) / _yarn_get_mscale(factor, params.mscale_all_dim))
+    return _yarn_get_mscale(factor)
+
+
+def _yarn_inv_freq(dim: int, base: float, factor: float, original_max_pos: int, params: YarnParameters) -> Tensor:
+
+    def correction_dim(num_rotations):
+        # the dim index whose wavelength fits `num_rotations` times in the original context
+        return (dim * math.log(original_max_pos / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(params.beta_fast), correction_dim(params.beta_slow)
+    if params.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid dividing by zero in the ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation_weight = 1 - ramp
+
+    pos_freqs = base**_rope_exponents(dim)
+    inv_freq_extrapolation = 1.0 / pos_freqs
+    inv_freq_interpolation = 1.0 / (factor * pos_freqs)
+    return (inv_freq_interpolation * (1 - extrapolation_weight) + inv_freq_extrapolation * extrapolation_weight)
+
+
+def _longrope_inv_freq(dim: int, base: float, ext_factors: Sequence[float]) -> Tensor:
+    ext = torch.tensor(list(ext_factors), dtype=torch.float32)
+    return 1.0 / (ext * base**_rope_exponents(dim))
+
+
+# --- modules ---
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for packed tokens: ``forward(x, position_ids) -> (cos, sin)``.
+
+    Static rope types (default, linear, llama3, yarn) use one fixed ``inv_freq``;
+    forward has no host sync, so it can be captured in a CUDA graph.
+    """
+
+    def __init__(self, inv_freq: Tensor, attention_scaling: float = 1.0, rope_type: RopeType = RopeType.Default):
+        super().__init__()
+        # non-persistent: derived from the config, so absent from checkpoints; still follows .to(device).
+        self.register_buffer('inv_freq', inv_freq.float(), persistent=False)
+        self.attention_scaling = float(attention_scaling)
+        self.rope_type = _parse_rope_type(rope_type)
+
+    @property
+    def rotary_dim(self) -> int:
+        """R: the number of leading head channels that are rotated."""
+        return 2 * self.inv_freq.numel()
+
+    def _step_inv_freq(self, position_ids: Tensor) -> Tensor:
+        """inv_freq for this step; overridden by the types that depend on the largest position."""
+        return self.inv_freq
+
+    def forward(self, x: Tensor, position_ids: Tensor) -> Tuple[Tensor, Tensor]:
+        """position_ids ``[1, T]`` or ``[T]`` -> cos, sin ``[T, R]`` in x's dtype."""
+        position_ids = position_ids.reshape(-1)
+        inv_freq = self._step_inv_freq(position_ids).to(device=position_ids.device, dtype=torch.float)
+        # float32 throughout, same expression as HF's LlamaRotaryEmbedding.forward.
+        freqs = position_ids[:, None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+    def extra_repr(self) -> str:
+        return f'rope_type={self.rope_type.value}, rotary_dim={self.rotary_dim}, ' \
+               f'attention_scaling={self.attention_scaling}'
+
+
+class DynamicNTKRotaryEmbedding(RotaryEmbedding):
+    """Dynamic NTK: the base grows with the step's largest position.
+
+    Frequencies are recomputed every step from ``max(position_ids) + 1`` (the
+    largest position among all packed sequences), on the device with no host
+    sync. HF does the same from the batch's largest position, but keeps the
+    grown frequencies until the length drops below max_position_embeddings;
+    here each step is stateless, so a step whose largest position shrinks but
+    stays above max_position_embeddings uses smaller-base frequencies than HF.
+    As in HF, keys already in the KV cache keep the rotation they were written with.
+    """
+
+    def __init__(self, dim: int, base: float, scaling_factor: float, max_position_embeddings: int):
+        super().__init__(_default_inv_freq(dim, base), 1.0, RopeType.DynamicNTKScaling)
+        self.register_buffer('exponents', _rope_exponents(dim), persistent=False)
+        self.dim = dim
+        self.base = base
+        self.scaling_factor = scaling_factor
+        self.max_position_embeddings = max_position_embeddings
+
+    def _step_inv_freq(self, position_ids: Tensor) -> Tensor:
+        if position_ids.numel() == 0:
+            return self.inv_freq
+        seq_len = position_ids.max() + 1
+        mpe = self.max_position_embeddings
+        # As HF's tensor path does; it also keeps the branch that torch.where drops below finite.
+        seq_len_c = torch.clamp(seq_len, min=mpe)
+        factor = self.scaling_factor
+        base = self.base * ((factor * seq_len_c / mpe) - (factor - 1))**(self.dim / (self.dim - 2))
+        grown = 1.0 / (base**self.exponents)
+        # Within the trained length HF uses the original frequencies unchanged.
+        return torch.where(seq_len > mpe, grown, self.inv_freq)
+
+
+class LongRoPERotaryEmbedding(RotaryEmbedding):
+    """LongRoPE: short or long factors, picked per step like HF.
+
+    The long set is used for the whole step when ``max(position_ids) + 1 >
+    original_max_position_embeddings``; the choice is a ``torch.where`` between
+    two precomputed tables, so there is no host sync.
+    """
+
+    def __init__(self, short_inv_freq: Tensor, long_inv_freq: Tensor, original_max_position_embeddings: int,
+                 attention_scaling: float):
+        super().__init__(short_inv_freq, attention_scaling, RopeType.LongRoPEScaling)
+        self.register_buffer('long_inv_freq', long_inv_freq.float(), persistent=False)
+        self.original_max_position_embeddings = original_max_position_embeddings
+
+    def _step_inv_freq(self, position_ids: Tensor) -> Tensor:
+        if position_ids.numel() == 0:
+            return self.inv_freq
+        seq_len = position_ids.max() + 1
+        return torch.where(seq_len > self.original_max_position_embeddings, self.long_inv_freq, self.inv_freq)
+
+
+def build_rotary_embedding(dim: int,
+                           max_position_embeddings: int = 2048,
+                           base: float = 10000,
+                           scaling_factor: Optional[float] = 1.0,
+                           yarn_params: Optional[YarnParameters] = None,
+                           longrope_params: Optional[LongRoPEScalingParameters] = None,
+                           llama3_params: Optional[Llama3Parameters] = None,
+                           emb_type: Any = RopeType.Default,
+                           partial_rotary_factor: Optional[float] = None,
+                           device: Optional[torch.device] = None) -> RotaryEmbedding:
+    """Build a rotary embedding module.
+
+    ``dim`` is the head dim; the rotary dim is ``int(dim * partial_rotary_factor)``.
+    ``emb_type`` is a ``RopeType`` or its name. For yarn/longrope a ``None``
+    scaling_factor means ``max_position_embeddings / original_max_position_embeddings``.
+    """
+    emb_type = _parse_rope_type(emb_type)
+    if partial_rotary_factor is not None:
+        dim = int(dim * partial_rotary_factor)
+
+    if emb_type == RopeType.Default:
+        rope = RotaryEmbedding(_default_inv_freq(dim, base))
+    elif emb_type == RopeType.LinearScaling:
+        # Scaling inv_freq (not positions) is HF's choice; the results are bit-identical to it.
+        rope = RotaryEmbedding(_default_inv_freq(dim, base) / scaling_factor, rope_type=emb_type)
+    elif emb_type == RopeType.DynamicNTKScaling:
+        rope = DynamicNTKRotaryEmbedding(dim, base, scaling_factor, max_position_embeddings)
+    elif emb_type == RopeType.Llama3:
+        params = llama3_params or Llama3Parameters()
+        rope = RotaryEmbedding(_llama3_inv_freq(dim, base, scaling_factor, params), rope_type=emb_type)
+    elif emb_type == RopeType.Yarn:
+        params = yarn_params or YarnParameters()
+        original = params.original_max_position_embeddings or max_position_embeddings
+        factor = scaling_factor if scaling_factor is not None else max_position_embeddings / original
+        rope = RotaryEmbedding(_yarn_inv_freq(dim, base, factor, original, params),
+                               _yarn_attention_factor(factor, params), emb_type)
+    else:  # LongRoPE
+        if longrope_params is None:
+            raise ValueError('longrope needs longrope_params (short_factor / long_factor)')
+        params = longrope_params
+        original = params.original_max_position_embeddings or max_position_embeddings
+        factor = scaling_factor if scaling_factor is not None else max_position_embeddings / original
+        if params.attention_factor is not None:
+            attention = float(params.attention_factor)
+        elif factor <= 1.0:
+            attention = 1.0
+        else:
+            attention = math.sqrt(1 + math.log(factor) / math.log(original))
+        rope = LongRoPERotaryEmbedding(_longrope_inv_freq(dim, base, params.short_factor),
+                                       _longrope_inv_freq(dim, base, params.long_factor), original, attention)
+
+    if device is not None:
+        rope = rope.to(device)
+    return rope
+
+
+# --- reading HF configs ---
+
+
+def get_rope_parameters(hf_config: Any, layer_type: Optional[str] = None) -> Dict[str, Any]:
+    """The rope settings dict of an HF config, copied.
+
+    transformers 5.x keeps them in ``config.rope_parameters`` (per layer type for
+    models such as gemma3: pass ``layer_type``); 4.x in ``config.rope_scaling``
+    (with ``rope_theta`` / ``partial_rotary_factor`` as config attributes).
+    """
+    params = getattr(hf_config, 'rope_parameters', None)
+    if params is None:
+        params = getattr(hf_config, 'rope_scaling', None)
+    params = dict(params or {})
+
+    # Nested form: {layer_type: {...} or None}; rope fields themselves are never dicts.
+    if any(isinstance(v, dict) for v in params.values()):
+        if layer_type is None:
+            raise ValueError(f'rope parameters are given per layer type {sorted(params)}; pass layer_type=')
+        if layer_type not in params:
+            raise ValueError(f'no rope parameters for layer type {layer_type!r}; have {sorted(params)}')
+        if params[layer_type] is None:
+            raise ValueError(f'layer type {layer_type!r} uses no rotary embedding (rope parameters are None)')
+        params = dict(params[layer_type])
+    return params
+
+
+def _require(params: Dict[str, Any], key: str, rope_type: RopeType) -> Any:
+    if params.get(key) is None:
+        raise ValueError(f'rope type {rope_type.value!r} needs {key!r} in the rope parameters, got {params}')
+    return params[key]
+
+
+def build_rotary_params(hf_config: Any, layer_type: Optional[str] = None) -> Dict[str, Any]:
+    """Keyword arguments of ``build_rotary_embedding`` read from an HF config (4.x or 5.x)."""
+    params = get_rope_parameters(hf_config, layer_type)
+    emb_type = _parse_rope_type(params.get('rope_type') or params.get('type') or 'default')
+
+    head_dim = getattr(hf_config, 'head_dim', None) or hf_config.hidden_size // hf_config.num_attention_heads
+    max_pos = hf_config.max_position_embeddings
+    # 5.x moves rope_theta / partial_rotary_factor into the dict; 4.x keeps them on the config.
+    base = params.get('rope_theta') or getattr(hf_config, 'rope_theta', None) or 10000.0
+    partial = params.get('partial_rotary_factor') or getattr(hf_config, 'partial_rotary_factor', None)
+    # A config-level original_max_position_embeddings wins over the dict one (Phi-3), as in 5.x.
+    original = (getattr(hf_config, 'original_max_position_embeddings', None)
+                or params.get('original_max_position_embeddings') or max_pos)
+
+    kwargs = dict(dim=head_dim,
+                  max_position_embeddings=max_pos,
+                  base=base,
+                  emb_type=emb_type,
+                  partial_rotary_factor=partial,
+                  scaling_factor=1.0)
+    if emb_type in (RopeType.LinearScaling, RopeType.DynamicNTKScaling):
+        kwargs['scaling_factor'] = _require(params, 'factor', emb_type)
+    elif emb_type == RopeType.Llama3:
+        kwargs['scaling_factor'] = _require(params, 'factor', emb_type)
+        kwargs['llama3_params'] = Llama3Parameters(low_freq_factor=_require(params, 'low_freq_factor', emb_type),
+                                                   high_freq_factor=_require(params, 'high_freq_factor', emb_type),
+                                                   original_max_position_embeddings=original)
+    elif emb_type == RopeType.Yarn:
+        kwargs['scaling_factor'] = params.get('factor')
+        kwargs['yarn_params'] = YarnParameters(attention_factor=params.get('attention_factor'),
+                                               beta_fast=params.get('beta_fast') or 32,
+                                               beta_slow=params.get('beta_slow') or 1,
+                                               mscale=params.get('mscale'),
+                                               mscale_all_dim=params.get('mscale_all_dim'),
+                                               truncate=params.get('truncate', True),
+                                               original_max_position_embeddings=original)
+    elif emb_type == RopeType.LongRoPEScaling:
+        kwargs['scaling_factor'] = params.get('factor')
+        kwargs['longrope_params'] = LongRoPEScalingParameters(
+            short_factor=_require(params, 'short_factor', emb_type),
+            long_factor=_require(params, 'long_factor', emb_type),
+            original_max_position_embeddings=original,
+            attention_factor=params.get('attention_factor'))
+    return kwargs
+
+
+def build_rotary_embedding_from_config(hf_config: Any,
+                                       device: Optional[torch.device] = None,
+                                       layer_type: Optional[str] = None) -> RotaryEmbedding:
+    """Build the rotary embedding an HF config describes (``layer_type`` for per-layer-type rope)."""
+    return build_rotary_embedding(**build_rotary_params(hf_config, layer_type), device=device)
+
+
+# --- applying ---
+
+
+class ApplyRotaryEmb(nn.Module):
+    """Rotate packed query ``[T, Hq, D]`` and key ``[T, Hk, D]`` by cos/sin ``[T, R]``."""
+
+    def forward(self, query: Tensor, key: Tensor, cos: Tensor, sin: Tensor,
+                inplace: bool = True) -> Tuple[Tensor, Tensor]:
+        """Returns the rotated (query, key); with ``inplace`` they are written into the inputs."""
+        if inplace:
+            return kernels.apply_rotary_pos_emb(query, key, cos, sin, q_out=query, k_out=key)
+        return kernels.apply_rotary_pos_emb(query, key, cos, sin)

@@ -1,0 +1,4 @@
+"""Paged KV cache bookkeeping."""
+from .block_allocator import BlockAllocator, OutOfBlocks
+
+__all__ = ['BlockAllocator', 'OutOfBlocks']

@@ -1,0 +1,125 @@
+"""Registration: the built-in MODULE_MAP and a user's custom module map from a file outside lmdp."""
+import textwrap
+
+import pytest
+import torch
+
+from lmdp.config import ModelConfig
+from lmdp.engine import StepRunner
+from lmdp.errors import ArchitectureError
+from lmdp.models import MODULE_MAP, get_model_class, load_custom_module_map
+
+# A port written exactly like the seed guide: forward returns float logits for every token, no get_logits.
+SEED_STYLE_PORT = '''
+import torch
+from torch import nn
+from lmdp.models.llama import LlamaModel
+from lmdp.nn import build_rowwise_linear
+from lmdp.weight_loader import load_weight
+
+CALLS = []
+
+class MyLlamaForCausalLM(nn.Module):
+    support_cuda_graph = True
+
+    def __init__(self, config, ctx_mgr, dtype=None, device=None):
+        super().__init__()
+        self.config, self.ctx_mgr = config, ctx_mgr
+        self.model = LlamaModel(config, dtype=dtype, device=device)
+        self.lm_head = build_rowwise_linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype,
+                                            device=device)
+
+    def forward(self, input_ids, position_ids, past_key_values, attn_metadata=None, inputs_embeds=None, **kwargs):
+        CALLS.append(input_ids.shape[-1])
+        hidden_states = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=past_key_values,
+                                   attn_metadata=attn_metadata, inputs_embeds=inputs_embeds)
+        return self.lm_head(hidden_states).float()
+
+    def prepare_inputs_for_generation(self, past_key_values, inputs_embeds=None, context=None):
+        return dict(input_ids=context.input_ids, position_ids=context.position_ids,
+                    past_key_values=past_key_values, attn_metadata=context.attn_metadata,
+                    inputs_embeds=inputs_embeds)
+
+    def load_weights(self, weights):
+        mapping = [('.qkv_proj', '.q_proj', 'q'), ('.qkv_proj', '.k_proj', 'k'), ('.qkv_proj', '.v_proj', 'v'),
+                   ('.gate_up_proj', '.gate_proj', 0), ('.gate_up_proj', '.up_proj', 1)]
+        params = dict(self.named_parameters())
+        for name, w in weights:
+            for param_name, weight_name, shard in mapping:
+                if weight_name in name:
+                    load_weight(params[name.replace(weight_name, param_name)], w, shard_id=shard)
+                    break
+            else:
+                load_weight(params[name], w)
+'''
+
+
+@pytest.fixture()
+def user_port(tmp_path):
+    """A user's folder, outside lmdp: the port and a module_map.py that registers it by a dotted path."""
+    folder = tmp_path / 'my_port'
+    folder.mkdir()
+    (folder / 'my_llama_port.py').write_text(SEED_STYLE_PORT)
+    (folder / 'module_map.py').write_text(textwrap.dedent('''
+        MODULE_MAP = {'LlamaForCausalLM': 'my_llama_port.MyLlamaForCausalLM'}
+    '''))
+    return folder
+
+
+def test_builtin_map_resolves_llama(tiny_llama):
+    cfg = ModelConfig.from_pretrained(tiny_llama)
+    cls = get_model_class(cfg.hf_config)
+    assert cls.__name__ == 'LlamaForCausalLM' and cls.__module__ == 'lmdp.models.llama'
+    assert MODULE_MAP['LlamaForCausalLM'] == 'lmdp.models.llama.LlamaForCausalLM'
+
+
+def test_custom_module_map_overrides_and_the_runner_uses_it(tiny_llama, user_port):
+    mapping = load_custom_module_map(str(user_port / 'module_map.py'))
+    assert mapping == {'LlamaForCausalLM': 'my_llama_port.MyLlamaForCausalLM'}
+    runner = StepRunner.from_pretrained(tiny_llama, dtype='float32', num_blocks=32, block_size=16,
+                                        custom_module_map=str(user_port / 'module_map.py'))
+    assert type(runner.model).__name__ == 'MyLlamaForCausalLM'
+    assert type(runner.model).__module__ == 'my_llama_port'
+    prompts = [[5, 6, 7, 8], list(range(10, 40))]
+    tokens, logits = runner.generate_greedy(prompts, 4)
+    import my_llama_port
+    assert my_llama_port.CALLS == [34, 2, 2, 2]                   # one packed prefill, then decode steps
+
+    builtin = StepRunner.from_pretrained(tiny_llama, dtype='float32', num_blocks=32, block_size=16)
+    ref_tokens, ref_logits = builtin.generate_greedy(prompts, 4)
+    assert tokens == ref_tokens
+    for a, b in zip(logits, ref_logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_custom_module_map_as_dict_with_a_class(tiny_llama):
+    from lmdp.models.llama import LlamaForCausalLM
+
+    class Marked(LlamaForCausalLM):
+        pass
+    cfg = ModelConfig.from_pretrained(tiny_llama)
+    assert get_model_class(cfg.hf_config, {'LlamaForCausalLM': Marked}) is Marked
+
+
+def test_missing_custom_module_map_file(tmp_path, tiny_llama):
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        StepRunner.from_pretrained(tiny_llama, custom_module_map=str(tmp_path / 'nope.py'))
+
+
+def test_map_file_without_module_map(tmp_path):
+    (tmp_path / 'm.py').write_text('X = 1\n')
+    with pytest.raises(ArchitectureError, match='defines no MODULE_MAP'):
+        load_custom_module_map(str(tmp_path / 'm.py'))
+
+
+def test_unknown_architecture_lists_registered(tiny_llama):
+    cfg = ModelConfig.from_pretrained(tiny_llama)
+    with pytest.raises(ArchitectureError) as err:
+        get_model_class(cfg.hf_config, architecture='NopeForCausalLM')
+    assert "'NopeForCausalLM' is not registered" in str(err.value) and 'LlamaForCausalLM' in str(err.value)
+
+
+def test_unimportable_entry(tiny_llama):
+    cfg = ModelConfig.from_pretrained(tiny_llama)
+    with pytest.raises(ArchitectureError, match='cannot be imported'):
+        get_model_class(cfg.hf_config, {'LlamaForCausalLM': 'no_such_pkg.Model'})
