@@ -65,3 +65,11 @@ def test_llama_variants_match(tmp_path, overrides):
     path = make_tiny('llama', tmp_path / 'm', **overrides)
     report = compare_logits(str(path), prompt_lengths=(7, 20), decode_steps=4)
     assert report.passed, report.summary()
+
+
+def test_mistral_sliding_window_through_the_llama_port(tmp_path):
+    """Prompts longer than the 32-token window: the paged kernels must mask what transformers masks."""
+    from lmdp.tiny import make_tiny
+    path = make_tiny('mistral', tmp_path / 'mistral')
+    report = compare_logits(str(path), prompt_lengths=(40, 70), decode_steps=6)
+    assert report.passed, report.summary()
