@@ -1,0 +1,1 @@
+"""Per-device backends. `cuda` holds the CUDA-graph runner; the ops themselves dispatch in lmdp.kernels."""
