@@ -1,0 +1,29 @@
+"""Helpers shared by the Triton kernels of lmdp (device queries, small jit functions)."""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (a fixed small number off the GPU, e.g. the Triton interpreter)."""
+    if device.type != 'cuda':
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count(index)
+
+
+@triton.jit
+def tanh(x):
+    # tanh from the long-standing sigmoid (libdevice paths moved between Triton versions)
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
