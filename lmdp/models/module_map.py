@@ -8,3 +8,8 @@ MODULE_MAP.update({
     'LlamaForCausalLM': f'{LMDP_PYTORCH_MODEL_PATH}.llama.LlamaForCausalLM',
     'MistralForCausalLM': f'{LMDP_PYTORCH_MODEL_PATH}.llama.LlamaForCausalLM',
 })
+
+MODULE_MAP.update({
+    'GemmaForCausalLM': f'{LMDP_PYTORCH_MODEL_PATH}.gemma.GemmaForCausalLM',
+    'Gemma2ForCausalLM': f'{LMDP_PYTORCH_MODEL_PATH}.gemma.GemmaForCausalLM',
+})

@@ -1,0 +1,162 @@
+"""Gemma and Gemma 2 on lmdp's paged engine.
+
+Both scale the embeddings by sqrt(hidden) and use `(1 + w)` RMSNorm weights (folded into the weight at load
+time, so the plain fused RMSNorm serves) and a tanh-GELU MLP. Gemma 2 adds norms after attention and around the
+MLP, a query scale from `query_pre_attn_scalar`, a sliding window on every other layer, and tanh softcaps on the
+attention scores and the final logits.
+"""
+from typing import Any, Iterable, Tuple
+
+import torch
+from torch import nn
+
+from ..nn import (ApplyRotaryEmb, Attention, GeluAndMul, ParallelEmbedding, RMSNorm, build_merged_colwise_linear,
+                  build_qkv_proj, build_rotary_embedding_from_config, build_rowwise_linear)
+from ..weight_loader import load_weight
+from .llama import LlamaForCausalLM
+
+
+def is_sliding_layer(config, layer_idx: int) -> bool:
+    layer_types = getattr(config, 'layer_types', None)
+    if layer_types:
+        return layer_types[layer_idx] == 'sliding_attention'
+    return config.model_type == 'gemma2' and layer_idx % 2 == 0
+
+
+class GemmaAttention(nn.Module):
+
+    def __init__(self, config, layer_idx: int, dtype=None, device=None):
+        super().__init__()
+        quant_config = getattr(config, 'quantization_config', None)
+        num_heads, num_kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        bias = getattr(config, 'attention_bias', False)
+        self.qkv_proj = build_qkv_proj(config.hidden_size, num_q_heads=num_heads, num_kv_heads=num_kv_heads,
+                                       head_size=head_dim, bias=bias, quant_config=quant_config, dtype=dtype,
+                                       device=device)
+        self.apply_rotary_pos_emb = ApplyRotaryEmb()
+        scalar = getattr(config, 'query_pre_attn_scalar', None) or head_dim
+        window = getattr(config, 'sliding_window', None) if is_sliding_layer(config, layer_idx) else None
+        self.attn_fwd = Attention(num_heads, head_dim, scale=scalar ** -0.5, num_kv_heads=num_kv_heads,
+                                  sliding_window=window,
+                                  logit_softcapping=getattr(config, 'attn_logit_softcapping', None))
+        self.o_proj = build_rowwise_linear(num_heads * head_dim, config.hidden_size, bias=bias,
+                                           quant_config=quant_config, dtype=dtype, device=device, is_tp=True)
+
+    def forward(self, hidden_states, rotary_pos_emb, past_key_value, attn_metadata=None):
+        qkv = self.qkv_proj(hidden_states).flatten(0, -2)
+        q, k, v = self.qkv_proj.split_qkv(qkv)
+        q, k = self.apply_rotary_pos_emb(q, k, *rotary_pos_emb, inplace=True)
+        out = self.attn_fwd(q, k, v, past_key_value[0], past_key_value[1], attn_metadata, inplace=True)
+        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
+
+
+class GemmaMLP(nn.Module):
+
+    def __init__(self, config, dtype=None, device=None):
+        super().__init__()
+        quant_config = getattr(config, 'quantization_config', None)
+        self.gate_up_proj = build_merged_colwise_linear(config.hidden_size,
+                                                        [config.intermediate_size, config.intermediate_size],
+                                                        bias=False, dtype=dtype, device=device,
+                                                        quant_config=quant_config, is_tp=True)
+        act = getattr(config, 'hidden_activation', None) or getattr(config, 'hidden_act', 'gelu_pytorch_tanh')
+        self.act_fn = GeluAndMul(approximate='tanh' if 'tanh' in act else 'none')
+        self.down_proj = build_rowwise_linear(config.intermediate_size, config.hidden_size, bias=False,
+                                              quant_config=quant_config, dtype=dtype, device=device, is_tp=True)
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class GemmaDecoderLayer(nn.Module):
+
+    def __init__(self, config, layer_idx: int, dtype=None, device=None):
+        super().__init__()
+        eps = config.rms_norm_eps
+        norm = lambda: RMSNorm(config.hidden_size, eps, dtype=dtype, device=device)  # noqa: E731
+        self.self_attn = GemmaAttention(config, layer_idx, dtype=dtype, device=device)
+        self.mlp = GemmaMLP(config, dtype=dtype, device=device)
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.sandwich = config.model_type == 'gemma2'   # Gemma 2 norms each block's output too
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+
+    def forward(self, hidden_states, rotary_pos_emb, past_key_value, residual=None, attn_metadata: Any = None):
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(hidden_states, rotary_pos_emb, past_key_value, attn_metadata)
+        if self.sandwich:
+            hidden_states = self.post_attention_layernorm(hidden_states)
+            hidden_states, residual = self.pre_feedforward_layernorm(hidden_states, residual)
+            hidden_states = self.post_feedforward_layernorm(self.mlp(hidden_states))
+        else:
+            hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+            hidden_states = self.mlp(hidden_states)
+        return hidden_states, residual
+
+
+class GemmaModel(nn.Module):
+
+    def __init__(self, config, dtype=None, device=None):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.embed_tokens = ParallelEmbedding(config.vocab_size, config.hidden_size,
+                                              getattr(config, 'pad_token_id', None), dtype=dtype, device=device)
+        self.layers = nn.ModuleList([GemmaDecoderLayer(config, i, dtype=dtype, device=device)
+                                     for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+        self.rotary_emb = build_rotary_embedding_from_config(config, device=device)
+
+    def forward(self, input_ids=None, position_ids=None, past_key_values=None, attn_metadata=None,
+                inputs_embeds=None):
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        # transformers rounds the scale to the activation dtype before multiplying; so do we
+        hidden_states = hidden_states * torch.tensor(self.hidden_size ** 0.5, dtype=hidden_states.dtype)
+        rotary_pos_emb = self.rotary_emb(hidden_states, position_ids)
+        residual = None
+        for idx, layer in enumerate(self.layers):
+            hidden_states, residual = layer(hidden_states, rotary_pos_emb, past_key_values[idx], residual,
+                                            attn_metadata)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+
+class GemmaForCausalLM(LlamaForCausalLM):
+    """Gemma / Gemma 2; the contract (prepare_inputs_for_generation, stacking) is Llama's."""
+
+    def __init__(self, config, ctx_mgr, dtype: torch.dtype = None, device: torch.device = None):
+        nn.Module.__init__(self)
+        self.config, self.ctx_mgr = config, ctx_mgr
+        self.model = GemmaModel(config, dtype=dtype, device=device)
+        self.final_logit_softcapping = getattr(config, 'final_logit_softcapping', None)
+        self.tie_word_embeddings = bool(getattr(config, 'tie_word_embeddings', True))
+        self.lm_head = build_rowwise_linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype,
+                                            device=device)
+        self.ignored_checkpoint_keys = [r'rotary_emb\.inv_freq']
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+            self.ignored_checkpoint_keys.append(r'^lm_head\.weight$')
+
+    def get_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden_states)
+        if self.final_logit_softcapping:
+            cap = self.final_logit_softcapping
+            logits = torch.tanh(logits.float() / cap) * cap
+        return logits
+
+    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]):
+        def fold_norms(pairs):
+            # Gemma's norms multiply by (1 + w): fold the 1 in once, in float32, at load time
+            for name, tensor in pairs:
+                if name.endswith('norm.weight'):
+                    tensor = tensor.float() + 1
+                yield name, tensor
+        super().load_weights(fold_norms(weights))
