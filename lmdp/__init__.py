@@ -1,3 +1,26 @@
-"""lmdp: a model-porting workbench for a paged-attention LLM inference engine."""
+"""lmdp: a model-porting workbench for a paged-attention LLM inference engine.
+
+`from lmdp import pipeline, PytorchEngineConfig, GenerationConfig` serves a checkpoint. Those names load on first
+use, so `import lmdp` stays quick and pulls in neither torch nor transformers.
+"""
 
 __version__ = '0.1.0'
+
+_LAZY = {
+    'pipeline': 'lmdp.api',
+    'Pipeline': 'lmdp.api',
+    'PytorchEngineConfig': 'lmdp.messages',
+    'GenerationConfig': 'lmdp.messages',
+    'Response': 'lmdp.messages',
+}
+
+__all__ = ['__version__', *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

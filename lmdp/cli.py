@@ -1,4 +1,4 @@
-"""The `lmdp` command line: check, make-tiny, compare."""
+"""The `lmdp` command line: check, make-tiny, compare, generate."""
 import argparse
 import logging
 import sys
@@ -43,6 +43,26 @@ def cmd_compare(args) -> int:
     return 0 if report.passed else 1
 
 
+def cmd_generate(args) -> int:
+    from .api import pipeline
+    from .messages import GenerationConfig, PytorchEngineConfig
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           random_seed=args.seed, ignore_eos=args.ignore_eos)
+    config = PytorchEngineConfig(dtype=args.dtype, device_type=args.device, session_len=args.session_len,
+                                 custom_module_map=args.custom_module_map)
+    pipe = pipeline(args.model_path, backend_config=config)
+    response = None
+    for piece in pipe.stream_infer([args.prompt], gen, do_preprocess=not args.no_chat_template):
+        print(piece.text, end='', flush=True)
+        response = piece
+    print()
+    if response.finish_reason == 'error':
+        print(f'lmdp generate: error: {response.error}', file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='lmdp', description='lmdp: port HF models to a paged engine and prove '
                                      'they compute what transformers computes')
@@ -73,6 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--block-size', type=int, default=16)
     p.add_argument('--custom-module-map')
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser('generate', help='continue a prompt with the engine, printing the text as it comes')
+    p.add_argument('model_path')
+    p.add_argument('prompt')
+    p.add_argument('--max-new-tokens', type=int, default=128)
+    p.add_argument('--temperature', type=float, default=0.0, help='0 (the default): greedy')
+    p.add_argument('--top-k', type=int, default=50)
+    p.add_argument('--top-p', type=float, default=1.0)
+    p.add_argument('--seed', type=int)
+    p.add_argument('--ignore-eos', action='store_true')
+    p.add_argument('--no-chat-template', action='store_true', help='send the prompt as raw text')
+    p.add_argument('--dtype', default='auto')
+    p.add_argument('--device', default='auto', choices=['auto', 'cuda', 'cpu'])
+    p.add_argument('--session-len', type=int)
+    p.add_argument('--custom-module-map')
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

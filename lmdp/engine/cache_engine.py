@@ -1,9 +1,13 @@
 """The paged KV cache: per layer a (k_cache, v_cache) pair `[num_blocks, block_size, num_kv_heads, head_dim]`."""
+import logging
+import os
 from typing import List, Tuple
 
 import torch
 
 from ..config import ModelConfig
+
+logger = logging.getLogger('lmdp')
 
 
 class CacheEngine:
@@ -26,3 +30,44 @@ class CacheEngine:
         dtype = dtype or model_config.dtype
         per_token = model_config.num_key_value_heads * (model_config.k_head_dim + model_config.v_head_dim)
         return per_token * block_size * model_config.num_layers * torch.finfo(dtype).bits // 8
+
+
+def available_host_memory() -> int:
+    """Bytes of RAM free now (Linux); 0 where it can't be read."""
+    try:
+        return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def plan_num_blocks(model_config: ModelConfig, block_size: int, device, num_gpu_blocks: int = 0,
+                    cache_max_entry_count: float = 0.8, session_len: int = 4096, max_batch_size: int = 32,
+                    dtype: torch.dtype = None) -> int:
+    """How many blocks the KV pool gets, and why (logged).
+
+    `num_gpu_blocks` wins when set. On CUDA the pool takes `cache_max_entry_count` of the memory free once the
+    weights are loaded; the rest is left for activations. Elsewhere, room for `max_batch_size` sequences of
+    `session_len` tokens, but never more than a quarter of the RAM free now.
+    """
+    device = torch.device(device)
+    per_block = CacheEngine.bytes_per_block(model_config, block_size, dtype)
+    if num_gpu_blocks > 0:
+        num_blocks, why = num_gpu_blocks, 'num_gpu_blocks'
+    elif device.type == 'cuda':
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        num_blocks = int(free * cache_max_entry_count) // per_block
+        why = (f'{cache_max_entry_count:.0%} of {free / 2**30:.2f} GiB free after the weights '
+               f'({total / 2**30:.2f} GiB card)')
+    else:
+        num_blocks = -(-session_len // block_size) * max_batch_size
+        why = f'{max_batch_size} sequences x session_len {session_len}'
+        cap = available_host_memory() // 4 // per_block
+        if 0 < cap < num_blocks:
+            num_blocks, why = cap, f'a quarter of the {available_host_memory() / 2**30:.1f} GiB of free RAM'
+    if num_blocks <= 0:
+        raise RuntimeError(f'no room for a single KV-cache block ({per_block / 2**20:.1f} MiB each) on {device}; '
+                           'free memory, lower block_size or set num_gpu_blocks')
+    logger.info('KV cache: %d blocks x %d tokens = %.2f GiB (%s)', num_blocks, block_size,
+                num_blocks * per_block / 2**30, why)
+    return num_blocks

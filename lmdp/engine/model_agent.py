@@ -8,7 +8,7 @@ import torch
 from ..config import ModelConfig
 from ..model_inputs import ModelInputs, StepContext, StepContextManager
 from ..models.registry import CustomModuleMap, get_model_class
-from ..weight_loader import load_model_weights
+from ..weight_loader import checkpoint_files, iter_checkpoint, load_model_weights
 
 logger = logging.getLogger('lmdp')
 
@@ -25,8 +25,27 @@ def build_model(model_config: ModelConfig, model_path: Optional[str] = None, dev
             param.data = param.data.to(device=device, dtype=model_config.dtype)
     model.eval()
     if load_weights:
-        load_model_weights(model, model_path)
+        load_model_weights(model, model_path, weights=_with_progress(model_path))
     return model, ctx_mgr
+
+
+def _with_progress(model_path: str):
+    """The checkpoint's tensors behind a progress bar (shown only when stderr is a terminal)."""
+    from tqdm import tqdm
+    files = checkpoint_files(model_path)
+    total = None
+    if all(f.endswith('.safetensors') for f in files):
+        from safetensors import safe_open
+        total = 0
+        for path in files:
+            try:
+                with safe_open(path, framework='pt') as f:   # reads the header only
+                    total += len(f.keys())
+            except Exception:   # a broken file is reported, with its name, by iter_checkpoint
+                total = None
+                break
+    return tqdm(iter_checkpoint(model_path, files), total=total, desc='loading weights', unit='tensor',
+                disable=None, leave=False)
 
 
 class ModelAgent:
