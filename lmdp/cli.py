@@ -1,4 +1,4 @@
-"""The `lmdp` command line: check, make-tiny, compare, generate."""
+"""The `lmdp` command line: check, make-tiny, compare, generate, bench."""
 import argparse
 import logging
 import sys
@@ -63,6 +63,11 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench.__main__ import main as bench_main
+    return bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='lmdp', description='lmdp: port HF models to a paged engine and prove '
                                      'they compute what transformers computes')
@@ -109,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--session-len', type=int)
     p.add_argument('--custom-module-map')
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser('bench', help='speed on real shapes vs the HBM roofline and transformers (GPU); '
+                       'arguments as for python -m lmdp.bench', add_help=False)
+    p.add_argument('bench_args', nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

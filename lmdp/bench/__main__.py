@@ -1,0 +1,68 @@
+"""`python -m lmdp.bench` / `lmdp bench`: lmdp's speed on real shapes, framed by the roofline and baselines.
+
+For each shape: write (or reuse) a random-weight bf16 checkpoint, measure the copy bandwidth, lmdp's batch-1
+decode and 256-request throughput, and transformers' eager batch-1 decode; print a table and write JSON.
+"""
+import argparse
+import json
+import os
+import sys
+
+from .checkpoint import ensure_checkpoint
+from .shapes import SHAPES
+
+
+def run(args) -> dict:
+    import torch
+    from .measure import copy_bandwidth, hf_batch1_decode, lmdp_figures
+    if not torch.cuda.is_available():
+        raise SystemExit('lmdp bench needs a CUDA device')
+    bandwidth = copy_bandwidth()
+    results = {'device': torch.cuda.get_device_name(0), 'copy_bandwidth_TBps': round(bandwidth / 1e12, 3),
+               'shapes': {}}
+    print(f"{results['device']}: device copy {bandwidth / 1e12:.2f} TB/s", flush=True)
+    for name in args.shapes:
+        shape = SHAPES[name]
+        path = ensure_checkpoint(shape, args.workdir)
+        roofline = bandwidth / shape.decode_weight_bytes()
+        fig = {'roofline_tok_s': round(roofline, 1),
+               'decode_weight_GB': round(shape.decode_weight_bytes() / 1e9, 2)}
+        fig.update(lmdp_figures(path, throughput=not args.no_throughput, eager_mode=args.eager))
+        fig['bs1_roofline_fraction'] = round(fig['bs1_decode_tok_s'] / roofline, 3)
+        print(name, fig, flush=True)
+        if not args.no_hf:
+            fig['hf_bs1_decode_tok_s'] = round(hf_batch1_decode(path, args.hf_new_tokens), 1)
+        results['shapes'][name] = fig
+    return results
+
+
+def table(results: dict) -> str:
+    lines = [f"{results['device']}, device copy {results['copy_bandwidth_TBps']:.2f} TB/s",
+             f"{'shape':>5} {'bs1 tok/s':>10} {'roofline':>9} {'fraction':>9} {'HF bs1':>7} {'256-req out tok/s':>18}"]
+    for name, f in results['shapes'].items():
+        lines.append(f"{name:>5} {f['bs1_decode_tok_s']:>10.1f} {f['roofline_tok_s']:>9.1f} "
+                     f"{f['bs1_roofline_fraction']:>9.1%} {f.get('hf_bs1_decode_tok_s', float('nan')):>7.1f} "
+                     f"{f.get('tp_out_tok_s', float('nan')):>18.1f}")
+    return '\n'.join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog='lmdp bench', description=__doc__)
+    parser.add_argument('shapes', nargs='*', default=['1b', '8b'], choices=sorted(SHAPES))
+    parser.add_argument('--workdir', default='/tmp', help='where the random checkpoints are written')
+    parser.add_argument('--no-throughput', action='store_true', help='skip the 256-request throughput run')
+    parser.add_argument('--no-hf', action='store_true', help='skip the transformers baseline')
+    parser.add_argument('--hf-new-tokens', type=int, default=256)
+    parser.add_argument('--eager', action='store_true', help='eager_mode=True (no CUDA graphs)')
+    parser.add_argument('--json', default=os.path.join(os.environ.get('OUT', '.'), 'lmdp_bench.json'))
+    args = parser.parse_args(argv)
+    results = run(args)
+    with open(args.json, 'w') as f:
+        json.dump(results, f, indent=1)
+    print('RESULT ' + json.dumps(results))
+    print(table(results))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

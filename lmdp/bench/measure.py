@@ -1,0 +1,111 @@
+"""The figures `lmdp bench` reports, each measured the same way lmdeploy's bench script measures them."""
+import random
+import time
+from typing import Dict, List
+
+import torch
+
+
+def copy_bandwidth(num_bytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device='cuda').normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * src.numel() * src.element_size() / times[len(times) // 2]
+
+
+def words(n: int, rng: random.Random) -> str:
+    """n single-token words of the bench tokenizer."""
+    return ' '.join(f't{rng.randrange(3, 4000)}' for _ in range(n))
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn):
+    _sync()
+    start = time.perf_counter()
+    out = fn()
+    _sync()
+    return time.perf_counter() - start, out
+
+
+def batch1_decode(generate_one, prompt_len: int = 128, new_tokens: int = 256, pairs: int = 3) -> float:
+    """Decode tok/s of one request: (new_tokens - 1) / (T(new_tokens) - T(1)), best of `pairs` pairs.
+
+    `generate_one(prompt, n)` generates exactly n tokens. Subtracting the 1-token run removes prefill and
+    request overheads, leaving the decode steps alone.
+    """
+    prompt = words(prompt_len, random.Random(0))
+    generate_one(prompt, 8)                                       # warm-up
+    best = 0.0
+    for _ in range(pairs):
+        t1, _ = _timed(lambda: generate_one(prompt, 1))
+        tn, _ = _timed(lambda: generate_one(prompt, new_tokens))
+        best = max(best, (new_tokens - 1) / (tn - t1))
+    return best
+
+
+def throughput_workload(num_requests: int = 256, seed: int = 0):
+    """Prompts and output lengths drawn as lmdeploy's bench draws them (same generator, same order)."""
+    rng = random.Random(seed)
+    ins = [rng.randint(100, 1024) for _ in range(num_requests)]
+    outs = [rng.randint(100, 1024) for _ in range(num_requests)]
+    prompts = [words(n, rng) for n in ins]
+    return prompts, outs
+
+
+def lmdp_figures(model_path: str, throughput: bool = True, eager_mode: bool = False) -> Dict:
+    from lmdp import GenerationConfig, PytorchEngineConfig, pipeline
+    config = PytorchEngineConfig(session_len=4096, max_batch_size=256, cache_max_entry_count=0.8,
+                                 eager_mode=eager_mode)
+    start = time.perf_counter()
+    pipe = pipeline(model_path, backend_config=config)
+    out = {'build_s': round(time.perf_counter() - start, 1)}
+
+    def generate_one(prompt, n):
+        gen = GenerationConfig(max_new_tokens=n, min_new_tokens=n, ignore_eos=True, do_sample=False)
+        return pipe([prompt], gen_config=gen, do_preprocess=False)
+    out['bs1_decode_tok_s'] = round(batch1_decode(generate_one), 1)
+    if throughput:
+        prompts, outs = throughput_workload()
+        gens = [GenerationConfig(max_new_tokens=m, min_new_tokens=m, ignore_eos=True, do_sample=False) for m in outs]
+        pipe(prompts[:16], gen_config=gens[:16], do_preprocess=False)      # warm-up
+        seconds, responses = _timed(lambda: pipe(prompts, gen_config=gens, do_preprocess=False))
+        generated = sum(r.generate_token_len for r in responses)
+        out.update(tp_requests=len(prompts), tp_out_tokens=generated, tp_wall_s=round(seconds, 2),
+                   tp_out_tok_s=round(generated / seconds, 1))
+    pipe.close()
+    del pipe
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return out
+
+
+def hf_batch1_decode(model_path: str, new_tokens: int = 256) -> float:
+    """transformers' eager `generate`, batch 1, measured like the engines (the baseline)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16,
+                                                 attn_implementation='eager').cuda().eval()
+
+    def generate_one(prompt, n):
+        ids = tok(prompt, return_tensors='pt').input_ids.cuda()
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=1)
+    with torch.inference_mode():
+        figure = batch1_decode(generate_one, new_tokens=new_tokens, pairs=1)
+    del model
+    torch.cuda.empty_cache()
+    return figure
