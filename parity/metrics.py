@@ -1,0 +1,57 @@
+"""How far one tap of the port is from the reference: max |a-b| and where, relative L2 error, cosine."""
+from dataclasses import asdict, dataclass, field
+from typing import List, Sequence, Tuple
+
+import torch
+
+
+@dataclass
+class Metrics:
+    max_abs: float                  # max |a - b| over the phase
+    where: Tuple[int, int, int]     # (sequence, token position in that sequence, channel) of max_abs
+    rel_l2: float                   # ||a - b|| / ||b|| over every token of the phase
+    cosine: float                   # the worst (smallest) per-token cosine similarity
+    rel_l2_per_seq: List[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> 'Metrics':
+        return cls(d['max_abs'], tuple(d['where']), d['rel_l2'], d['cosine'], list(d.get('rel_l2_per_seq', [])))
+
+
+def _rel(diff_norm: torch.Tensor, ref_norm: torch.Tensor) -> float:
+    d, r = diff_norm.item(), ref_norm.item()
+    if r == 0.0:
+        return 0.0 if d == 0.0 else float('inf')
+    return d / r
+
+
+def diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], starts: Sequence[int]) -> Metrics:
+    """Metrics of `a` (port) against `b` (reference).
+
+    `a[i]`, `b[i]` are sequence i's rows `[n_i, features]`; `starts[i]` is the position of its first row in the
+    sequence (0 for prefill, the prompt length for decode), so `where` names real token positions.
+    """
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        raise ValueError(f'shape mismatch: {[tuple(x.shape) for x in a]} vs {[tuple(y.shape) for y in b]}')
+    a_all, b_all = torch.cat(list(a)).float(), torch.cat(list(b)).float()
+    d = a_all - b_all
+    absd = d.abs()
+    flat = int(absd.argmax().item()) if absd.numel() else 0
+    row, channel = divmod(flat, max(d.size(-1), 1))
+    seq, offset = 0, row
+    while seq < len(a) - 1 and offset >= a[seq].size(0):
+        offset -= a[seq].size(0)
+        seq += 1
+    # float64: identical float32 rows should read 1.0, not 0.99999988
+    cos = torch.nn.functional.cosine_similarity(a_all.double(), b_all.double(), dim=-1, eps=1e-300)
+    both_zero = (a_all.norm(dim=-1) == 0) & (b_all.norm(dim=-1) == 0)
+    cos = torch.where(both_zero, torch.ones_like(cos), cos)
+    per_seq = [_rel((x.float() - y.float()).norm(), y.float().norm()) for x, y in zip(a, b)]
+    return Metrics(max_abs=float(absd.max().item()) if absd.numel() else 0.0,
+                   where=(seq, int(starts[seq]) + offset, channel),
+                   rel_l2=_rel(d.norm(), b_all.norm()),
+                   cosine=float(cos.min().item()) if cos.numel() else 1.0,
+                   rel_l2_per_seq=per_seq)

@@ -1,0 +1,116 @@
+"""Copies of the lmdp Llama port with one porting bug planted in each: the harness must name where each goes wrong.
+
+Each bug is a subclass of `lmdp.models.llama.LlamaForCausalLM`, handed to lmdp as a custom module map entry, and
+states the phase and the first tap where a correct harness sees it diverge. The harness's tests (tests/parity)
+and its GPU self-test (`python -m parity.selftest`) run every one of them.
+"""
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from lmdp.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from lmdp.nn import RMSNorm
+
+WRONG_EPS = 0.1   # large enough to move the norm of order-one activations by ~5%: visible above bf16 rounding
+
+
+class WrongNormEps(LlamaForCausalLM):
+    """Every RMSNorm uses eps 0.1 instead of config.rms_norm_eps (e.g. a hard-coded default)."""
+
+    def __init__(self, config, ctx_mgr, dtype=None, device=None):
+        super().__init__(config, ctx_mgr, dtype=dtype, device=device)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.eps = WRONG_EPS
+
+
+class _RotaryKHalvesSwapped(nn.Module):
+    """Rotary as HF does it for q; for k the two halves of rotate_half are swapped: cat(x2, -x1), not cat(-x2, x1)."""
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, swapped: bool):
+        rot = cos.size(-1)
+        half = rot // 2
+        xf = x[..., :rot].float()
+        x1, x2 = xf[..., :half], xf[..., half:]
+        rotated = torch.cat((x2, -x1), -1) if swapped else torch.cat((-x2, x1), -1)
+        x[..., :rot] = (xf * cos.float()[:, None] + rotated * sin.float()[:, None]).to(x.dtype)
+        return x
+
+    def forward(self, query, key, cos, sin, inplace=True):
+        if not inplace:
+            query, key = query.clone(), key.clone()
+        return self._rotate(query, cos, sin, False), self._rotate(key, cos, sin, True)
+
+
+class RotaryHalvesSwappedInK(LlamaForCausalLM):
+    """Keys are rotated by -theta (rotate_half's halves swapped), queries correctly."""
+
+    def __init__(self, config, ctx_mgr, dtype=None, device=None):
+        super().__init__(config, ctx_mgr, dtype=dtype, device=device)
+        for layer in self.model.layers:
+            layer.self_attn.apply_rotary_pos_emb = _RotaryKHalvesSwapped()
+
+
+class _LayerDroppingMLP(LlamaDecoderLayer):
+
+    def forward(self, *args, **kwargs):
+        mlp_out, residual = super().forward(*args, **kwargs)
+        return torch.zeros_like(mlp_out), residual   # the MLP ran, but its output never joins the stream
+
+
+class MLPDroppedInLayer1(LlamaForCausalLM):
+    """Decoder layer 1 computes its MLP and then leaves it out of the residual stream."""
+
+    def __init__(self, config, ctx_mgr, dtype=None, device=None):
+        super().__init__(config, ctx_mgr, dtype=dtype, device=device)
+        self.model.layers[1].__class__ = _LayerDroppingMLP
+
+
+class KVSwappedInQKV(LlamaForCausalLM):
+    """load_weights stacks k_proj into the v slot of qkv_proj and v_proj into the k slot."""
+
+    stacked_params_mapping = [
+        ('.qkv_proj', '.q_proj', 'q'),
+        ('.qkv_proj', '.k_proj', 'v'),
+        ('.qkv_proj', '.v_proj', 'k'),
+        ('.gate_up_proj', '.gate_proj', 0),
+        ('.gate_up_proj', '.up_proj', 1),
+    ]
+
+
+class DecodePositionOffByOne(LlamaForCausalLM):
+    """Decode steps pass position = history + 1 instead of history; prefill is right."""
+
+    def prepare_inputs_for_generation(self, past_key_values, inputs_embeds=None, context=None):
+        inputs = super().prepare_inputs_for_generation(past_key_values, inputs_embeds, context)
+        if context.is_decoding:
+            inputs['position_ids'] = inputs['position_ids'] + 1
+        return inputs
+
+
+@dataclass(frozen=True)
+class PlantedBug:
+    name: str
+    port_class: type
+    phase: str           # where the harness must first see it
+    tap: str
+
+    @property
+    def description(self) -> str:
+        return (self.port_class.__doc__ or '').strip().splitlines()[0]
+
+    def module_map(self, architectures=('LlamaForCausalLM', 'MistralForCausalLM')) -> Dict[str, type]:
+        """A custom module map that makes lmdp build this buggy copy for llama checkpoints."""
+        return {arch: self.port_class for arch in architectures}
+
+
+PLANTED_BUGS: List[PlantedBug] = [
+    PlantedBug('wrong_norm_eps', WrongNormEps, 'prefill', 'layers.0.input_norm'),
+    PlantedBug('rotary_k_halves_swapped', RotaryHalvesSwappedInK, 'prefill', 'layers.0.attn'),
+    PlantedBug('mlp_dropped_layer1', MLPDroppedInLayer1, 'prefill', 'layers.1.residual'),
+    PlantedBug('kv_swapped_in_qkv', KVSwappedInQKV, 'prefill', 'layers.0.attn'),
+    PlantedBug('decode_position_off_by_one', DecodePositionOffByOne, 'decode', 'layers.0.attn'),
+]

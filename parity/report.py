@@ -1,0 +1,202 @@
+"""ParityReport: what a parity run found, per phase and tap, plus the whole-model checks.
+
+This is the data model notebooks and widgets read: `report.taps` (forward order, prefill first), each a
+`TapResult` with the port's metrics against transformers float32, the noise floor's, the tolerance and the
+verdict; `report.checks`; `report.first_divergence`. It round-trips through JSON (`to_dict` / `from_dict`).
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+from .metrics import Metrics
+
+
+@dataclass
+class TapResult:
+    phase: str                         # 'prefill' | 'decode'
+    tap: str                           # 'layers.3.attn'
+    kind: str                          # 'attn'
+    layer: Optional[int]               # 3, or None for embed / final_norm / logits
+    port: Optional[Metrics]            # the port against transformers float32
+    floor: Optional[Metrics]           # transformers in the test dtype against float32 (None in float32 runs)
+    tolerance: float                   # the largest port.rel_l2 that passes
+    passed: bool
+    error: Optional[str] = None        # why the tap could not be compared (then port is None)
+
+    @property
+    def ratio(self) -> float:
+        """port error / tolerance: above 1 fails."""
+        if self.port is None:
+            return math.inf
+        return self.port.rel_l2 / self.tolerance
+
+    def describe(self) -> str:
+        if self.error:
+            return f'{self.phase} {self.tap}: not compared: {self.error}'
+        m = self.port
+        floor = f', floor {self.floor.rel_l2:.2e}' if self.floor is not None else ''
+        verdict = 'within' if self.passed else 'OVER'
+        return (f'{self.phase} {self.tap}: relative L2 error {m.rel_l2:.2e} {verdict} tolerance '
+                f'{self.tolerance:.2e}{floor}; max |a-b| {m.max_abs:.3e} at (sequence, token, channel) {m.where}; '
+                f'worst token cosine {m.cosine:.6f}')
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d['port'] = self.port.to_dict() if self.port else None
+        d['floor'] = self.floor.to_dict() if self.floor else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> 'TapResult':
+        d = dict(d)
+        d['port'] = Metrics.from_dict(d['port']) if d.get('port') else None
+        d['floor'] = Metrics.from_dict(d['floor']) if d.get('floor') else None
+        return cls(**d)
+
+
+@dataclass
+class CheckResult:
+    """A whole-model check: 'logprob_kl', 'top5', 'greedy', 'weight_coverage', 'cuda_graph'."""
+    name: str
+    phase: Optional[str]
+    status: str                        # 'passed' | 'failed' | 'skipped'
+    detail: str                        # one or more sentences a person can act on
+    value: Optional[float] = None
+    bound: Optional[float] = None
+    data: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return f'{self.name}-{self.phase}' if self.phase else self.name
+
+    @property
+    def passed(self) -> bool:
+        return self.status != 'failed'
+
+
+@dataclass
+class ParityReport:
+    model_path: str
+    architecture: str
+    port_class: str
+    dtype: str
+    device: str
+    prompt_lengths: List[int]
+    decode_steps: int
+    rule: str
+    taps: List[TapResult] = field(default_factory=list)
+    checks: List[CheckResult] = field(default_factory=list)
+    reference_tokens: List[List[int]] = field(default_factory=list)   # transformers float32 greedy tokens
+    port_tokens: List[List[int]] = field(default_factory=list)        # the port's argmax on the same prefixes
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    def phase_results(self, phase: str) -> List[TapResult]:
+        return [t for t in self.taps if t.phase == phase]
+
+    def tap(self, phase: str, name: str) -> Optional[TapResult]:
+        return next((t for t in self.taps if t.phase == phase and t.tap == name), None)
+
+    def per_layer(self, phase: str, kind: str, what: str = 'port') -> List[Optional[float]]:
+        """One tap kind's relative L2 error layer by layer ('port', 'floor' or 'tolerance'), for plots."""
+
+        def value(t: Optional[TapResult]) -> Optional[float]:
+            if t is None:
+                return None
+            if what == 'tolerance':
+                return t.tolerance
+            metrics = getattr(t, what)
+            return None if metrics is None else metrics.rel_l2
+
+        found = {t.layer: t for t in self.phase_results(phase) if t.kind == kind and t.layer is not None}
+        return [value(found.get(i)) for i in range(max(found) + 1 if found else 0)]
+
+    def check(self, name: str, phase: Optional[str] = None) -> Optional[CheckResult]:
+        return next((c for c in self.checks if c.name == name and c.phase == phase), None)
+
+    def first_divergence_in(self, phase: str) -> Optional[TapResult]:
+        """The first tap of `phase`, in forward order, whose error is over its tolerance."""
+        return next((t for t in self.phase_results(phase) if not t.passed and t.error is None), None)
+
+    @property
+    def first_divergence(self) -> Optional[TapResult]:
+        """The first diverging tap: prefill's first, else decode's."""
+        for phase in ('prefill', 'decode'):
+            found = self.first_divergence_in(phase)
+            if found is not None:
+                return found
+        return None
+
+    @property
+    def passed(self) -> bool:
+        return all(t.passed for t in self.taps) and all(c.passed for c in self.checks)
+
+    def divergence_line(self) -> str:
+        """'first divergence: layer N, <tap> (...)', or 'first divergence: none'."""
+        t = self.first_divergence
+        if t is None:
+            return 'first divergence: none'
+        where = f'layer {t.layer}, {t.kind}' if t.layer is not None else t.tap
+        return (f'first divergence: {where} ({t.phase}: relative L2 error {t.port.rel_l2:.2e} > tolerance '
+                f'{t.tolerance:.2e})')
+
+    def summary(self) -> str:
+        from .console import format_report
+        return format_report(self)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d['taps'] = [t.to_dict() for t in self.taps]
+        d['first_divergence'] = None if self.first_divergence is None else {
+            'phase': self.first_divergence.phase, 'tap': self.first_divergence.tap,
+            'layer': self.first_divergence.layer, 'kind': self.first_divergence.kind}
+        d['passed'] = self.passed
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> 'ParityReport':
+        d = {k: v for k, v in d.items() if k not in ('first_divergence', 'passed')}
+        d['taps'] = [TapResult.from_dict(t) for t in d.get('taps', [])]
+        d['checks'] = [CheckResult(**c) for c in d.get('checks', [])]
+        return cls(**d)
+
+    def to_json(self) -> str:
+        # inf/nan are legal in a report (a NaN-producing port), so write them as JSON strings
+        return json.dumps(_finite(self.to_dict()), indent=1)
+
+    @classmethod
+    def load(cls, path: str) -> 'ParityReport':
+        with open(path, encoding='utf-8') as f:
+            return cls.from_dict(_unfinite(json.load(f)))
+
+    def save(self, directory: str) -> Dict[str, str]:
+        """Write report.json and report.html (self-contained) into `directory`; returns their paths."""
+        from .html_report import render_html
+        os.makedirs(directory, exist_ok=True)
+        paths = {'json': os.path.join(directory, 'report.json'), 'html': os.path.join(directory, 'report.html')}
+        with open(paths['json'], 'w', encoding='utf-8') as f:
+            f.write(self.to_json())
+        with open(paths['html'], 'w', encoding='utf-8') as f:
+            f.write(render_html(self))
+        return paths
+
+
+def _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return repr(x)          # 'inf', '-inf', 'nan'
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _unfinite(x):
+    if isinstance(x, str) and x in ('inf', '-inf', 'nan'):
+        return float(x)
+    if isinstance(x, dict):
+        return {k: _unfinite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_unfinite(v) for v in x]
+    return x

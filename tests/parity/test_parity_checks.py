@@ -1,0 +1,44 @@
+"""Whole-model checks on hand-made logits: what is forgiven as rounding and what is not."""
+import torch
+
+from parity.capture_set import CaptureSet
+from parity.checks import greedy_check, logprob_checks
+
+
+def _capture(prefill_rows, decode_rows=None):
+    taps = {'prefill': {'logits': [torch.tensor(prefill_rows)]}}
+    taps['decode'] = {'logits': [torch.tensor(decode_rows)]} if decode_rows else {}
+    return CaptureSet(taps=taps)
+
+
+REF = [[9.0, 8.0, 7.0, 6.0, 5.0, 4.99, 0.0, -1.0]]   # ranks 5 and 6 are 0.01 apart
+
+
+def test_top5_swap_at_a_near_tie_is_forgiven_only_inside_the_floor():
+    swapped = [[9.0, 8.0, 7.0, 6.0, 4.98, 4.99, 0.0, -1.0]]
+    near_floor = _capture(REF)                                  # the reference in the test dtype
+    near_floor.taps['prefill']['logits'][0] += 0.02             # ... off by 0.02 everywhere in the row
+    kl, top = logprob_checks(_capture(REF), _capture(swapped), near_floor, torch.bfloat16, 'prefill')
+    assert top.status == 'passed' and top.data['forgiven'] == 1
+    kl, top = logprob_checks(_capture(REF), _capture(swapped), None, torch.float32, 'prefill')
+    assert top.status == 'failed' and top.data['unforgiven_rows'] == [0]
+
+
+def test_top5_disagreement_far_from_the_boundary_is_not_forgiven():
+    far = [[9.0, 8.0, 7.0, 6.0, 5.0, 4.99, 0.0, 20.0]]        # a token from the bottom jumps to the top
+    floor = _capture(REF)
+    floor.taps['prefill']['logits'][0] += 0.02
+    kl, top = logprob_checks(_capture(REF), _capture(far), floor, torch.bfloat16, 'prefill')
+    assert top.status == 'failed'
+    assert kl.status == 'failed' and kl.value > kl.bound
+
+
+def test_greedy_divergence_is_forgiven_only_where_the_top2_margin_is_noise():
+    ref = _capture([[0.0, 1.0, 0.999]], [[5.0, 1.0, 0.0]])    # token 1 by 0.001, then token 0 by 4
+    port = _capture([[0.0, 0.999, 1.0]], [[1.0, 5.0, 0.0]])   # picks 2, then 1
+    floor = _capture([[0.0, 1.01, 0.999]], [[5.01, 1.0, 0.0]])
+    check = greedy_check(ref, port, floor, torch.bfloat16, reference_tokens=[[1, 0]])
+    assert check.status == 'failed'
+    assert 'token 0' in check.detail and 'forgiven' in check.detail      # the near tie, said so
+    assert 'token 1' in check.detail and 'NOT forgiven' in check.detail  # the real difference
+    assert check.data['port_tokens'] == [[2, 1]]

@@ -1,0 +1,80 @@
+"""Metrics, the noise-floor rule, prompts and the progress bar."""
+import json
+import sys
+
+import pytest
+import torch
+
+from parity.metrics import diff
+from parity.noise_floor import EPS, MULTIPLE, kl_bound, noise_margin, tolerance
+from parity.progress import Progress
+from parity.prompts import make_prompts, random_prompts
+
+
+def test_diff_locates_the_largest_error_by_sequence_token_and_channel():
+    ref = [torch.ones(3, 4), torch.ones(2, 4)]
+    port = [r.clone() for r in ref]
+    port[1][1, 2] += 0.5                      # sequence 1, its second row, channel 2
+    m = diff(port, ref, starts=[7, 10])       # decode: rows start at the prompt lengths
+    assert m.where == (1, 11, 2)
+    assert m.max_abs == pytest.approx(0.5)
+    assert m.rel_l2 == pytest.approx(0.5 / torch.ones(5, 4).norm().item())
+    assert m.rel_l2_per_seq[0] == 0.0 and m.rel_l2_per_seq[1] > 0
+    assert m.cosine < 1.0
+
+
+def test_diff_of_equal_tensors_is_zero_and_zero_rows_have_cosine_one():
+    ref = [torch.zeros(2, 3), torch.randn(4, 3)]
+    m = diff([r.clone() for r in ref], ref, starts=[0, 0])
+    assert (m.max_abs, m.rel_l2) == (0.0, 0.0)
+    assert m.cosine == pytest.approx(1.0, abs=1e-12)
+
+
+def test_diff_flags_nan_and_shape_mismatch():
+    ref = [torch.ones(2, 3)]
+    port = [torch.full((2, 3), float('nan'))]
+    assert not diff(port, ref, [0]).rel_l2 <= 1.0
+    with pytest.raises(ValueError, match='shape'):
+        diff([torch.ones(2, 4)], ref, [0])
+
+
+def test_tolerance_is_a_multiple_of_the_floor_plus_one_roundoff():
+    assert tolerance(torch.float32, None) == EPS[torch.float32] == 1e-5
+    assert tolerance(torch.bfloat16, 0.01) == pytest.approx(MULTIPLE * 0.01 + 2.0**-8)
+    assert tolerance(torch.bfloat16, 0.0) < tolerance(torch.bfloat16, 0.001)
+    assert kl_bound(torch.bfloat16, 1e-3) == pytest.approx(MULTIPLE**2 * 1e-3 + 1e-4)
+
+
+def test_noise_margin_grows_with_the_floor():
+    row = torch.tensor([3.0, 1.0, -2.0])
+    assert noise_margin(torch.float32, row, None) == pytest.approx(3e-5)
+    assert noise_margin(torch.bfloat16, row, row + 0.1) == pytest.approx(MULTIPLE * 0.1 + 3 * 2.0**-8, rel=1e-5)
+
+
+def test_random_prompts_have_different_lengths_and_are_seeded():
+    prompts = random_prompts(4, 100, seed=3)
+    assert len({len(p) for p in prompts}) == 4
+    assert prompts == random_prompts(4, 100, seed=3) != random_prompts(4, 100, seed=4)
+    assert all(0 <= t < 100 for p in prompts for t in p)
+
+
+def test_prompts_from_files(tmp_path, tiny_llama):
+    ids = tmp_path / 'ids.txt'
+    ids.write_text('1 2 3\n\n4, 5\n')
+    assert make_prompts(str(ids), 100, tiny_llama) == [[1, 2, 3], [4, 5]]
+    as_json = tmp_path / 'p.json'
+    as_json.write_text(json.dumps([[7, 8], 'hello world']))
+    prompts = make_prompts(str(as_json), 1000, tiny_llama)   # text goes through the checkpoint's tokenizer
+    assert prompts[0] == [7, 8] and len(prompts[1]) > 1
+    assert make_prompts('2', 100, tiny_llama) == random_prompts(2, 100)
+    with pytest.raises(ValueError, match='outside the vocabulary'):
+        make_prompts([[5, 500]], 100, tiny_llama)
+
+
+def test_progress_without_tqdm_is_silent(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'tqdm.auto', None)    # makes `from tqdm.auto import tqdm` fail
+    bar = Progress(3, enabled=True)
+    bar.stage('x')
+    bar.update(2)
+    bar.close()
+    assert capsys.readouterr() == ('', '')

@@ -1,0 +1,59 @@
+"""The harness must pass the correct Llama port and name the phase and first tap of each planted bug."""
+import math
+
+import pytest
+
+from parity import compare
+from parity.planted_bugs import PLANTED_BUGS
+
+
+def test_correct_port_passes_in_float32(tiny_llama, references):
+    report = compare(tiny_llama, references=references('float32'))
+    assert report.passed, report.summary()
+    assert report.first_divergence is None
+    assert report.divergence_line() == 'first divergence: none'
+    layers = 3
+    assert len(report.phase_results('prefill')) == len(report.phase_results('decode')) == 4 * layers + 3
+    assert all(t.port.rel_l2 <= 1e-5 and t.floor is None for t in report.taps)
+    assert {c.id: c.status for c in report.checks} == {
+        'logprob_kl-prefill': 'passed', 'top5-prefill': 'passed', 'logprob_kl-decode': 'passed',
+        'top5-decode': 'passed', 'greedy': 'passed', 'weight_coverage': 'passed', 'cuda_graph': 'skipped'}
+    assert 'CUDA' in report.check('cuda_graph').detail
+    assert report.port_tokens == report.reference_tokens
+    assert all(len(t) == 4 + 1 for t in report.reference_tokens)
+
+
+def test_correct_port_passes_the_noise_floor_rule_in_bfloat16(tiny_llama, references):
+    report = compare(tiny_llama, references=references('bfloat16'))
+    assert report.passed, report.summary()
+    # the rule is doing work: every tap past the embedding has a non-zero floor and an error of that size
+    floors = [t.floor.rel_l2 for t in report.taps if t.kind != 'embed']
+    assert all(1e-4 < f < 0.1 for f in floors)
+    assert max(t.port.rel_l2 / t.floor.rel_l2 for t in report.taps if t.kind != 'embed') < 2.0
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('bug', PLANTED_BUGS, ids=[b.name for b in PLANTED_BUGS])
+def test_planted_bug_is_named(tiny_llama, references, bug, dtype):
+    report = compare(tiny_llama, references=references(dtype), custom_module_map=bug.module_map())
+    first = report.first_divergence
+    assert not report.passed
+    assert first is not None, report.summary()
+    assert (first.phase, first.tap) == (bug.phase, bug.tap), report.summary()
+    assert first.ratio > 1.0 and math.isfinite(first.ratio)
+    assert report.port_class.endswith(bug.port_class.__name__)
+    if bug.phase == 'decode':  # a decode-only bug leaves every prefill tap within tolerance
+        assert all(t.passed for t in report.phase_results('prefill'))
+    layer, kind = first.tap.split('.')[1:] if first.layer is not None else (None, first.tap)
+    assert f'first divergence: layer {layer}, {kind} ({bug.phase}' in report.summary()
+
+
+def test_kv_swap_is_pinned_to_k_with_qkv_taps(tiny_llama, references):
+    """With the q/k/v taps on (the port's fused qkv_proj is cut by head counts), the swap shows at k itself."""
+    refs = references('float32', qkv_taps=True)
+    assert compare(tiny_llama, references=refs).passed
+    bug = next(b for b in PLANTED_BUGS if b.name == 'kv_swapped_in_qkv')
+    report = compare(tiny_llama, references=refs, custom_module_map=bug.module_map())
+    assert report.first_divergence.tap == 'layers.0.k'
+    assert report.tap('prefill', 'layers.0.q').passed
+    assert not report.tap('prefill', 'layers.0.v').passed
