@@ -35,6 +35,18 @@ class EngineOutput:
 
 
 @dataclass
+class _InFlight:
+    """A step whose tokens are drawn on the device but not yet read back by the host."""
+    batch: ScheduledBatch
+    index: List[int]                  # rows of the batch that drew a token
+    tokens: torch.Tensor              # [len(index)] on the device
+    host_tokens: torch.Tensor         # their copy on the host, in flight until `ready`
+    ready: Optional[torch.cuda.Event]
+    logprobs: Optional[tuple]
+    want_logprobs: Optional[List[int]]
+
+
+@dataclass
 class EngineStats:
     prefill_steps: int = 0
     decode_steps: int = 0
@@ -72,6 +84,10 @@ class Engine:
             self.runner.capture_cuda_graphs(scratch_block=num_blocks, max_batch_size=self.max_batch_size,
                                             batch_sizes=config.cudagraph_capture_batch_sizes)
         self.sampler = Sampler(model_config.vocab_size, device)
+        # Decode steps run one ahead of the host: the next step is launched on the device before the tokens of
+        # the current one are read back, so scheduling, detokenising and the graph launch hide behind the GPU.
+        self.overlap = True
+        self._inflight: Optional[_InFlight] = None
         self.stats = EngineStats()
         self._inbox = queue.SimpleQueue()
         self._seqs: Dict[int, Sequence] = {}
@@ -120,7 +136,7 @@ class Engine:
         self._inbox.put(('abort', seq_id))
 
     def has_unfinished(self) -> bool:
-        return not self._inbox.empty() or self.scheduler.has_unfinished()
+        return not self._inbox.empty() or self.scheduler.has_unfinished() or self._inflight is not None
 
     def _drain_inbox(self) -> List[EngineOutput]:
         outputs = []
@@ -140,8 +156,17 @@ class Engine:
     # -- the step ---------------------------------------------------------------------------------------------
 
     def step(self) -> List[EngineOutput]:
-        """Run one prefill or decode step; what it did to each request it touched."""
+        """Run one prefill or decode step; what it did to each request it touched.
+
+        With `overlap`, a decode step returns the tokens of the step before it: its own are read back by the next
+        call, which first launches the step after it.
+        """
         outputs = self._drain_inbox()
+        if self._inflight is not None:
+            previous = self._inflight
+            self._inflight = self._launch_ahead(previous)
+            outputs += self._finish(previous)
+            return outputs
         batch = self.scheduler.schedule()
         if batch is None:
             if self.scheduler.has_unfinished():
@@ -150,16 +175,97 @@ class Engine:
                                    f'{len(self.scheduler.running)} running, {self.block_manager.num_free} of '
                                    f'{self.block_manager.num_blocks} blocks free')
             return outputs
-        inputs = self.runner.prepare_inputs(batch)
+        launched = self._launch(batch, self.runner.prepare_inputs(batch))
+        if launched is not None and batch.is_decoding and self.overlap:
+            self._inflight = launched
+            return outputs
+        return outputs + self._finish(launched, batch)
+
+    def _launch(self, batch: ScheduledBatch, inputs, ahead: int = 0) -> Optional[_InFlight]:
+        """Run the model and the sampler for a step; the tokens stay on the device (their copy to the host is
+        started). None when no row samples (every prompt of a prefill step is part-way through a chunk)."""
         if self.runner.can_replay(inputs):
             graph_logits = self.runner.replay(inputs)          # decode: the whole device step is one replay
             logits_of = lambda rows: graph_logits  # noqa: E731 (decode samples every row)
         else:
             hidden = self.runner.forward(inputs)
             logits_of = lambda rows: self.runner.logits(hidden, rows)  # noqa: E731
-        sampled = self._sample(batch, logits_of)
+        if batch.is_decoding:
+            index, rows = list(range(len(batch.seqs))), None
+        else:
+            ends = list(itertools.accumulate(batch.num_new))
+            index = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new)) if s.num_cached + n == s.num_tokens]
+            rows = [ends[i] - 1 for i in index]
+            if not index:
+                return None
+        picked = [batch.seqs[i] for i in index]
+        sampling_inputs = self.sampler.prepare(picked, ahead=ahead)
+        tokens, logprobs = self.sampler(logits_of(rows), sampling_inputs)
+        ready = None
+        if tokens.is_cuda:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host = tokens
+        return _InFlight(batch, index, tokens, host, ready, logprobs, sampling_inputs.want_logprobs)
+
+    def _launch_ahead(self, previous: _InFlight) -> Optional[_InFlight]:
+        """Launch the decode step after `previous` before its tokens are known on the host, or None where the
+        next step can't be decided yet: prompts wait, a sequence needs its tokens on the host (repetition
+        penalty), or the pool has no block to spare."""
+        if self.scheduler.waiting or not self._inbox.empty():
+            return None
+        keep = []
+        for i, seq in enumerate(previous.batch.seqs):
+            if seq.is_finished:
+                continue                   # aborted meanwhile
+            if seq.params.repetition_penalty != 1.0:
+                return None
+            # the previous step's token makes it num_tokens + 1 long: a length limit is known in advance
+            if seq.num_generated + 1 >= seq.params.max_new_tokens or seq.num_tokens + 1 >= self.session_len:
+                continue
+            keep.append(i)
+        if not keep:
+            return None
+        seqs = [previous.batch.seqs[i] for i in keep]
+        for seq in seqs:
+            if not self.block_manager.can_allocate(seq, seq.num_tokens + 1):
+                return None
+        for seq in seqs:
+            self.block_manager.allocate(seq, seq.num_tokens + 1)
+        tokens = previous.tokens if len(keep) == len(previous.batch.seqs) else \
+            previous.tokens[torch.tensor(keep, device=previous.tokens.device)]
+        batch = ScheduledBatch(seqs, [1] * len(seqs), is_decoding=True)
+        return self._launch(batch, self.runner.prepare_inputs(batch, ahead_tokens=tokens), ahead=1)
+
+    def _finish(self, launched: Optional[_InFlight], batch: Optional[ScheduledBatch] = None) -> List[EngineOutput]:
+        """Read a launched step's tokens back and account them (the step's one device -> host sync)."""
+        if launched is None:                         # a prefill step that drew no token
+            sampled = [None] * len(batch.seqs)
+        else:
+            batch = launched.batch
+            if launched.ready is not None:
+                launched.ready.synchronize()
+            tokens = launched.host_tokens.tolist()
+            picked = [batch.seqs[i] for i in launched.index]
+            if launched.logprobs is not None:
+                for seq, lp in zip(picked, logprob_dicts(launched.logprobs, launched.want_logprobs, tokens)):
+                    if lp is not None:
+                        seq.logprobs.append(lp)
+            sampled = [None] * len(batch.seqs)
+            for i, token in zip(launched.index, tokens):
+                sampled[i] = token
+        if batch.is_decoding:
+            # a sequence that finished while this step ran ahead: its token is dropped
+            live = [i for i, seq in enumerate(batch.seqs) if not seq.is_finished]
+            if len(live) < len(batch.seqs):
+                batch = ScheduledBatch([batch.seqs[i] for i in live], [1] * len(live), True)
+                sampled = [sampled[i] for i in live]
         finished = self.scheduler.update(batch, sampled, self.session_len)
         self._count(batch)
+        outputs = []
         for seq, token in zip(batch.seqs, sampled):
             if token is not None:
                 lp = seq.logprobs[-1] if seq.params.logprobs else None
@@ -168,31 +274,9 @@ class Engine:
             self._seqs.pop(seq.seq_id, None)
         return outputs
 
-    def _sample(self, batch: ScheduledBatch, logits_of) -> List[Optional[int]]:
-        """The token drawn for each sequence of the batch; None where a chunked prefill has not reached the end."""
-        if batch.is_decoding:
-            picked, rows = batch.seqs, None
-            index = range(len(batch.seqs))
-        else:
-            ends = list(itertools.accumulate(batch.num_new))
-            index = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new)) if s.num_cached + n == s.num_tokens]
-            picked, rows = [batch.seqs[i] for i in index], [ends[i] - 1 for i in index]
-            if not picked:
-                return [None] * len(batch.seqs)
-        logits = logits_of(rows)
-        sampling_inputs = self.sampler.prepare(picked)
-        tokens, logprobs = self.sampler(logits, sampling_inputs)
-        tokens = tokens.tolist()          # the step's one device -> host sync
-        if logprobs is not None:
-            for seq, lp in zip(picked, logprob_dicts(logprobs, sampling_inputs.want_logprobs, tokens)):
-                if lp is not None:
-                    seq.logprobs.append(lp)
-        out: List[Optional[int]] = [None] * len(batch.seqs)
-        for i, token in zip(index, tokens):
-            out[i] = token
-        return out
-
     def _count(self, batch: ScheduledBatch):
+        if not batch.seqs:
+            return                          # a step run ahead for sequences that all finished meanwhile
         if batch.is_decoding:
             self.stats.decode_steps += 1
             self.stats.decode_tokens += len(batch.seqs)

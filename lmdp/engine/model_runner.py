@@ -72,12 +72,17 @@ class ModelRunner:
         """float32 logits of a decode step `[batch, vocab]`, by CUDA-graph replay."""
         return self.graphs.decode(inputs)
 
-    def prepare_inputs(self, batch: ScheduledBatch) -> ModelInputs:
-        """The packed step: each sequence's next `num_new` uncached tokens after its cached history."""
+    def prepare_inputs(self, batch: ScheduledBatch, ahead_tokens: Optional[torch.Tensor] = None) -> ModelInputs:
+        """The packed step: each sequence's next `num_new` uncached tokens after its cached history.
+
+        `ahead_tokens` (decode only): the tokens the previous decode step drew, still on the device and not yet in
+        the sequences' host records; this step feeds them in, one position further on.
+        """
         seqs, num_new = batch.seqs, batch.num_new
         B = len(seqs)
+        ahead = 0 if ahead_tokens is None else 1
         if batch.is_decoding:
-            token_ids = [s.token_ids[-1] for s in seqs]
+            token_ids = [s.token_ids[-1] for s in seqs] if ahead_tokens is None else []
             width = self.max_blocks_per_seq
         else:
             token_ids = [t for s, n in zip(seqs, num_new) for t in s.token_ids[s.num_cached:s.num_cached + n]]
@@ -85,13 +90,16 @@ class ModelRunner:
         # one int32 array: q_seqlens | history_lengths | block_offsets
         meta = np.zeros(2 * B + B * width, dtype=np.int32)
         meta[:B] = num_new
-        history = [s.num_cached for s in seqs]
+        history = [s.num_cached + ahead for s in seqs]
         meta[B:2 * B] = history
         offsets = meta[2 * B:].reshape(B, width)
         for row, seq in zip(offsets, seqs):
             row[:len(seq.blocks)] = seq.blocks
         meta_dev = self._stage(meta, 'meta')
-        ids_dev = self._stage(np.asarray(token_ids, dtype=np.int64), 'input_ids').view(1, -1)
+        if ahead_tokens is None:
+            ids_dev = self._stage(np.asarray(token_ids, dtype=np.int64), 'input_ids').view(1, -1)
+        else:
+            ids_dev = ahead_tokens.view(1, -1)
         kv_lens = [h + n for h, n in zip(history, num_new)]
         return ModelInputs(input_ids=ids_dev, seq_length=meta_dev[:B], history_lengths=meta_dev[B:2 * B],
                            block_offsets=meta_dev[2 * B:].view(B, width), is_decoding=batch.is_decoding,

@@ -109,7 +109,9 @@ class Sampler:
         self._static_key, self._static = key, st
         return st
 
-    def prepare(self, seqs: List[Sequence]) -> SamplingInputs:
+    def prepare(self, seqs: List[Sequence], ahead: int = 0) -> SamplingInputs:
+        """`ahead`: tokens each sequence will have drawn before this step's row is sampled but that its host
+        record does not show yet (a decode step launched before the previous step's tokens were read back)."""
         st = self._static_inputs(seqs)
         inputs = SamplingInputs(greedy=not st['any_sample'], do_sample=st.get('do_sample'),
                                 temperature=st.get('temperature'), top_k=st.get('top_k'),
@@ -118,13 +120,14 @@ class Sampler:
                                 stop_ids=st.get('stop_ids'), logprobs=st['logprobs'],
                                 want_logprobs=st['want_logprobs'])
         if st['any_sample']:
-            inputs.keys = self._tensor([row_key(s.params.seed, s.num_generated) for s in seqs], torch.long)
+            inputs.keys = self._tensor([row_key(s.params.seed, s.num_generated + ahead) for s in seqs], torch.long)
         if inputs.penalty is not None:
+            assert not ahead, 'a repetition penalty needs every token on the host: no step runs ahead of it'
             width = max(s.num_tokens for s in seqs)
             inputs.history = self._tensor([s.token_ids + s.token_ids[:1] * (width - s.num_tokens) for s in seqs],
                                           torch.long)
         if inputs.stop_ids is not None:
-            active = [s.num_generated < s.params.min_new_tokens for s in seqs]
+            active = [s.num_generated + ahead < s.params.min_new_tokens for s in seqs]
             inputs.stop_active = self._tensor(active, torch.bool) if any(active) else None
         return inputs
 
