@@ -5,7 +5,7 @@ prefill, one row per decode step in decode. Logits are the tap 'logits'.
 """
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -17,6 +17,7 @@ class CaptureSet:
     taps: Dict[str, Dict[str, List[torch.Tensor]]] = field(default_factory=dict)   # phase -> tap -> per sequence
     missing: Dict[str, str] = field(default_factory=dict)                          # tap -> why it has no capture
     seconds: float = 0.0
+    graph_replay: Optional[object] = None   # the port on CUDA: parity.graph_replay.GraphReplay
 
     def get(self, phase: str, tap: str):
         return self.taps.get(phase, {}).get(tap)

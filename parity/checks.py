@@ -9,8 +9,8 @@ from typing import List, Optional
 import torch
 
 from .capture_set import CaptureSet
+from .graph_replay import GraphReplay, ReplayDiff
 from .noise_floor import kl_bound, noise_margin
-from .port import Coverage
 from .report import CheckResult
 
 TOP_K = 5
@@ -108,7 +108,8 @@ def greedy_check(ref32: CaptureSet, port: CaptureSet, ref_dt: Optional[CaptureSe
                        bound=float(len(reference_tokens)), data={'port_tokens': port_tokens, 'notes': notes})
 
 
-def coverage_check(coverage: Coverage) -> CheckResult:
+def coverage_check(coverage) -> CheckResult:
+    """coverage: lmdp's LoadReport (`agent.load_report`): .missing port parameters, .unused checkpoint tensors."""
     if not coverage.missing and not coverage.unused:
         return CheckResult('weight_coverage', None, 'passed',
                            'every port parameter was loaded and every checkpoint tensor was used')
@@ -124,11 +125,65 @@ def coverage_check(coverage: Coverage) -> CheckResult:
                        data={'missing': coverage.missing, 'unused': coverage.unused})
 
 
-def cuda_graph_check(device) -> CheckResult:
-    """CUDA-graph replay against eager decode: not compared yet."""
+def _not_compared(name: str, diff: ReplayDiff) -> CheckResult:
+    data = diff.to_data()
+    if diff.model_refused:
+        return CheckResult(name, None, 'skipped', f'the port answers support_cuda_graph = False for a decode step of '
+                           f'{diff.bucket}: lmdp runs its decode eagerly, so there is no replay to compare', data=data)
+    what = 'capturing' if not diff.captured else 'replaying'
+    fix = f' Fix: {diff.fix}' if diff.fix else ''
+    return CheckResult(name, None, 'failed', f'{what} the batch-{diff.bucket} decode graph failed: {diff.reason}.{fix}',
+                       data=data)
+
+
+def _argmax_note(diff: ReplayDiff) -> str:
+    rows = diff.argmax_rows_differ
+    return f'; argmax differs in {len(rows)} row(s) {rows[:8]}' if rows else '; argmax equal in every row'
+
+
+def cuda_graph_checks(device, replay: Optional[GraphReplay], tolerance: float) -> List[CheckResult]:
+    """'cuda_graph': a decode step replayed in the graph captured for its own batch size must equal the eager step
+    bit for bit. 'cuda_graph_padded': the same step in the next larger bucket's graph (padding slots) must be within
+    `tolerance` (the decode logits tap's) of it, relative L2; bits may differ, as cuBLAS picks GEMM tiles by M."""
+    names = ('cuda_graph', 'cuda_graph_padded')
     if torch.device(device).type != 'cuda':
         reason = f'CUDA-graph replay vs eager needs a CUDA device; this run is on {device}'
+        return [CheckResult(n, None, 'skipped', reason) for n in names]
+    if replay is None or replay.error:
+        why = replay.error if replay is not None else 'the port run made no CUDA-graph comparison'
+        return [CheckResult(n, None, 'failed', f'CUDA-graph replay vs eager could not run: {why}') for n in names]
+    out = []
+    exact = replay.exact
+    if not exact.captured or exact.bitwise is None:
+        out.append(_not_compared(names[0], exact))
+    elif exact.bitwise:
+        out.append(CheckResult(
+            names[0], None, 'passed', f'a decode step of {exact.batch} sequences replayed in the batch-{exact.bucket} '
+            f'graph equals the eager step bit for bit ({exact.batch} x {exact.vocab} logits, max |diff| 0)',
+            value=0.0, bound=0.0, data=exact.to_data()))
     else:
-        reason = ('CUDA-graph replay vs eager is not compared yet: the harness is not wired to lmdp\'s CUDA-graph '
-                  'decode runner (lmdp/backends/cuda, in progress); until then decode runs eager here')
-    return CheckResult('cuda_graph', None, 'skipped', reason)
+        out.append(CheckResult(
+            names[0], None, 'failed',
+            f'a decode step of {exact.batch} sequences replayed in the batch-{exact.bucket} graph differs from the '
+            f'eager step at the same batch size: max |diff| {exact.max_abs:.3e}, relative L2 {exact.rel_l2:.2e}'
+            f'{_argmax_note(exact)}. The same kernels at the same shapes give the same bits, so the forward depends '
+            'on something the graph froze at capture: a value read on the host, a tensor built from Python numbers '
+            'or re-allocated each step outside the step context, or a step-context field the graph runner fills '
+            'differently (max_kv_seqlen, the block table width)', value=exact.max_abs, bound=0.0,
+            data=exact.to_data()))
+    padded = replay.padded
+    if not padded.captured or padded.bitwise is None:
+        out.append(_not_compared(names[1], padded))
+    else:
+        ok = padded.rel_l2 <= tolerance
+        bits = 'bitwise equal too' if padded.bitwise else 'not bitwise equal, as may be: cuBLAS picks GEMM tiles by M'
+        detail = (f'{padded.batch} sequences replayed in the batch-{padded.bucket} graph '
+                  f'({padded.bucket - padded.batch} padding slot(s)) against the eager step: max |diff| '
+                  f'{padded.max_abs:.3e}, relative L2 {padded.rel_l2:.2e} {"within" if ok else "OVER"} the decode '
+                  f'logits tolerance {tolerance:.1e}; {bits}{_argmax_note(padded)}')
+        if not ok:
+            detail += ('. More than rounding: the padding slots leak into the real rows (a layer that mixes rows '
+                       'of a batch, or padding K/V written outside the scratch block)')
+        out.append(CheckResult(names[1], None, 'passed' if ok else 'failed', detail, value=padded.rel_l2,
+                               bound=tolerance, data=padded.to_data()))
+    return out

@@ -23,7 +23,8 @@ _REPORT = pytest.StashKey[object]()
 _REPORT_PATHS = pytest.StashKey[dict]()
 
 CHECKS = [('logprob_kl', 'prefill'), (f'top{TOP_K}', 'prefill'), ('logprob_kl', 'decode'), (f'top{TOP_K}', 'decode'),
-          ('greedy', None), ('weight_coverage', None), ('cuda_graph', None)]
+          ('greedy', None), ('weight_coverage', None), ('cuda_graph', None),
+          ('cuda_graph_padded', None)]
 
 
 def pytest_addoption(parser):

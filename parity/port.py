@@ -1,7 +1,7 @@
 """The lmdp side: load the port with a weight-coverage account, prefill every prompt packed in one step, then
-decode through the paged cache (small blocks handed out shuffled, so block tables are not contiguous)."""
+decode through the paged cache (small blocks handed out shuffled, so block tables are not contiguous); on CUDA,
+one more decode step eagerly and by CUDA-graph replay (parity/graph_replay.py)."""
 import time
-from dataclasses import dataclass, field
 from typing import List, Sequence
 
 import torch
@@ -11,23 +11,15 @@ from .capture_set import CaptureSet, PhaseRows
 from .taps import Site, TapResolver
 
 
-@dataclass
-class Coverage:
-    missing: List[str] = field(default_factory=list)   # port parameters no checkpoint tensor filled
-    unused: List[str] = field(default_factory=list)    # checkpoint tensors that filled nothing
-
-
 def load_port(model_path: str, dtype: torch.dtype, device, custom_module_map=None):
-    """(ModelAgent, Coverage). Weights load non-strictly so that missing ones are reported, not raised."""
-    from lmdp.config import ModelConfig
-    from lmdp.engine import ModelAgent, build_model
-    from lmdp.weight_loader import load_model_weights
+    """(ModelAgent, LoadReport). Weights load non-strictly so that missing ones are reported, not raised; the
+    report lists port parameters no checkpoint tensor filled (.missing) and checkpoint tensors that filled
+    nothing (.unused)."""
+    from lmdp.engine import ModelAgent
 
-    model_config = ModelConfig.from_pretrained(model_path, dtype=dtype)
-    model, ctx_mgr = build_model(model_config, model_path, device, custom_module_map, load_weights=False)
-    tracker = load_model_weights(model, model_path, strict=False)
-    agent = ModelAgent(model, ctx_mgr, model_config, device)
-    return agent, Coverage(missing=list(tracker.missing()), unused=list(tracker.unused))
+    agent = ModelAgent.from_pretrained(model_path, dtype=dtype, device=device, custom_module_map=custom_module_map,
+                                       strict=False)
+    return agent, agent.load_report
 
 
 def _split(rows: torch.Tensor, lengths: Sequence[int], tap: str) -> List[torch.Tensor]:
@@ -46,7 +38,7 @@ def run_port(agent, hf_config, prompts: Sequence[Sequence[int]], tokens: List[Li
     sites = TapResolver(agent.model, 'port', hf_config, overrides).resolve(taps)
     capture = CaptureSet(missing={t: why for t, why in sites.items() if not isinstance(why, Site)})
     lengths = [len(p) for p in prompts]
-    blocks = sum(-(-(n + decode_steps) // block_size) for n in lengths)
+    blocks = sum(-(-(n + decode_steps + 1) // block_size) for n in lengths)   # + the graph check's step
     runner = StepRunner(agent, num_blocks=2 * blocks + 2, block_size=block_size, shuffle_blocks_seed=0)
     prefill, decode = PhaseRows(len(prompts)), PhaseRows(len(prompts))
     with Recorder(agent.model, {t: s for t, s in sites.items() if isinstance(s, Site)}) as recorder:
@@ -67,7 +59,12 @@ def run_port(agent, hf_config, prompts: Sequence[Sequence[int]], tokens: List[Li
                 decode.add('logits', i, out.logits[i:i + 1].float())
             if progress:
                 progress.update(1)
-    runner.release()
     capture.taps = {'prefill': prefill.done(), 'decode': decode.done() if decode_steps else {}}
     capture.seconds = time.perf_counter() - start
+    if agent.device.type == 'cuda':   # after the recorder: its hooks must not be captured into the graphs
+        from .graph_replay import replay_vs_eager
+        if progress:
+            progress.stage('CUDA-graph replay vs eager')
+        capture.graph_replay = replay_vs_eager(runner, out.seq_ids, [t[decode_steps] for t in tokens])
+    runner.release()
     return capture

@@ -58,7 +58,7 @@ class TapResult:
 
 @dataclass
 class CheckResult:
-    """A whole-model check: 'logprob_kl', 'top5', 'greedy', 'weight_coverage', 'cuda_graph'."""
+    """A whole-model check: 'logprob_kl', 'top5', 'greedy', 'weight_coverage', 'cuda_graph', 'cuda_graph_padded'."""
     name: str
     phase: Optional[str]
     status: str                        # 'passed' | 'failed' | 'skipped'

@@ -1,7 +1,8 @@
 """Builds a model from a checkpoint folder and runs one step of it."""
 import logging
 import time
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import torch
 
@@ -13,8 +14,27 @@ from ..weight_loader import checkpoint_files, iter_checkpoint, load_model_weight
 logger = logging.getLogger('lmdp')
 
 
+@dataclass
+class LoadReport:
+    """What a weight load covered: port parameters no checkpoint tensor filled, checkpoint tensors that filled
+    nothing (those listed in the model's `ignored_checkpoint_keys` excluded)."""
+    missing: List[str] = field(default_factory=list)
+    unused: List[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.unused
+
+
+def load_weights_with_report(model, model_path: str, strict: bool = True) -> LoadReport:
+    """Load the checkpoint into `model` (progress bar on a terminal); strict=False reports missing parameters
+    instead of raising WeightLoadError."""
+    tracker = load_model_weights(model, model_path, weights=_with_progress(model_path), strict=strict)
+    return LoadReport(missing=list(tracker.missing()), unused=list(tracker.unused))
+
+
 def build_model(model_config: ModelConfig, model_path: Optional[str] = None, device='cpu',
-                custom_module_map: CustomModuleMap = None, load_weights: bool = True):
+                custom_module_map: CustomModuleMap = None, load_weights: bool = True, strict: bool = True):
     """Instantiate the registered class for the config's architecture and (optionally) load its weights."""
     model_cls = get_model_class(model_config.hf_config, custom_module_map)
     ctx_mgr = StepContextManager()
@@ -25,14 +45,17 @@ def build_model(model_config: ModelConfig, model_path: Optional[str] = None, dev
             param.data = param.data.to(device=device, dtype=model_config.dtype)
     model.eval()
     if load_weights:
-        load_model_weights(model, model_path, weights=_with_progress(model_path))
+        load_weights_with_report(model, model_path, strict=strict)
     return model, ctx_mgr
 
 
 def _with_progress(model_path: str):
-    """The checkpoint's tensors behind a progress bar (shown only when stderr is a terminal)."""
-    from tqdm import tqdm
+    """The checkpoint's tensors behind a progress bar (shown only when stderr is a terminal; none without tqdm)."""
     files = checkpoint_files(model_path)
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iter_checkpoint(model_path, files)
     total = None
     if all(f.endswith('.safetensors') for f in files):
         from safetensors import safe_open
@@ -51,19 +74,27 @@ def _with_progress(model_path: str):
 class ModelAgent:
     """A model, its step-context manager and the forward of one packed step."""
 
-    def __init__(self, model, ctx_mgr: StepContextManager, model_config: ModelConfig, device='cpu'):
+    def __init__(self, model, ctx_mgr: StepContextManager, model_config: ModelConfig, device='cpu',
+                 load_report: Optional[LoadReport] = None):
         self.model, self.ctx_mgr, self.model_config = model, ctx_mgr, model_config
         self.device = torch.device(device)
+        self.load_report = load_report   # set by from_pretrained: what the weight load covered
 
     @classmethod
     def from_pretrained(cls, model_path: str, dtype='auto', device='cpu', custom_module_map: CustomModuleMap = None,
-                        trust_remote_code: bool = False) -> 'ModelAgent':
+                        trust_remote_code: bool = False, strict: bool = True) -> 'ModelAgent':
+        """strict=False: parameters the checkpoint never filled are listed in `agent.load_report.missing`
+        (their values are garbage) instead of raising WeightLoadError."""
         start = time.perf_counter()
         model_config = ModelConfig.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
-        model, ctx_mgr = build_model(model_config, model_path, device, custom_module_map)
+        model, ctx_mgr = build_model(model_config, model_path, device, custom_module_map, load_weights=False)
+        report = load_weights_with_report(model, model_path, strict=strict)
+        if report.missing:   # only reached when not strict
+            logger.warning('%d parameter(s) were never loaded from %s (their values are garbage): %s',
+                           len(report.missing), model_path, ', '.join(report.missing))
         logger.info('loaded %s (%s, %s) in %.1f s', model_path, type(model).__name__, model_config.dtype,
                     time.perf_counter() - start)
-        return cls(model, ctx_mgr, model_config, device)
+        return cls(model, ctx_mgr, model_config, device, load_report=report)
 
     @torch.inference_mode()
     def forward(self, inputs: ModelInputs, kv_caches) -> torch.Tensor:

@@ -40,6 +40,7 @@ class StepRunner:
         self.allocator = BlockAllocator(num_blocks, shuffle_seed=shuffle_blocks_seed)
         self.sequences: Dict[int, SequenceState] = {}
         self._next_id = 0
+        self._scratch_block: Optional[int] = None   # the CUDA-graph padding slots' block (capture_cuda_graphs)
 
     @classmethod
     def from_pretrained(cls, model_path: str, dtype='auto', device='cpu', num_blocks: int = 256,
@@ -57,22 +58,38 @@ class StepRunner:
         if needed > 0:
             seq.blocks.extend(self.allocator.allocate(needed))
 
+    def _inputs(self, seqs: List[SequenceState], new_tokens: Sequence[Sequence[int]],
+                is_decoding: bool) -> ModelInputs:
+        """Reserve the blocks `new_tokens` need and pack the step (the sequences do not advance)."""
+        for seq, tokens in zip(seqs, new_tokens):
+            self._reserve(seq, seq.num_cached + len(tokens))
+        return ModelInputs.make([list(t) for t in new_tokens], [s.num_cached for s in seqs],
+                                [s.blocks for s in seqs], is_decoding, device=self.agent.device)
+
+    def decode_inputs(self, seq_ids: Sequence[int], tokens: Sequence[int]) -> ModelInputs:
+        """The inputs of a decode step feeding `tokens[i]` to sequence `seq_ids[i]`, blocks reserved.
+
+        The sequences do not advance: running these inputs (eagerly or by CUDA-graph replay) writes K/V at
+        each sequence's next position, which the next `step`/`decode` overwrites. For comparing ways of running
+        one step on the same state."""
+        return self._inputs([self.sequences[i] for i in seq_ids], [[t] for t in tokens], is_decoding=True)
+
     def step(self, seq_ids: Sequence[int], new_tokens: Sequence[Sequence[int]], all_logits: bool = False,
              is_decoding: Optional[bool] = None) -> StepOutput:
         """Append `new_tokens[i]` to sequence `seq_ids[i]` in one packed step and run the model."""
         seqs = [self.sequences[i] for i in seq_ids]
         if is_decoding is None:
             is_decoding = all(len(t) == 1 for t in new_tokens) and all(s.num_cached > 0 for s in seqs)
-        for seq, tokens in zip(seqs, new_tokens):
-            self._reserve(seq, seq.num_cached + len(tokens))
-        inputs = ModelInputs.make([list(t) for t in new_tokens], [s.num_cached for s in seqs],
-                                  [s.blocks for s in seqs], is_decoding, device=self.agent.device)
+        inputs = self._inputs(seqs, new_tokens, is_decoding)
         output = self.agent.forward(inputs, self.cache.kv_caches)
         ends = torch.cumsum(inputs.seq_length.long(), 0)
-        logits = self.agent.get_logits(output[ends - 1])
         per_seq = None
-        if all_logits:
-            per_seq = list(self.agent.get_logits(output).split(inputs.seq_length.tolist()))
+        if all_logits:   # lm_head once over every row; each sequence's last row is taken from it
+            every = self.agent.get_logits(output)
+            per_seq = list(every.split(inputs.seq_length.tolist()))
+            logits = every[ends - 1]
+        else:
+            logits = self.agent.get_logits(output[ends - 1])
         for seq, tokens in zip(seqs, new_tokens):
             seq.token_ids.extend(tokens)
             seq.num_cached += len(tokens)
@@ -104,6 +121,23 @@ class StepRunner:
             for g, t in zip(generated, out.logits.argmax(-1).tolist()):
                 g.append(t)
         return generated, step_logits
+
+    def capture_cuda_graphs(self, batch_sizes: Sequence[int], max_blocks_per_seq: Optional[int] = None):
+        """A `CUDAGraphRunner` over this runner's KV cache with one decode graph per batch size, captured.
+
+        The padding slots of a replay write their K/V to a scratch block taken from the allocator once (shared by
+        every runner this returns; never handed to a sequence). max_blocks_per_seq: the longest block table a
+        replay accepts (default: the whole cache). Buckets that failed to capture say why in `.results`."""
+        from ..backends.cuda import CUDAGraphRunner
+        if self.agent.device.type != 'cuda':
+            raise RuntimeError(f'CUDA graphs need a CUDA device; this runner is on {self.agent.device}')
+        if self._scratch_block is None:
+            self._scratch_block = self.allocator.allocate(1)[0]
+        graphs = CUDAGraphRunner(self.agent.model, self.agent.ctx_mgr, self.agent.model_config, self.cache.kv_caches,
+                                 max_blocks_per_seq=max_blocks_per_seq or self.allocator.num_blocks,
+                                 scratch_block=self._scratch_block, capture_batch_sizes=list(batch_sizes))
+        graphs.capture_all()
+        return graphs
 
     def release(self, seq_ids: Optional[Sequence[int]] = None):
         """Free the blocks of the given sequences (all when None)."""
