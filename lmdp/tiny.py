@@ -11,13 +11,13 @@ would let many porting bugs (wrong norm, wrong scale) pass parity unnoticed.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lmdp import tiny_tokenizer
+from lmdp.quiet import quiet_transformers
 
 # Shared small dims; GQA 4 query heads : 2 kv heads by default.
 _BASE = dict(
@@ -148,19 +148,6 @@ def reinit_weights(model: nn.Module, seed: int = 0) -> None:
             raise RuntimeError(f'reinit_weights: no init rule for parameter {name} {tuple(p.shape)}')
 
 
-@contextlib.contextmanager
-def _no_progress_bar():
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 def make_tiny(
     model_type: str,
     out_dir,
@@ -197,7 +184,7 @@ def make_tiny(
         bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id
     )
     save_kwargs = {} if max_shard_size is None else {'max_shard_size': max_shard_size}
-    with _no_progress_bar():  # a "Writing model shards" bar per test is noise
+    with quiet_transformers():  # a "Writing model shards" bar per test is noise
         model.save_pretrained(out, **save_kwargs)
     tiny_tokenizer.save_tokenizer(out)
     return out

@@ -57,7 +57,7 @@ def build_random_llama(out_dir, device='cpu', dtype: str = 'bfloat16', seed: int
     model.config.dtype = dtype
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from .reference import quiet_transformers
+    from lmdp.quiet import quiet_transformers
     with quiet_transformers():
         model.save_pretrained(out)
     return out

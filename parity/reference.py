@@ -1,5 +1,4 @@
 """The transformers side: each prompt alone, prefill then decode steps through its own cache, eager attention."""
-import contextlib
 import importlib.util
 import inspect
 import time
@@ -7,22 +6,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from lmdp.quiet import quiet_transformers
+
 from .capture import Recorder
 from .capture_set import CaptureSet, PhaseRows
 from .taps import Site, TapResolver
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """No 'Loading weights' bar of transformers' own under the harness's bar."""
-    from transformers.utils import logging as hf_logging
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def load_reference(model_path: str, dtype: torch.dtype, device) -> torch.nn.Module:
