@@ -50,10 +50,17 @@ def check_model(model_path: str, trust_remote_code: bool = False, dtype='auto', 
     from .configurations.default import BUILTIN_BUILDERS, unset_required_fields
     from .config import ModelConfig
     from .hf_config import load_hf_config, read_config_dict
-    from .models.registry import get_model_class
+    from .models.registry import get_model_class, merged_module_map
     from .weight_loader import checkpoint_files
 
     report = ModelCheck(str(model_path))
+    if custom_module_map is not None:
+        # read the user's map first: a ConfigBuilder it imports must be registered before the builder is picked
+        try:
+            custom_module_map = merged_module_map(custom_module_map)
+        except (ValueError, FileNotFoundError, TypeError, ImportError, SyntaxError) as e:
+            report.problems.append(f'custom module map: {e}')
+            return report
     try:
         raw = read_config_dict(model_path)
         hf_config = load_hf_config(model_path, trust_remote_code)

@@ -40,16 +40,16 @@ def format_report(report) -> str:
     for check in report.checks:
         phase = f' ({check.phase})' if check.phase else ''
         lines.append(f'[{_MARK[check.status]:>4}] {check.name}{phase}: {check.detail}')
-    missing = [t for t in report.taps if t.error]
+    missing = [t for t in report.main_taps if t.error]
     for t in missing[:5]:
         lines.append(f'[FAIL] tap {t.tap} ({t.phase}) not compared: {t.error}')
     if report.timings:
         lines.append(f"time: {report.timings.get('total', 0.0):.1f} s (" + ', '.join(
             f'{k} {v:.1f}' for k, v in report.timings.items() if k != 'total') + ')')
     lines.append(report.divergence_line())
-    failed = [t for t in report.taps if not t.passed]
+    failed = [t for t in report.main_taps if not t.passed]
     failed_checks = [c for c in report.checks if c.status == 'failed']
     verdict = 'PASS' if report.passed else 'FAIL'
-    lines.append(f'{verdict}: {len(report.taps) - len(failed)}/{len(report.taps)} taps within tolerance, '
+    lines.append(f'{verdict}: {len(report.main_taps) - len(failed)}/{len(report.main_taps)} taps within tolerance, '
                  f'{len(failed_checks)} whole-model check(s) failed')
     return '\n'.join(lines)

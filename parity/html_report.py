@@ -72,7 +72,7 @@ def _fmt(v, spec='.2e') -> str:
 
 def _tap_rows(report) -> str:
     rows = []
-    for t in report.taps:
+    for t in report.main_taps:
         cls = 'fail' if not t.passed else ''
         if t.port is None:
             rows.append(f'<tr class="fail"><td>{t.phase}</td><td>{html.escape(t.tap)}</td>'

@@ -105,34 +105,46 @@ def run_references(model_path: str, dtype='float32', device='auto', prompts: Pro
 
 
 def _compare_taps(refs: References, port: CaptureSet) -> List[TapResult]:
-    results = []
+    """Every tap in 'prefill' and 'decode' (all steps pooled), then each decode step alone ('decode.0', ...):
+    the per-step phases are a finer view for the notebooks' phase selector; verdicts come from the pooled ones."""
     lengths = [len(p) for p in refs.prompts]
-    for phase in PHASES:
-        if phase == 'decode' and not refs.decode_steps:
+    results = _compare_phase(refs, port, 'prefill', [0] * len(lengths))
+    if refs.decode_steps:
+        results += _compare_phase(refs, port, 'decode', lengths)
+    if refs.decode_steps > 1:
+        for k in range(refs.decode_steps):
+            step = lambda rows, k=k: None if rows is None else [x[k:k + 1] for x in rows]  # noqa: E731
+            results += _compare_phase(refs, port, f'decode.{k}', [n + k for n in lengths], source='decode',
+                                      select=step)
+    return results
+
+
+def _compare_phase(refs: References, port: CaptureSet, phase: str, starts, source: str = None,
+                   select=lambda rows: rows) -> List[TapResult]:
+    results = []
+    source = source or phase
+    for tap in refs.taps:
+        r, p = select(refs.ref32.get(source, tap.name)), select(port.get(source, tap.name))
+        d = select(refs.ref_dt.get(source, tap.name)) if refs.ref_dt is not None else None
+        base = dict(phase=phase, tap=tap.name, kind=tap.kind, layer=tap.layer)
+        if r is None or p is None or (refs.ref_dt is not None and d is None):
+            why = (refs.ref32.missing.get(tap.name) or port.missing.get(tap.name)
+                   or f'no capture for {tap.name} in {phase}')
+            results.append(TapResult(**base, port=None, floor=None, tolerance=tolerance(refs.dtype, None),
+                                     passed=False, error=why))
             continue
-        starts = [0] * len(lengths) if phase == 'prefill' else lengths
-        for tap in refs.taps:
-            r, p = refs.ref32.get(phase, tap.name), port.get(phase, tap.name)
-            d = refs.ref_dt.get(phase, tap.name) if refs.ref_dt is not None else None
-            base = dict(phase=phase, tap=tap.name, kind=tap.kind, layer=tap.layer)
-            if r is None or p is None or (refs.ref_dt is not None and d is None):
-                why = (refs.ref32.missing.get(tap.name) or port.missing.get(tap.name)
-                       or f'no capture for {tap.name} in {phase}')
-                results.append(TapResult(**base, port=None, floor=None, tolerance=tolerance(refs.dtype, None),
-                                         passed=False, error=why))
-                continue
-            if tap.kind == 'logits':  # a port may pad its vocabulary; the extra columns are not compared
-                p = [x[:, :y.size(-1)] for x, y in zip(p, r)]
-            try:
-                port_m = diff(p, r, starts)
-            except ValueError as e:
-                results.append(TapResult(**base, port=None, floor=None, tolerance=tolerance(refs.dtype, None),
-                                         passed=False, error=f'the port and transformers disagree on shape: {e}'))
-                continue
-            floor_m = diff(d, r, starts) if d is not None else None
-            tol = tolerance(refs.dtype, floor_m.rel_l2 if floor_m else None)
-            results.append(TapResult(**base, port=port_m, floor=floor_m, tolerance=tol,
-                                     passed=bool(port_m.rel_l2 <= tol)))
+        if tap.kind == 'logits':  # a port may pad its vocabulary; the extra columns are not compared
+            p = [x[:, :y.size(-1)] for x, y in zip(p, r)]
+        try:
+            port_m = diff(p, r, starts)
+        except ValueError as e:
+            results.append(TapResult(**base, port=None, floor=None, tolerance=tolerance(refs.dtype, None),
+                                     passed=False, error=f'the port and transformers disagree on shape: {e}'))
+            continue
+        floor_m = diff(d, r, starts) if d is not None else None
+        tol = tolerance(refs.dtype, floor_m.rel_l2 if floor_m else None)
+        results.append(TapResult(**base, port=port_m, floor=floor_m, tolerance=tol,
+                                 passed=bool(port_m.rel_l2 <= tol)))
     return results
 
 

@@ -34,7 +34,7 @@ def _where(result) -> str:
 
 
 def _worst_floor_ratio(report) -> str:
-    ratios = [t.port.rel_l2 / t.floor.rel_l2 for t in report.taps
+    ratios = [t.port.rel_l2 / t.floor.rel_l2 for t in report.main_taps
               if t.port is not None and t.floor is not None and t.floor.rel_l2 > 0]
     return f'{max(ratios):.2f}' if ratios else '-'
 
@@ -53,7 +53,7 @@ def run_selftest(model_path: str, dtype: str, device: str, prompts=3, decode_ste
         if bug is None:
             expected = 'PASS'
             ok = report.passed
-            ratio = max(t.ratio for t in report.taps)
+            ratio = max(t.ratio for t in report.main_taps)
         else:
             expected = f'FAIL at {bug.phase} {bug.tap}'
             ok = (not report.passed and first is not None and (first.phase, first.tap) == (bug.phase, bug.tap))

@@ -123,3 +123,34 @@ def test_unimportable_entry(tiny_llama):
     cfg = ModelConfig.from_pretrained(tiny_llama)
     with pytest.raises(ArchitectureError, match='cannot be imported'):
         get_model_class(cfg.hf_config, {'LlamaForCausalLM': 'no_such_pkg.Model'})
+
+
+def test_builder_imported_by_the_map_file_is_asked_first(tiny_llama, tmp_path):
+    """A ConfigBuilder that lives beside the user's port is registered before the config is built."""
+    from lmdp.check_env import check_model
+    from lmdp.configurations import AutoModelConfigBuilder
+    from lmdp.engine import ModelAgent
+    folder = tmp_path / 'port_with_builder'
+    folder.mkdir()
+    (folder / 'my_builder.py').write_text(textwrap.dedent('''
+        from lmdp.configurations import AutoModelConfigBuilder
+        from lmdp.configurations.default import llama_like_config
+
+        class MarkedLlamaBuilder(AutoModelConfigBuilder):
+            @classmethod
+            def condition(cls, hf_config):
+                return hf_config.model_type == 'llama'
+
+            @classmethod
+            def build(cls, hf_config, model_path=None):
+                return llama_like_config(hf_config, max_position_embeddings=123)
+    '''))
+    (folder / 'module_map.py').write_text('import my_builder  # noqa: F401\nMODULE_MAP = {}\n')
+    try:
+        agent = ModelAgent.from_pretrained(tiny_llama, custom_module_map=str(folder / 'module_map.py'))
+        assert agent.model_config.max_position_embeddings == 123
+        report = check_model(tiny_llama, custom_module_map=str(folder / 'module_map.py'))
+        assert report.builder == 'MarkedLlamaBuilder', str(report)
+    finally:
+        AutoModelConfigBuilder._sub_classes[:] = [b for b in AutoModelConfigBuilder._sub_classes
+                                                  if b.__name__ != 'MarkedLlamaBuilder']

@@ -8,7 +8,7 @@ import torch
 
 from ..config import ModelConfig
 from ..model_inputs import ModelInputs, StepContext, StepContextManager
-from ..models.registry import CustomModuleMap, get_model_class
+from ..models.registry import CustomModuleMap, get_model_class, merged_module_map
 from ..weight_loader import checkpoint_files, iter_checkpoint, load_model_weights
 
 logger = logging.getLogger('lmdp')
@@ -86,6 +86,9 @@ class ModelAgent:
         """strict=False: parameters the checkpoint never filled are listed in `agent.load_report.missing`
         (their values are garbage) instead of raising WeightLoadError."""
         start = time.perf_counter()
+        if custom_module_map is not None:
+            # read the user's map first: a ConfigBuilder it imports must be registered before the config is built
+            custom_module_map = merged_module_map(custom_module_map)
         model_config = ModelConfig.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
         model, ctx_mgr = build_model(model_config, model_path, device, custom_module_map, load_weights=False)
         report = load_weights_with_report(model, model_path, strict=strict)

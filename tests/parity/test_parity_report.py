@@ -72,3 +72,21 @@ def test_weight_coverage_names_what_was_not_loaded(tiny_llama, references):
     assert coverage.data['missing'] == ['model.layers.0.mlp.down_proj.weight']
     assert coverage.data['unused'] == ['model.layers.0.mlp.down_proj.weight']
     assert not report.passed
+
+
+def test_each_decode_step_has_its_own_phase():
+    """decode.k views each step alone (the notebooks' phase selector); the verdict stays the pooled phases'."""
+    import tempfile
+
+    import parity
+    from lmdp.tiny import make_tiny
+    from lmdp.widgets.layer_errors import layer_error_table, phase_labels
+    with tempfile.TemporaryDirectory() as tmp:
+        report = parity.compare(str(make_tiny('llama', tmp, num_hidden_layers=2)), prompts=2, decode_steps=3)
+    phases = list(dict.fromkeys(t.phase for t in report.taps))
+    assert phases == ['prefill', 'decode', 'decode.0', 'decode.1', 'decode.2']
+    assert phase_labels(report)['decode.1'] == 'decode step 2 of 3'
+    per_step = [report.tap(f'decode.{k}', 'logits').port.rel_l2 for k in range(3)]
+    assert max(per_step) >= report.tap('decode', 'logits').port.rel_l2 * 0.99   # pooled sits among the steps
+    assert len(layer_error_table(report, 'decode.2').rows) == len(report.phase_results('prefill'))
+    assert len(report.main_taps) == 2 * len(report.phase_results('prefill'))

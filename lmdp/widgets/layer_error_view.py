@@ -1,0 +1,74 @@
+"""The per-layer error view of a ParityReport: phase and metric selectors over a callout, a log plot and a table."""
+from typing import Optional
+
+from ._html import callout, cell, esc, fmt, page, table
+from ._ipywidgets import View, require
+from .layer_errors import METRICS, LayerErrorTable, layer_error_table
+from .log_plot import render_svg
+
+HEADERS = ['#', 'tap', 'value', 'floor', 'bound', 'status', 'largest difference at (seq, token, channel)']
+
+
+def _tr(i: int, r) -> str:
+    cls = 'lmdp-tap-row ' + ('lmdp-first' if r.first_divergence else 'lmdp-ok' if r.passed else 'lmdp-fail')
+    where = '' if r.where is None else esc(r.where)
+    note = f' {esc(r.note)}' if r.note else ''
+    return (f'<tr class="{cls}" data-tap="{esc(r.tap)}">{cell(i)}{cell(esc(r.tap), text=True)}{cell(fmt(r.value))}'
+            f'{cell(fmt(r.floor))}{cell(fmt(r.bound))}{cell(esc(r.status), cls="lmdp-status")}'
+            f'{cell(where + note, text=True)}</tr>')
+
+
+def render_html(t: LayerErrorTable) -> str:
+    """The view's body for one (phase, metric): callout, plot, table."""
+    bound_note = '' if t.metric.bound else (' This metric has no tolerance of its own; the colours are the '
+                                            "tap's verdict on relative L2 error.")
+    rows = table(HEADERS, (_tr(i, r) for i, r in enumerate(t.rows)), 'lmdp-layer-errors',
+                 f'data-phase="{esc(t.phase)}" data-rows="{len(t.rows)}"')
+    return page(callout(esc(t.callout()), 'bad' if t.first_divergence or not t.passed else 'good'),
+                f'<div>{esc(t.phase_label)}; {esc(t.metric.label)}. Rule: {esc(t.rule)}.{esc(bound_note)}</div>',
+                render_svg(t), rows)
+
+
+def render_header(report) -> str:
+    checks = ' '.join(f'<span title="{esc(c.detail)}" style="margin-right:8px">{esc(c.id)}: '
+                      f'<b>{esc(c.status)}</b></span>' for c in report.checks)
+    verdict = 'PASS' if report.passed else 'FAIL'
+    return page(f'<div><b>{verdict}</b> {esc(report.architecture)} &rarr; <code>{esc(report.port_class)}</code>, '
+                f'{esc(report.dtype)} on {esc(report.device)}; {esc(report.divergence_line())}</div>',
+                f'<div>whole-model checks: {checks}</div>')
+
+
+class ParityView(View):
+    """`parity_view(report)`: displays as the widget; `.table` is what it shows now."""
+
+    def __init__(self, report, phase: Optional[str] = None, metric: str = 'rel_l2'):
+        w = require()
+        self.report = report
+        self.table = layer_error_table(report, phase, metric)
+        self.phase = w.Dropdown(options=[(label, p) for p, label in self.table.phase_labels.items()],
+                                value=self.table.phase, description='phase',
+                                layout=w.Layout(width='460px'), style={'description_width': 'initial'})
+        self.metric = w.Dropdown(options=[(m.label, k) for k, m in METRICS.items()], value=metric,
+                                 description='metric', layout=w.Layout(width='300px'),
+                                 style={'description_width': 'initial'})
+        self.body = w.HTML(render_html(self.table))
+        self.phase.observe(self._update, names='value')
+        self.metric.observe(self._update, names='value')
+        self.widget = w.VBox([w.HTML(render_header(report)), w.HBox([self.phase, self.metric]), self.body])
+
+    def _update(self, _change=None):
+        self.table = layer_error_table(self.report, self.phase.value, self.metric.value)
+        self.body.value = render_html(self.table)
+
+    def select(self, phase: Optional[str] = None, metric: Optional[str] = None) -> 'ParityView':
+        """Change the selectors from code (what a click does)."""
+        if phase is not None:
+            self.phase.value = phase
+        if metric is not None:
+            self.metric.value = metric
+        return self
+
+
+def parity_view(report, phase: Optional[str] = None, metric: str = 'rel_l2') -> ParityView:
+    """The per-layer error view of a parity.ParityReport (needs ipywidgets)."""
+    return ParityView(report, phase, metric)
