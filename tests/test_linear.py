@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from lmdp import distributed
 from lmdp.errors import WeightLoadError
 from lmdp.nn import build_colwise_linear, build_merged_colwise_linear, build_qkv_proj, build_rowwise_linear
 from lmdp.nn import linear as linear_mod

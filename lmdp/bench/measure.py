@@ -1,7 +1,7 @@
 """The figures `lmdp bench` reports, each measured the same way lmdeploy's bench script measures them."""
 import random
 import time
-from typing import Dict, List
+from typing import Dict
 
 import torch
 

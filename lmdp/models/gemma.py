@@ -10,10 +10,9 @@ from typing import Any, Iterable, Tuple
 import torch
 from torch import nn
 
-from ..nn import (ApplyRotaryEmb, Attention, GeluAndMul, ParallelEmbedding, RMSNorm, build_merged_colwise_linear,
-                  build_qkv_proj, build_rotary_embedding_from_config, build_rowwise_linear)
-from ..weight_loader import load_weight
-from .llama import LlamaForCausalLM
+from ..nn import (ApplyRotaryEmb, Attention, GeluAndMul, ParallelEmbedding, RMSNorm, build_qkv_proj,
+                  build_rotary_embedding_from_config, build_rowwise_linear)
+from .llama import LlamaForCausalLM, LlamaMLP
 
 
 def is_sliding_layer(config, layer_idx: int) -> bool:
@@ -50,22 +49,13 @@ class GemmaAttention(nn.Module):
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
 
 
-class GemmaMLP(nn.Module):
+class GemmaMLP(LlamaMLP):
+    """Llama's gated MLP with GELU (tanh-approximated, as Gemma's `gelu_pytorch_tanh`) for SiLU."""
 
     def __init__(self, config, dtype=None, device=None):
-        super().__init__()
-        quant_config = getattr(config, 'quantization_config', None)
-        self.gate_up_proj = build_merged_colwise_linear(config.hidden_size,
-                                                        [config.intermediate_size, config.intermediate_size],
-                                                        bias=False, dtype=dtype, device=device,
-                                                        quant_config=quant_config, is_tp=True)
+        super().__init__(config, dtype=dtype, device=device)
         act = getattr(config, 'hidden_activation', None) or getattr(config, 'hidden_act', 'gelu_pytorch_tanh')
         self.act_fn = GeluAndMul(approximate='tanh' if 'tanh' in act else 'none')
-        self.down_proj = build_rowwise_linear(config.intermediate_size, config.hidden_size, bias=False,
-                                              quant_config=quant_config, dtype=dtype, device=device, is_tp=True)
-
-    def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class GemmaDecoderLayer(nn.Module):

@@ -1,6 +1,6 @@
 """Loading a checkpoint into a model through its `load_weights`, with a full account of what matched."""
 import logging
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 
