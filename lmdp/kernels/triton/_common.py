@@ -27,3 +27,10 @@ def num_sms(device: torch.device) -> int:
 def tanh(x):
     # tanh from the long-standing sigmoid (libdevice paths moved between Triton versions)
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+def dot_precision(q: torch.Tensor) -> str:
+    """`tl.dot`'s input_precision: full float32 ('ieee') for float32 attention, so a float32 run matches the
+    float32 reference to ~1e-6 instead of TF32's ~1e-3; 'tf32' (the default, which bf16/fp16 inputs ignore)
+    otherwise."""
+    return 'ieee' if q.dtype == torch.float32 else 'tf32'

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2, num_sms, tanh
+from ._common import dot_precision, next_pow2, num_sms, tanh
 
 # a split gets at least this many keys (fewer splits for short contexts: the reduce isn't free)
 _MIN_KEYS_PER_SPLIT = 256
@@ -38,7 +38,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_h = tl.program_id(0)
     b = tl.program_id(1)
@@ -88,7 +88,7 @@ def _decode_split_kernel(
         slot = offs_n % PAGE_SIZE
         k = tl.load(k_base + block[:, None] * stride_kb + slot[:, None] * stride_ks,
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k))
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if USE_SOFTCAP:
             s = softcap * tanh(s * (sm_scale / softcap)) * 1.4426950408889634
         else:
@@ -103,7 +103,7 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + block[:, None] * stride_vb + slot[:, None] * stride_vs,
                     mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     has = l_i > 0
@@ -211,7 +211,7 @@ def decode_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         GROUP=group, HEAD_BLOCKS=head_blocks, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_N=block_n,
         PAGE_SIZE=page_size, NUM_SPLITS=num_splits, USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
-        num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION=dot_precision(q), num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _reduce_kernel[(batch, num_heads)](

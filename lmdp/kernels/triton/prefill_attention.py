@@ -17,14 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2, tanh
+from ._common import dot_precision, next_pow2, tanh
 
 
 @triton.jit
 def _tile_range(acc, l_i, m_i, q, k_base, v_base, bo_base, lo, hi, q_pos, kv_len, sm_scale, softcap, window,
                 stride_kb, stride_ks, stride_vb, stride_vs, d_mask, dv_mask,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-                EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
+                EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     qk_scale = sm_scale * 1.4426950408889634
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -41,7 +41,7 @@ def _tile_range(acc, l_i, m_i, q, k_base, v_base, bo_base, lo, hi, q_pos, kv_len
             else:
                 k = tl.load(k_base + block[:, None] * stride_kb + slot[:, None] * stride_ks,
                             mask=d_mask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k))
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if USE_SOFTCAP:
             s = softcap * tanh(s * (sm_scale / softcap)) * 1.4426950408889634
         else:
@@ -66,7 +66,7 @@ def _tile_range(acc, l_i, m_i, q, k_base, v_base, bo_base, lo, hi, q_pos, kv_len
             else:
                 v = tl.load(v_base + block[:, None] * stride_vb + slot[:, None] * stride_vs,
                             mask=dv_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -83,7 +83,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
-    EVEN_D: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -139,13 +139,16 @@ def _prefill_kernel(
     if USE_WINDOW:
         acc, l_i, m_i = _tile_range(acc, l_i, m_i, q, k_base, v_base, bo_base, lo, a_end, q_pos, kv_len, sm_scale,
                                     softcap, window, stride_kb, stride_ks, stride_vb, stride_vs, d_mask, dv_mask,
-                                    True, CAUSAL, USE_WINDOW, USE_SOFTCAP, EVEN_D, BLOCK_N, PAGE_SIZE)
+                                    True, CAUSAL, USE_WINDOW, USE_SOFTCAP, EVEN_D, BLOCK_N, PAGE_SIZE,
+                                    DOT_PRECISION)
     acc, l_i, m_i = _tile_range(acc, l_i, m_i, q, k_base, v_base, bo_base, a_end, b_end, q_pos, kv_len, sm_scale,
                                 softcap, window, stride_kb, stride_ks, stride_vb, stride_vs, d_mask, dv_mask,
-                                False, CAUSAL, USE_WINDOW, USE_SOFTCAP, EVEN_D, BLOCK_N, PAGE_SIZE)
+                                False, CAUSAL, USE_WINDOW, USE_SOFTCAP, EVEN_D, BLOCK_N, PAGE_SIZE,
+                                    DOT_PRECISION)
     acc, l_i, m_i = _tile_range(acc, l_i, m_i, q, k_base, v_base, bo_base, b_end, hi, q_pos, kv_len, sm_scale,
                                 softcap, window, stride_kb, stride_ks, stride_vb, stride_vs, d_mask, dv_mask,
-                                True, CAUSAL, USE_WINDOW, USE_SOFTCAP, EVEN_D, BLOCK_N, PAGE_SIZE)
+                                True, CAUSAL, USE_WINDOW, USE_SOFTCAP, EVEN_D, BLOCK_N, PAGE_SIZE,
+                                    DOT_PRECISION)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(Out + rows[:, None] * stride_ot + h * stride_oh + offs_dv[None, :] * stride_od,
@@ -201,7 +204,7 @@ def prefill_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         PAGE_SIZE=page_size, CAUSAL=bool(causal), USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
-        EVEN_D=(block_d == head_dim and block_dv == head_dim_v),
+        EVEN_D=(block_d == head_dim and block_dv == head_dim_v), DOT_PRECISION=dot_precision(q),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
