@@ -10,9 +10,8 @@ from typing import Any, Iterable, Tuple
 import torch
 from torch import nn
 
-from ..nn import (ApplyRotaryEmb, Attention, GeluAndMul, ParallelEmbedding, RMSNorm, build_qkv_proj,
-                  build_rotary_embedding_from_config, build_rowwise_linear)
-from .llama import LlamaForCausalLM, LlamaMLP
+from ..nn import ApplyRotaryEmb, Attention, GeluAndMul, RMSNorm, build_qkv_proj, build_rowwise_linear
+from .llama import LlamaForCausalLM, LlamaMLP, LlamaModel
 
 
 def is_sliding_layer(config, layer_idx: int) -> bool:
@@ -90,33 +89,19 @@ class GemmaDecoderLayer(nn.Module):
         return hidden_states, residual
 
 
-class GemmaModel(nn.Module):
+class GemmaModel(LlamaModel):
+    """Llama's skeleton with Gemma's layers and embeddings scaled by sqrt(hidden)."""
+
+    decoder_layer_cls = GemmaDecoderLayer
 
     def __init__(self, config, dtype=None, device=None):
-        super().__init__()
+        super().__init__(config, dtype=dtype, device=device)
         self.hidden_size = config.hidden_size
-        self.embed_tokens = ParallelEmbedding(config.vocab_size, config.hidden_size,
-                                              getattr(config, 'pad_token_id', None), dtype=dtype, device=device)
-        self.layers = nn.ModuleList([GemmaDecoderLayer(config, i, dtype=dtype, device=device)
-                                     for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
-        self.rotary_emb = build_rotary_embedding_from_config(config, device=device)
 
-    def forward(self, input_ids=None, position_ids=None, past_key_values=None, attn_metadata=None,
-                inputs_embeds=None):
-        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    def embed(self, input_ids, inputs_embeds=None):
+        hidden_states = super().embed(input_ids, inputs_embeds)
         # transformers rounds the scale to the activation dtype before multiplying; so do we
-        hidden_states = hidden_states * torch.tensor(self.hidden_size ** 0.5, dtype=hidden_states.dtype)
-        rotary_pos_emb = self.rotary_emb(hidden_states, position_ids)
-        residual = None
-        for idx, layer in enumerate(self.layers):
-            hidden_states, residual = layer(hidden_states, rotary_pos_emb, past_key_values[idx], residual,
-                                            attn_metadata)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
-
-    def get_input_embeddings(self):
-        return self.embed_tokens
+        return hidden_states * torch.tensor(self.hidden_size ** 0.5, dtype=hidden_states.dtype)
 
 
 class GemmaForCausalLM(LlamaForCausalLM):

@@ -89,19 +89,23 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """Embeddings, decoder layers, final norm. Families with Llama's skeleton override `decoder_layer_cls` and
+    `embed`."""
+
+    decoder_layer_cls = LlamaDecoderLayer
 
     def __init__(self, config, dtype=None, device=None):
         super().__init__()
         self.embed_tokens = ParallelEmbedding(config.vocab_size, config.hidden_size,
                                               getattr(config, 'pad_token_id', None), dtype=dtype, device=device)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(config, i, dtype=dtype, device=device)
+        self.layers = nn.ModuleList([self.decoder_layer_cls(config, i, dtype=dtype, device=device)
                                      for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
         self.rotary_emb = build_rotary_embedding_from_config(config, device=device)
 
     def forward(self, input_ids=None, position_ids=None, past_key_values=None, attn_metadata=None,
                 inputs_embeds=None):
-        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        hidden_states = self.embed(input_ids, inputs_embeds)
         rotary_pos_emb = self.rotary_emb(hidden_states, position_ids)
         residual = None
         for idx, decoder_layer in enumerate(self.layers):
@@ -109,6 +113,9 @@ class LlamaModel(nn.Module):
                                                     attn_metadata)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
+
+    def embed(self, input_ids, inputs_embeds=None):
+        return self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
 
     def get_input_embeddings(self):
         return self.embed_tokens
