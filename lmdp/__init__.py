@@ -6,6 +6,8 @@ use, so `import lmdp` stays quick and pulls in neither torch nor transformers.
 
 __version__ = '0.1.0'
 
+from ._lazy import lazy_getattr
+
 _LAZY = {
     'pipeline': 'lmdp.api',
     'Pipeline': 'lmdp.api',
@@ -17,10 +19,4 @@ _LAZY = {
 __all__ = ['__version__', *_LAZY]
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+__getattr__ = lazy_getattr(globals(), _LAZY)

@@ -10,6 +10,8 @@ so `import lmdp`, the engine and the parity harness never need it.
     coverage_view(model_path, custom_module_map=...)
 """
 
+from .._lazy import lazy_getattr
+
 _LAZY = {
     # data models
     'LayerErrorTable': 'lmdp.widgets.layer_errors',
@@ -31,10 +33,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+__getattr__ = lazy_getattr(globals(), _LAZY)
