@@ -6,7 +6,10 @@ from .. import kernels
 
 
 class SiluAndMul(nn.Module):
-    """`silu(gate) * up` (Llama, Qwen, Mistral)."""
+    """`silu(gate) * up` (Llama, Qwen, Mistral). `fused_name` is what a row-wise linear's `act=` takes to compute
+    it inside its own kernel."""
+
+    fused_name = 'silu'
 
     def __init__(self, inplace: bool = True):
         super().__init__()
@@ -24,6 +27,7 @@ class GeluAndMul(nn.Module):
         if approximate not in ('none', 'tanh'):
             raise ValueError(f"GeluAndMul approximate must be 'none' or 'tanh', got {approximate!r}")
         self.approximate = approximate
+        self.fused_name = 'gelu' if approximate == 'none' else 'gelu_tanh'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.gelu_and_mul(x, self.approximate)

@@ -8,9 +8,9 @@ unquantised weights load, and a quantised checkpoint is refused with a clear err
 from typing import List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..distributed import all_reduce, get_tp_world_rank
 from ..errors import WeightLoadError
 from ..weight_loader.loaders import check_shape, default_weight_loader, set_weight_loader, split_for_rank
@@ -50,7 +50,8 @@ class LinearBase(nn.Module):
                                  requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        # decode-sized inputs on CUDA take lmdp's GEMV kernel, everything else F.linear (kernels.dispatch)
+        return kernels.linear(x, self.weight, self.bias)
 
     def extra_repr(self):
         return f'in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}'
@@ -82,11 +83,18 @@ class RowwiseParallelLinear(LinearBase):
             loaded_weight = split_for_rank(loaded_weight, 1, self.tp_world, self.tp_rank, 'rowwise linear')
         default_weight_loader(param, loaded_weight)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor, act: Optional[str] = None) -> torch.Tensor:
+        """`act` ('silu', 'gelu', 'gelu_tanh'): x is a fused `[gate | up]` projection and this layer's input is
+        `act(gate) * up`, computed by the kernel as it reads x (the MLP's activation without a launch of its own)."""
+        # under tensor parallelism the bias is added once, after the partial products are summed
+        bias = None if self.all_reduce else self.bias
+        if act is None:
+            y = kernels.linear(x, self.weight, bias)
+        else:
+            y = kernels.act_and_mul_linear(x, self.weight, bias, act)
         if not self.all_reduce:
-            return super().forward(x)
-        # the bias is added once, after the partial products are summed
-        return all_reduce(F.linear(x, self.weight)) + (self.bias if self.bias is not None else 0)
+            return y
+        return all_reduce(y) + (self.bias if self.bias is not None else 0)
 
 
 class MergedColwiseLinear(LinearBase):
