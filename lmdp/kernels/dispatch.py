@@ -8,7 +8,8 @@ import os
 
 import torch
 
-from . import activation, fill_kv_cache as _fill, paged_attention as _attn, rms_norm as _norm, rotary as _rotary
+from . import activation, fill_kv_cache as _fill, linear as _linear, paged_attention as _attn, rms_norm as _norm, \
+    rotary as _rotary, rotary_fill_kv_cache as _rotary_fill
 
 _REFERENCE = {
     'fill_kv_cache': _fill.fill_kv_cache,
@@ -17,6 +18,9 @@ _REFERENCE = {
     'apply_rotary_pos_emb': _rotary.apply_rotary_pos_emb,
     'silu_and_mul': activation.silu_and_mul,
     'gelu_and_mul': activation.gelu_and_mul,
+    'linear': _linear.linear,
+    'act_and_mul_linear': _linear.act_and_mul_linear,
+    'rotary_fill_kv_cache': _rotary_fill.rotary_fill_kv_cache,
 }
 
 
@@ -46,6 +50,12 @@ def fill_kv_cache(k_states, v_states, k_cache, v_cache, q_start_loc, q_seqlens, 
                                                      kv_seqlens, block_offsets)
 
 
+def rotary_fill_kv_cache(q, k, v, cos, sin, k_cache, v_cache, q_start_loc, q_seqlens, kv_seqlens, block_offsets):
+    """Rotate q and k in place and write the rotated k and v into the cache (one launch on CUDA)."""
+    return implementation('rotary_fill_kv_cache', q)(q, k, v, cos, sin, k_cache, v_cache, q_start_loc, q_seqlens,
+                                                     kv_seqlens, block_offsets)
+
+
 def paged_attention_fwd(q, k_cache, v_cache, block_offsets, q_start_loc, q_seqlens, kv_seqlens, **kwargs):
     return implementation('paged_attention_fwd', q)(q, k_cache, v_cache, block_offsets, q_start_loc, q_seqlens,
                                                     kv_seqlens, **kwargs)
@@ -65,3 +75,11 @@ def silu_and_mul(x):
 
 def gelu_and_mul(x, approximate='none'):
     return implementation('gelu_and_mul', x)(x, approximate)
+
+
+def linear(x, weight, bias=None):
+    return implementation('linear', x)(x, weight, bias)
+
+
+def act_and_mul_linear(x, weight, bias=None, act='silu'):
+    return implementation('act_and_mul_linear', x)(x, weight, bias, act)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..nn import ApplyRotaryEmb, Attention, GeluAndMul, RMSNorm, build_qkv_proj, build_rowwise_linear
+from ..nn.rotary_embedding import apply_rotary
 from .llama import LlamaForCausalLM, LlamaMLP, LlamaModel
 
 
@@ -43,8 +44,9 @@ class GemmaAttention(nn.Module):
     def forward(self, hidden_states, rotary_pos_emb, past_key_value, attn_metadata=None):
         qkv = self.qkv_proj(hidden_states).flatten(0, -2)
         q, k, v = self.qkv_proj.split_qkv(qkv)
-        q, k = self.apply_rotary_pos_emb(q, k, *rotary_pos_emb, inplace=True)
-        out = self.attn_fwd(q, k, v, past_key_value[0], past_key_value[1], attn_metadata, inplace=True)
+        q, k, deferred = apply_rotary(self.apply_rotary_pos_emb, q, k, rotary_pos_emb)
+        out = self.attn_fwd(q, k, v, past_key_value[0], past_key_value[1], attn_metadata, inplace=True,
+                            rotary_pos_emb=deferred)
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
 
 

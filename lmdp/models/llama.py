@@ -7,6 +7,7 @@ from torch import nn
 from ..model_inputs import StepContext, StepContextManager
 from ..nn import (ApplyRotaryEmb, Attention, ParallelEmbedding, RMSNorm, SiluAndMul, build_merged_colwise_linear,
                   build_qkv_proj, build_rotary_embedding_from_config, build_rowwise_linear)
+from ..nn.rotary_embedding import apply_rotary
 from ..weight_loader import load_weight
 
 
@@ -37,10 +38,11 @@ class LlamaAttention(nn.Module):
                 past_key_value: Tuple[torch.Tensor, torch.Tensor], attn_metadata: Any = None):
         qkv_states = self.qkv_proj(hidden_states).flatten(0, -2)   # [T, ...]: the step's tokens, packed
         query_states, key_states, value_states = self.qkv_proj.split_qkv(qkv_states)
-        cos, sin = rotary_pos_emb
-        query_states, key_states = self.apply_rotary_pos_emb(query_states, key_states, cos, sin, inplace=True)
+        # rotary is deferred into the kernel that writes K/V to the cache when the module allows (one launch fewer)
+        query_states, key_states, deferred = apply_rotary(self.apply_rotary_pos_emb, query_states, key_states,
+                                                          rotary_pos_emb)
         attn_output = self.attn_fwd(query_states, key_states, value_states, past_key_value[0], past_key_value[1],
-                                    attn_metadata, inplace=True)
+                                    attn_metadata, inplace=True, rotary_pos_emb=deferred)
         attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1)
         return self.o_proj(attn_output)
 
@@ -60,7 +62,8 @@ class LlamaMLP(nn.Module):
                                               quant_config=quant_config, dtype=dtype, device=device, is_tp=True)
 
     def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        # down_proj computes act(gate) * up while it reads gate_up: one launch fewer per layer
+        return self.down_proj(self.gate_up_proj(x), act=self.act_fn.fused_name)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -1,6 +1,6 @@
 """Attention over the paged KV cache: write this step's keys and values, then attend."""
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -36,10 +36,18 @@ class Attention(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, attn_metadata, k_scales_zeros=None, v_scales_zeros=None,
-                inplace: bool = True) -> torch.Tensor:
+                inplace: bool = True, rotary_pos_emb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                ) -> torch.Tensor:
+        """`rotary_pos_emb=(cos, sin)`: query and key are not rotated yet; they are rotated (in place) by the kernel
+        that writes the cache, one launch instead of two (what `ApplyRotaryEmb` then the cache write would do)."""
         meta = attn_metadata
-        kernels.fill_kv_cache(key, value, k_cache, v_cache, meta.q_start_loc, meta.q_seqlens, meta.kv_seqlens,
-                              meta.block_offsets)
+        if rotary_pos_emb is None:
+            kernels.fill_kv_cache(key, value, k_cache, v_cache, meta.q_start_loc, meta.q_seqlens, meta.kv_seqlens,
+                                  meta.block_offsets)
+        else:
+            cos, sin = rotary_pos_emb
+            kernels.rotary_fill_kv_cache(query, key, value, cos, sin, k_cache, v_cache, meta.q_start_loc,
+                                         meta.q_seqlens, meta.kv_seqlens, meta.block_offsets)
         # Decode steps split the KV length by batch size alone (no max_kv_seqlen hint): a CUDA graph captured
         # for a batch size then runs the very same kernels as an eager step of that size, bit for bit.
         max_kv_seqlen = None if meta.is_decoding else meta.max_kv_seqlen

@@ -385,7 +385,14 @@ def build_rotary_embedding_from_config(hf_config: Any,
 
 
 class ApplyRotaryEmb(nn.Module):
-    """Rotate packed query ``[T, Hq, D]`` and key ``[T, Hk, D]`` by cos/sin ``[T, R]``."""
+    """Rotate packed query ``[T, Hq, D]`` and key ``[T, Hk, D]`` by cos/sin ``[T, R]``.
+
+    ``fuses_into_cache_write``: what this module computes, ``Attention(..., rotary_pos_emb=(cos, sin))`` computes
+    inside its cache write, so a model may skip calling it (see `apply_rotary` below). A replacement module without
+    the flag is always called.
+    """
+
+    fuses_into_cache_write = True
 
     def forward(self, query: Tensor, key: Tensor, cos: Tensor, sin: Tensor,
                 inplace: bool = True) -> Tuple[Tensor, Tensor]:
@@ -393,3 +400,12 @@ class ApplyRotaryEmb(nn.Module):
         if inplace:
             return kernels.apply_rotary_pos_emb(query, key, cos, sin, q_out=query, k_out=key)
         return kernels.apply_rotary_pos_emb(query, key, cos, sin)
+
+
+def apply_rotary(rotary: nn.Module, query: Tensor, key: Tensor, rotary_pos_emb: Tuple[Tensor, Tensor]):
+    """Run ``rotary`` on query/key now, unless the attention's cache write can do it (then return the cos/sin to
+    hand to ``Attention(..., rotary_pos_emb=...)``). Returns ``(query, key, deferred_rotary_pos_emb_or_None)``."""
+    if getattr(rotary, 'fuses_into_cache_write', False):
+        return query, key, rotary_pos_emb
+    query, key = rotary(query, key, *rotary_pos_emb, inplace=True)
+    return query, key, None

@@ -4,9 +4,11 @@ Each op has the signature and return convention of its pure-torch reference in `
 """
 from .activation import gelu_and_mul, silu_and_mul
 from .fill_kv_cache import fill_kv_cache
+from .gemv import act_and_mul_linear, linear
 from .paged_attention import paged_attention_fwd
 from .rms_norm import rms_norm
 from .rotary import apply_rotary_pos_emb
+from .rotary_fill_kv_cache import rotary_fill_kv_cache
 
-__all__ = ['apply_rotary_pos_emb', 'fill_kv_cache', 'gelu_and_mul', 'paged_attention_fwd', 'rms_norm',
-           'silu_and_mul']
+__all__ = ['act_and_mul_linear', 'apply_rotary_pos_emb', 'fill_kv_cache', 'gelu_and_mul', 'linear',
+           'paged_attention_fwd', 'rms_norm', 'rotary_fill_kv_cache', 'silu_and_mul']
