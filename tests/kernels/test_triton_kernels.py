@@ -17,6 +17,7 @@ ref_norm = importlib.import_module('lmdp.kernels.rms_norm')
 ref_rotary = importlib.import_module('lmdp.kernels.rotary')
 tk = importlib.import_module('lmdp.kernels.triton')
 prefill_attention_fwd = importlib.import_module('lmdp.kernels.triton.prefill_attention').prefill_attention_fwd
+decode_mod = importlib.import_module('lmdp.kernels.triton.decode_attention')
 
 HAS_CUDA = torch.cuda.is_available()
 CPU_DTYPES = [torch.float32, torch.float16]
@@ -328,6 +329,123 @@ def test_no_host_sync_with_hints(monkeypatch):
     tk.paged_attention_fwd(*b.args(), is_decoding=False, max_q_seqlen=10, max_kv_seqlen=40)
 
 
+# the split merge fused into the split kernel (arrival counters) vs the two-kernel path
+
+class LaunchCounter:
+    """Stands in for a @triton.jit kernel in its module and counts the launches (`kernel[grid](...)`)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def fresh_counters(monkeypatch):
+    """An empty arrival-counter cache for the test (the module's own is restored afterwards); returns it."""
+    monkeypatch.setattr(decode_mod, '_COUNTERS', {})
+    monkeypatch.setattr(decode_mod, '_RETIRED_COUNTERS', [])
+    return decode_mod._COUNTERS
+
+
+@pytest.fixture
+def reduce_launches(monkeypatch):
+    spy = LaunchCounter(decode_mod._reduce_kernel)
+    monkeypatch.setattr(decode_mod, '_reduce_kernel', spy)
+    return spy
+
+
+def decode_fwd(b, **kw):
+    out = torch.full((b.q.size(0), b.q.size(1), b.v_cache.size(-1)), float('nan'), dtype=b.q.dtype, device=b.q.device)
+    ret = decode_mod.decode_attention_fwd(*b.args(), out, **kw)
+    assert ret is out
+    return out
+
+
+FUSED_CASES = {
+    # seqs, Hq, Hk, D, Dv, page, dtype, num_splits, options
+    'splits3': ([(1, kv) for kv in DECODE_KV], 8, 2, 64, 64, 16, torch.float32, 3, {}),
+    'splits8-window7': ([(1, kv) for kv in DECODE_KV], 8, 2, 64, 64, 16, torch.float32, 8, dict(sliding_window=7)),
+    # a q_len 0 row, and 32 splits over 1..4 tiles of 64 keys: most splits empty
+    'qlen0-empty-splits': ([(1, 5), (0, 9), (1, 200), (1, 1)], 8, 1, 64, 64, 32, torch.float32, 32, {}),
+    # group 32: two head blocks of 16 rows per kv head, each with its own counter
+    'head-blocks-softcap': ([(1, 90), (1, 33)], 32, 1, 64, 64, 16, torch.float32, 2, dict(logit_softcapping=3.0)),
+    # Dv 256: the merge goes over 32 splits in chunks of 16
+    'chunked-merge': ([(1, 300), (1, 17)], 8, 2, 256, 256, 16, torch.float32, 32, {}),
+    'fp16-odd-dims': ([(1, 300), (1, 40)], 4, 2, 80, 48, 16, torch.float16, 4,
+                      dict(sliding_window=64, logit_softcapping=10.0, scale=0.05)),
+}
+
+
+@cpu_only
+@pytest.mark.parametrize('case', list(FUSED_CASES))
+def test_decode_fused_reduce_matches_two_kernels(case, fresh_counters, reduce_launches):
+    """One launch (the last split program of each head block merges) gives the same bits as split kernel +
+    `_reduce_kernel`: both store the same partials and merge them with the same `_merge_splits`, and the
+    interpreter evaluates it deterministically (numpy). The counters are all back at 0 afterwards."""
+    seqs, hq, hk, d, dv, page, dtype, splits, kw = FUSED_CASES[case]
+    b = PagedBatch(seqs, hq, hk, d, page, dtype, 'cpu', head_dim_v=dv, seed=30)
+    fused = decode_fwd(b, num_splits=splits, **kw)
+    assert reduce_launches.launches == 0
+    two = decode_fwd(b, num_splits=splits, fused_reduce=False, **kw)
+    assert reduce_launches.launches == 1
+    assert torch.equal(fused, two)
+    assert_close(fused, b.reference(**kw), dtype)
+    counters = fresh_counters[torch.device('cpu')]
+    head_blocks = -(-(hq // hk) // 16)
+    assert counters.numel() >= len(seqs) * hk * head_blocks
+    assert not counters.any()
+
+
+@cpu_only
+def test_decode_counters_reset_reused_and_grown(fresh_counters, monkeypatch):
+    monkeypatch.setattr(decode_mod, '_MIN_COUNTERS', 4)
+    cpu = torch.device('cpu')
+    # one split: the output is written directly, no counters needed
+    b = PagedBatch([(1, 5), (0, 9), (1, 200)], 8, 2, 64, 16, torch.float32, 'cpu', seed=31)
+    ref = b.reference()
+    assert_close(decode_fwd(b, num_splits=1), ref, torch.float32)
+    assert cpu not in fresh_counters
+    # 3 rows x 2 kv heads -> 6 counters, rounded up to 8; a q_len 0 row, 16 splits over at most 4 tiles
+    assert_close(decode_fwd(b, num_splits=16), ref, torch.float32)
+    counters = fresh_counters[cpu]
+    assert counters.numel() == 8 and not counters.any()
+    for splits in (2, 3, 16, 64):  # reused as is, and left at 0 by every call
+        assert_close(decode_fwd(b, num_splits=splits), ref, torch.float32)
+        assert fresh_counters[cpu] is counters and not counters.any()
+    # 5 rows x 2 kv heads: grown to 16, zeroed; the old buffer is kept alive (a captured graph may use it)
+    b2 = PagedBatch([(1, n) for n in (3, 70, 129, 1, 64)], 8, 2, 64, 16, torch.float32, 'cpu', seed=32)
+    assert_close(decode_fwd(b2, num_splits=4), b2.reference(), torch.float32)
+    grown = fresh_counters[cpu]
+    assert grown is not counters and grown.numel() == 16 and not grown.any()
+    assert decode_mod._RETIRED_COUNTERS[-1] is counters
+    # a smaller call afterwards uses the bigger buffer
+    assert_close(decode_fwd(b, num_splits=8), ref, torch.float32)
+    assert fresh_counters[cpu] is grown and not grown.any()
+
+
+@cpu_only
+def test_decode_capture_without_counters_falls_back(fresh_counters, reduce_launches, monkeypatch):
+    """During a CUDA-graph capture (simulated) the counter buffer is never allocated or replaced: a call that
+    would need that runs the two-kernel path; one that finds a big enough buffer runs fused."""
+    cpu = torch.device('cpu')
+    monkeypatch.setattr(decode_mod, '_capturing', lambda device: True)
+    b = PagedBatch([(1, 40), (1, 300), (0, 3)], 8, 2, 64, 16, torch.float32, 'cpu', seed=33)
+    out = decode_fwd(b, num_splits=4)
+    assert reduce_launches.launches == 1 and not fresh_counters
+    assert_close(out, b.reference(), torch.float32)
+    small = torch.zeros(5, dtype=torch.int32)  # 3 rows x 2 kv heads need 6
+    fresh_counters[cpu] = small
+    assert torch.equal(decode_fwd(b, num_splits=4), out)
+    assert reduce_launches.launches == 2 and fresh_counters[cpu] is small and not small.any()
+    enough = torch.zeros(6, dtype=torch.int32)
+    fresh_counters[cpu] = enough
+    assert torch.equal(decode_fwd(b, num_splits=4), out)
+    assert reduce_launches.launches == 2 and fresh_counters[cpu] is enough and not enough.any()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # rms_norm
 
@@ -545,6 +663,119 @@ def test_gpu_decode_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(k_ref, b.k_cache) and torch.equal(v_ref, b.v_cache)
+        assert_close(out, b.reference(), GPU_DTYPE)
+
+
+def assert_same_merge(fused, two):
+    """The fused and two-kernel merges run the same `_merge_splits` on the same partials, but compiled into
+    different kernels the float32 sums may be reduced in another order: allow a rare bfloat16 rounding flip."""
+    torch.testing.assert_close(fused.float(), two.float(), rtol=2 ** -6, atol=1e-6)
+    assert (fused == two).float().mean().item() > 0.999
+
+
+def counters_idle(device) -> bool:
+    counters = decode_mod._COUNTERS.get(device)
+    return counters is None or not counters.any()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize('batch', [1, 64])
+def test_gpu_decode_fused_reduce(batch):
+    """Hq 32 / Hk 8 / D 128 over contexts 1..32k: the one-launch merge against the reference and against the
+    two-kernel path, with the splits the heuristic picks and forced ones (64 splits: the chunked merge), the
+    counters back at 0 after every call. The contexts change between calls, so a merge that ran before all the
+    partials of its own call had landed would read another call's partials and show."""
+    num_heads, num_kv_heads, head_dim, page = 32, 8, 128, 64
+    if batch == 1:
+        capacity = [32768]
+        schedule = [[n] for n in (1, 2, 63, 64, 255, 256, 257, 1000, 4096, 8191, 16384, 32767, 32768)]
+    else:
+        kv = torch.logspace(0, 15, batch, base=2).round().long()  # 1 .. 32768, geometric
+        capacity = kv[torch.randperm(batch, generator=torch.Generator().manual_seed(7))].tolist()
+        schedule = [capacity, [max(1, n - 37) for n in capacity]]
+    b = PagedBatch([(1, n) for n in capacity], num_heads, num_kv_heads, head_dim, page, GPU_DTYPE, 'cuda', seed=8)
+    for kv in schedule:
+        b.kv_seqlens.copy_(torch.tensor(kv, dtype=torch.int32))
+        ref = b.reference()
+        for num_splits in (None, 2, 16, 64):
+            fused = decode_fwd(b, max_kv_seqlen=max(kv), num_splits=num_splits)
+            two = decode_fwd(b, max_kv_seqlen=max(kv), num_splits=num_splits, fused_reduce=False)
+            assert_close(fused, ref, GPU_DTYPE)
+            assert_same_merge(fused, two)
+            assert counters_idle(b.q.device)
+    assert decode_mod._COUNTERS[b.q.device].numel() >= batch * num_kv_heads
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize('batch', [1, 3])
+def test_gpu_decode_fused_cuda_graph(batch, fresh_counters, reduce_launches):
+    """The one-launch decode captured in a CUDA graph after an eager warm-up (which allocates the counters), then
+    replayed on changing contexts: bit-identical to the same call run eagerly, the counters back at 0 after every
+    replay (the graph holds no memset), and no reduce kernel captured."""
+    num_heads, num_kv_heads, head_dim, page = 32, 8, 128, 64
+    capacity = [32768, 5000, 777][:batch]
+    b = PagedBatch([(1, n) for n in capacity], num_heads, num_kv_heads, head_dim, page, GPU_DTYPE, 'cuda', seed=9)
+    out = torch.empty_like(b.q)
+
+    def step(o):
+        tk.paged_attention_fwd(*b.args(), out=o, is_decoding=True, max_kv_seqlen=32768)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(out)  # warm up: compiles, and allocates the counters outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    counters = fresh_counters[b.q.device]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(out)
+    assert fresh_counters[b.q.device] is counters and reduce_launches.launches == 0
+    eager = torch.empty_like(out)
+    schedule = [(1, 1, 1), (100, 3000, 700), (32768, 5000, 777), (257, 64, 65), (20000, 4999, 2), (2, 1, 776),
+                (32768, 5000, 777)]
+    for kv in schedule:
+        b.kv_seqlens.copy_(torch.tensor(kv[:batch], dtype=torch.int32))
+        out.fill_(float('nan'))
+        graph.replay()
+        step(eager)
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+        assert not counters.any()
+        assert_close(out, b.reference(), GPU_DTYPE)
+    assert reduce_launches.launches == 0
+
+
+@gpu
+@needs_cuda
+def test_gpu_decode_capture_without_counters_falls_back(fresh_counters, reduce_launches):
+    """No counter buffer yet when the capture starts (only the two-kernel path was warmed up): the captured call
+    allocates nothing and records split kernel + reduce kernel, which replay correctly."""
+    b = PagedBatch([(1, 4096)], 32, 8, 128, 64, GPU_DTYPE, 'cuda', seed=10)
+    out = torch.empty_like(b.q)
+
+    def step(o, **kw):
+        decode_mod.decode_attention_fwd(*b.args(), o, max_kv_seqlen=4096, **kw)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(out, fused_reduce=False)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert not fresh_counters and reduce_launches.launches == 1
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(out)  # fused asked for, but the buffer would have to be allocated inside the capture
+    assert not fresh_counters and reduce_launches.launches == 2
+    eager = torch.empty_like(out)
+    for kv in (4096, 1, 300, 2049):
+        b.kv_seqlens.copy_(torch.tensor([kv], dtype=torch.int32))
+        out.fill_(float('nan'))
+        graph.replay()
+        step(eager, fused_reduce=False)
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
         assert_close(out, b.reference(), GPU_DTYPE)
 
 
