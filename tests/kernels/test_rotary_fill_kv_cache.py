@@ -262,6 +262,9 @@ def test_gpu_cuda_graph_replay():
         step.kv_seqlens.copy_(torch.tensor(kv, dtype=torch.int32))
         step.seqs = [(1, n) for n in kv]
         step.qkv.copy_(fresh)  # the op works in place: start each replay from the unrotated projection
+        # fresh cache contents: a slot an earlier run wrote with the same token and position would look unwritten
+        step.k_cache.normal_()
+        step.v_cache.normal_()
         before, expect = step.clone(), step.clone()
         ref.rotary_fill_kv_cache(*expect.args())
         graph.replay()
