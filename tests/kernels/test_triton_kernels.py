@@ -344,7 +344,9 @@ class LaunchCounter:
 
 @pytest.fixture
 def fresh_counters(monkeypatch):
-    """An empty arrival-counter cache for the test (the module's own is restored afterwards); returns it."""
+    """An empty arrival-counter cache for the test (the module's own is restored afterwards); returns it. The
+    fused merge is opt-in (LMDP_DECODE_FUSED_REDUCE), so the tests that look at counters switch it on."""
+    monkeypatch.setenv('LMDP_DECODE_FUSED_REDUCE', '1')
     monkeypatch.setattr(decode_mod, '_COUNTERS', {})
     monkeypatch.setattr(decode_mod, '_RETIRED_COUNTERS', [])
     return decode_mod._COUNTERS
@@ -397,6 +399,20 @@ def test_decode_fused_reduce_matches_two_kernels(case, fresh_counters, reduce_la
     head_blocks = -(-(hq // hk) // 16)
     assert counters.numel() >= len(seqs) * hk * head_blocks
     assert not counters.any()
+
+
+@cpu_only
+def test_decode_merge_path_default_and_switch(reduce_launches, monkeypatch):
+    """Two kernels by default (measured faster on an H100); LMDP_DECODE_FUSED_REDUCE=1 merges in the split kernel,
+    with the same result."""
+    b = PagedBatch([(1, 300), (1, 40)], 8, 2, 64, 16, torch.float32, 'cpu', seed=3)
+    monkeypatch.delenv('LMDP_DECODE_FUSED_REDUCE', raising=False)
+    two = decode_fwd(b, num_splits=4)
+    assert reduce_launches.launches == 1
+    monkeypatch.setenv('LMDP_DECODE_FUSED_REDUCE', '1')
+    fused = decode_fwd(b, num_splits=4)
+    assert reduce_launches.launches == 1
+    torch.testing.assert_close(fused, two, atol=1e-6, rtol=1e-6)
 
 
 @cpu_only
@@ -699,7 +715,7 @@ def test_gpu_decode_fused_reduce(batch):
         b.kv_seqlens.copy_(torch.tensor(kv, dtype=torch.int32))
         ref = b.reference()
         for num_splits in (None, 2, 16, 64):
-            fused = decode_fwd(b, max_kv_seqlen=max(kv), num_splits=num_splits)
+            fused = decode_fwd(b, max_kv_seqlen=max(kv), num_splits=num_splits, fused_reduce=True)
             two = decode_fwd(b, max_kv_seqlen=max(kv), num_splits=num_splits, fused_reduce=False)
             assert_close(fused, ref, GPU_DTYPE)
             assert_same_merge(fused, two)

@@ -8,11 +8,12 @@ context length. Inside a split the keys are walked in tiles of BLOCK_N; each key
 block table (`pos // PAGE_SIZE`), so BLOCK_N is independent of the cache's block size.
 
 With a single split the program writes the output directly. With several, each split leaves a normalised partial
-output and its log-sum-exp (base 2), and the partials are merged in the same launch: every split program of a
+output and its log-sum-exp (base 2), and `_reduce_kernel` merges them. Opt-in (`fused_reduce=True` or
+`LMDP_DECODE_FUSED_REDUCE=1`), the partials are merged in the same launch instead: every split program of a
 (sequence, head block) bumps an int32 arrival counter after its partial is stored, and the one that arrives last
-merges all the partials of its heads, writes the output and puts the counter back to 0. Batch-1 decode is replayed
-from a CUDA graph in which every launch costs ~2 us, so one launch instead of two (split kernel + `_reduce_kernel`)
-is worth it.
+merges all the partials of its heads, writes the output and puts the counter back to 0. It saves a launch, but on
+an H100 the serial merge in one program cost as much as the launch it saved (see `decode_attention_fwd`), so the
+two-kernel path is the default.
 
 The counters live in one persistent, zero-initialised buffer per device (`_arrival_counters`), which is never
 memset again: every launch leaves all the counters it used at 0. It is allocated eagerly (the graph runner runs a
@@ -25,6 +26,7 @@ acquire-release semantics at GPU scope publishes them (release) and, in the last
 programs' partials visible (acquire); the merge loads bypass L1 (see `_merge_splits`).
 """
 import math
+import os
 from typing import Optional
 
 import torch
@@ -286,12 +288,18 @@ def decode_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          logit_softcapping: Optional[float] = None, max_kv_seqlen: Optional[int] = None,
                          num_splits: Optional[int] = None, block_n: Optional[int] = None,
                          num_warps: int = 4, num_stages: Optional[int] = None,
-                         fused_reduce: bool = True) -> torch.Tensor:
+                         fused_reduce: Optional[bool] = None) -> torch.Tensor:
     """Every sequence has q_seqlen 0 or 1 (its query is the token at q_start_loc[b]). No host sync.
 
-    block_n / num_warps / num_stages override the tile config (benchmark sweeps). fused_reduce=False merges the
-    splits with a second kernel instead of in the split kernel (the path also taken, automatically, when the
-    counter buffer would have to be allocated during a CUDA-graph capture)."""
+    block_n / num_warps / num_stages override the tile config (benchmark sweeps). fused_reduce=True merges the
+    splits in the split kernel (last arriver) instead of a second kernel; None reads `LMDP_DECODE_FUSED_REDUCE`
+    (default 0). It is off by default because on an H100 it did not pay: a batch-1 Llama-3-8B step replayed in
+    5.81 ms fused and 5.76 ms with two kernels (`scripts/profile_decode.py`, two runs on two H100 machines), and a
+    variant merging all heads at once took 11.2 us per launch against the two kernels' 6.6 us (batch 1, 256 keys,
+    `scripts/ab_decode.py`, same run). The fused path also falls back to two kernels when the counter buffer would
+    have to be allocated during a capture."""
+    if fused_reduce is None:
+        fused_reduce = os.environ.get('LMDP_DECODE_FUSED_REDUCE', '0') not in ('', '0')
     num_tokens, num_heads, head_dim = q.shape
     batch = q_seqlens.numel()
     _, page_size, num_kv_heads, _ = k_cache.shape
