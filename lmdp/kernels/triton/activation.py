@@ -13,13 +13,10 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _gated_act_kernel(X, Out, stride_x, stride_o, inter, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    # ACT: 0 silu, 1 gelu (erf), 2 gelu (tanh approximation)
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < inter
-    g_raw = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
-    u = tl.load(X + row * stride_x + inter + offs, mask=mask, other=0.0).to(tl.float32)
+def act_and_mul_f32(g_raw, u_raw, ACT: tl.constexpr):
+    """`act(gate) * up` in float32 (ACT: 0 silu, 1 gelu (erf), 2 gelu (tanh approximation)), with act(gate)
+    rounded to the gate's dtype first, as the reference rounds `F.silu(gate)` before the product. Shared with the
+    GEMV kernel, which computes the same activation as it reads its input."""
     g = g_raw.to(tl.float32)
     if ACT == 0:
         a = g / (1.0 + tl.exp(-g))
@@ -29,8 +26,17 @@ def _gated_act_kernel(X, Out, stride_x, stride_o, inter, ACT: tl.constexpr, BLOC
         # 0.5 * g * (1 + tanh(z)) == g * sigmoid(2 z)
         z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         a = g * tl.sigmoid(2.0 * z)
-    a = a.to(g_raw.dtype).to(tl.float32)
-    tl.store(Out + row * stride_o + offs, (a * u).to(Out.dtype.element_ty), mask=mask)
+    return a.to(g_raw.dtype).to(tl.float32) * u_raw.to(tl.float32)
+
+
+@triton.jit
+def _gated_act_kernel(X, Out, stride_x, stride_o, inter, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < inter
+    g = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
+    u = tl.load(X + row * stride_x + inter + offs, mask=mask, other=0.0)
+    tl.store(Out + row * stride_o + offs, act_and_mul_f32(g, u, ACT).to(Out.dtype.element_ty), mask=mask)
 
 
 def _gated(x: torch.Tensor, act: int) -> torch.Tensor:

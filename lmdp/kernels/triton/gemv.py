@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ._common import next_pow2
+from .activation import _gated, act_and_mul_f32
 
 # rows up to which the GEMV kernel replaces cuBLAS (decode graphs of batch 1, 2, 4...); `LMDP_GEMV_MAX_M` overrides
 GEMV_MAX_M = int(os.environ.get('LMDP_GEMV_MAX_M', '2'))
@@ -37,19 +38,10 @@ def _load_x(x_ptrs, mask, K, ACT: tl.constexpr):
     if ACT == 0:
         x = tl.load(x_ptrs, mask=mask, other=0.0)
     else:
-        g_raw = tl.load(x_ptrs, mask=mask, other=0.0)
-        u = tl.load(x_ptrs + K, mask=mask, other=0.0).to(tl.float32)
-        g = g_raw.to(tl.float32)
-        if ACT == 1:
-            a = g / (1.0 + tl.exp(-g))
-        elif ACT == 2:
-            a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-        else:
-            z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-            a = g * tl.sigmoid(2.0 * z)
-        # the separate activation rounds act(gate) and then the product to x's dtype: so does this
-        a = a.to(g_raw.dtype).to(tl.float32)
-        x = (a * u).to(g_raw.dtype)
+        g = tl.load(x_ptrs, mask=mask, other=0.0)
+        u = tl.load(x_ptrs + K, mask=mask, other=0.0)
+        # rounded to x's dtype as the separate activation kernel's output is (ACT 1.. -> its codes 0..)
+        x = act_and_mul_f32(g, u, ACT - 1).to(g.dtype)
     return x
 
 
@@ -157,8 +149,6 @@ def act_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         raise ValueError(f'act_and_mul_linear: input has {x.size(-1)} features, expected 2 x {k} '
                          '(the fused gate and up outputs)')
     if not gemv_eligible(x, weight):
-        from .activation import gelu_and_mul, silu_and_mul
-        h = silu_and_mul(x) if act == 'silu' else gelu_and_mul(x, 'none' if act == 'gelu' else 'tanh')
-        return F.linear(h, weight, bias)
+        return F.linear(_gated(x, _ACTS[act] - 1), weight, bias)
     y = gemv(x.reshape(-1, x.size(-1)), weight, bias, act=act)
     return y.view(*x.shape[:-1], weight.size(0))

@@ -14,6 +14,20 @@ from ._common import next_pow2
 
 
 @triton.jit
+def cos_sin_row(Cos, Sin, t, stride_ct, stride_cd, stride_st, stride_sd, HALF: tl.constexpr,
+                BLOCK_HALF: tl.constexpr):
+    """Token t's cos/sin, float32, split in the halves rotate_half pairs: (cos[:R/2], sin[:R/2], cos[R/2:],
+    sin[R/2:]), zero past R/2 (BLOCK_HALF is its power of two)."""
+    offs_r = tl.arange(0, BLOCK_HALF)
+    r_mask = offs_r < HALF
+    c1 = tl.load(Cos + t * stride_ct + offs_r * stride_cd, mask=r_mask, other=0.0).to(tl.float32)
+    c2 = tl.load(Cos + t * stride_ct + (offs_r + HALF) * stride_cd, mask=r_mask, other=0.0).to(tl.float32)
+    s1 = tl.load(Sin + t * stride_st + offs_r * stride_sd, mask=r_mask, other=0.0).to(tl.float32)
+    s2 = tl.load(Sin + t * stride_st + (offs_r + HALF) * stride_sd, mask=r_mask, other=0.0).to(tl.float32)
+    return c1, s1, c2, s2
+
+
+@triton.jit
 def _rotate_heads(X, XOut, t, c1, s1, c2, s2, stride_xt, stride_xh, stride_xd, stride_ot, stride_oh, stride_od,
                   NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_DIM: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
@@ -49,12 +63,7 @@ def _rotary_kernel(Q, K, Cos, Sin, QOut, KOut,
     t = tl.program_id(0).to(tl.int64)
     which = tl.program_id(1)
     HALF: tl.constexpr = ROT_DIM // 2
-    offs_r = tl.arange(0, BLOCK_HALF)
-    r_mask = offs_r < HALF
-    c1 = tl.load(Cos + t * stride_ct + offs_r * stride_cd, mask=r_mask, other=0.0).to(tl.float32)
-    c2 = tl.load(Cos + t * stride_ct + (offs_r + HALF) * stride_cd, mask=r_mask, other=0.0).to(tl.float32)
-    s1 = tl.load(Sin + t * stride_st + offs_r * stride_sd, mask=r_mask, other=0.0).to(tl.float32)
-    s2 = tl.load(Sin + t * stride_st + (offs_r + HALF) * stride_sd, mask=r_mask, other=0.0).to(tl.float32)
+    c1, s1, c2, s2 = cos_sin_row(Cos, Sin, t, stride_ct, stride_cd, stride_st, stride_sd, HALF, BLOCK_HALF)
     if which == 0:
         _rotate_heads(Q, QOut, t, c1, s1, c2, s2, stride_qt, stride_qh, stride_qd, stride_qot, stride_qoh,
                       stride_qod, NUM_Q_HEADS, HEAD_DIM, ROT_DIM, BLOCK_HQ, BLOCK_HALF, BLOCK_REST, COPY_REST_Q)

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from ..rotary_fill_kv_cache import check_rotary_fill_shapes
 from ._common import next_pow2
+from .rotary import cos_sin_row
 
 
 @triton.jit
@@ -59,12 +60,7 @@ def _rotary_fill_kv_cache_kernel(
     t = tl.program_id(0).to(tl.int64)
     HALF: tl.constexpr = ROT_DIM // 2
     # the token's cos/sin row, loaded once for all of its heads
-    offs_r = tl.arange(0, BLOCK_HALF)
-    r_mask = offs_r < HALF
-    c1 = tl.load(Cos + t * stride_ct + offs_r * stride_cd, mask=r_mask, other=0.0).to(tl.float32)
-    c2 = tl.load(Cos + t * stride_ct + (offs_r + HALF) * stride_cd, mask=r_mask, other=0.0).to(tl.float32)
-    s1 = tl.load(Sin + t * stride_st + offs_r * stride_sd, mask=r_mask, other=0.0).to(tl.float32)
-    s2 = tl.load(Sin + t * stride_st + (offs_r + HALF) * stride_sd, mask=r_mask, other=0.0).to(tl.float32)
+    c1, s1, c2, s2 = cos_sin_row(Cos, Sin, t, stride_ct, stride_cd, stride_st, stride_sd, HALF, BLOCK_HALF)
 
     if tl.program_id(1) == 0:
         _rotate_in_place(Q, t, c1, s1, c2, s2, stride_qt, stride_qh, stride_qd,
@@ -96,7 +92,8 @@ def _rotary_fill_kv_cache_kernel(
         offs_h = tl.arange(0, BLOCK_HK)
         h_mask = offs_h < tl.where(real, NUM_KV_HEADS, 0)
         kc = KCache + block * stride_kcb + slot * stride_kcs + offs_h[:, None] * stride_kch
-        rot_mask = h_mask[:, None] & r_mask[None, :]
+        offs_r = tl.arange(0, BLOCK_HALF)
+        rot_mask = h_mask[:, None] & (offs_r < HALF)[None, :]
         tl.store(kc + offs_r[None, :] * stride_kcd, y1.to(KCache.dtype.element_ty), mask=rot_mask)
         tl.store(kc + (offs_r[None, :] + HALF) * stride_kcd, y2.to(KCache.dtype.element_ty), mask=rot_mask)
         if HAS_REST:
