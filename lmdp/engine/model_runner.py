@@ -2,8 +2,8 @@
 
 Host work per step is kept small: the step's small integer tensors (q_seqlens, history lengths, block_offsets) go
 to the device in one copy from a reused pinned buffer, the token ids in a second. Decode steps pad block_offsets
-to a fixed width (the blocks of one session_len), so their shapes depend on the batch size alone: the seam a
-CUDA-graph runner will wrap by replacing `forward`.
+to a fixed width (the blocks of one session_len), so their shapes depend on the batch size alone, which lets
+`replay` hand them to a captured CUDA graph of the same batch bucket.
 """
 from typing import List, Optional
 

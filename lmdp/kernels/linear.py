@@ -28,9 +28,16 @@ def gated_act(x: torch.Tensor, act: str) -> torch.Tensor:
     raise ValueError(f'unknown gated activation {act!r}; expected one of {GATED_ACTS}')
 
 
-def act_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                       act: str = 'silu') -> torch.Tensor:
+def check_act_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, act: str) -> None:
+    """Raise ValueError unless `act` is a known gated activation and x is `[..., 2K]` for a `[N, K]` weight."""
+    if act not in GATED_ACTS:
+        raise ValueError(f'unknown gated activation {act!r}; expected one of {GATED_ACTS}')
     if x.size(-1) != 2 * weight.size(-1):
         raise ValueError(f'act_and_mul_linear: input has {x.size(-1)} features, expected 2 x {weight.size(-1)} '
                          '(the fused gate and up outputs)')
+
+
+def act_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                       act: str = 'silu') -> torch.Tensor:
+    check_act_and_mul_linear(x, weight, act)
     return F.linear(gated_act(x, act), weight, bias)

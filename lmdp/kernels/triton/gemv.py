@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..linear import check_act_and_mul_linear
 from ._common import next_pow2
 from .activation import _gated, act_and_mul_f32
 
@@ -142,12 +143,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 def act_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                        act: str = 'silu') -> torch.Tensor:
     """`F.linear(act(gate) * up, W, b)` for x = [gate | up]: one launch for decode-sized inputs."""
-    if act not in _ACTS or act is None:
-        raise ValueError(f'unknown gated activation {act!r}; expected one of silu, gelu, gelu_tanh')
-    k = weight.size(-1)
-    if x.size(-1) != 2 * k:
-        raise ValueError(f'act_and_mul_linear: input has {x.size(-1)} features, expected 2 x {k} '
-                         '(the fused gate and up outputs)')
+    check_act_and_mul_linear(x, weight, act)
     if not gemv_eligible(x, weight):
         return F.linear(_gated(x, _ACTS[act] - 1), weight, bias)
     y = gemv(x.reshape(-1, x.size(-1)), weight, bias, act=act)
