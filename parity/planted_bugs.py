@@ -109,8 +109,8 @@ class PlantedBug:
 
 PLANTED_BUGS: List[PlantedBug] = [
     PlantedBug('wrong_norm_eps', WrongNormEps, 'prefill', 'layers.0.input_norm'),
-    PlantedBug('rotary_k_halves_swapped', RotaryHalvesSwappedInK, 'prefill', 'layers.0.attn'),
+    PlantedBug('rotary_k_halves_swapped', RotaryHalvesSwappedInK, 'prefill', 'layers.0.k_rot'),
     PlantedBug('mlp_dropped_layer1', MLPDroppedInLayer1, 'prefill', 'layers.1.residual'),
-    PlantedBug('kv_swapped_in_qkv', KVSwappedInQKV, 'prefill', 'layers.0.attn'),
-    PlantedBug('decode_position_off_by_one', DecodePositionOffByOne, 'decode', 'layers.0.attn'),
+    PlantedBug('kv_swapped_in_qkv', KVSwappedInQKV, 'prefill', 'layers.0.k'),
+    PlantedBug('decode_position_off_by_one', DecodePositionOffByOne, 'decode', 'layers.0.q_rot'),
 ]

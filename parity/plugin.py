@@ -16,7 +16,6 @@ import pytest
 
 from .capture_set import PHASES
 from .checks import TOP_K
-from .taps import tap_list
 
 _TINY_DIR = pytest.StashKey[str]()
 _REPORT = pytest.StashKey[object]()
@@ -47,7 +46,7 @@ def pytest_addoption(parser):
     group.addoption('--block-size', dest='parity_block_size', type=int, default=16,
                     help='KV-cache block size of the port (default 16, so prompts span several blocks)')
     group.addoption('--qkv-taps', dest='parity_qkv_taps', action='store_true',
-                    help='also compare every layer\'s q, k and v projections (before rotary)')
+                    help='(kept for old command lines: q, k and v are always compared now)')
 
 
 def _model_path(config) -> str:
@@ -68,20 +67,19 @@ def pytest_unconfigure(config):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _num_layers(path: str) -> int:
-    from transformers import AutoConfig
+def _taps(path: str):
+    from .reference import checkpoint_taps
     try:
-        hf_config = AutoConfig.from_pretrained(path)
+        return checkpoint_taps(path)
     except Exception as e:  # noqa: BLE001 - any unreadable config is a usage error here
         raise pytest.UsageError(f'parity: cannot read the config of --model {path!r}: {e}') from e
-    return int((getattr(hf_config, 'text_config', None) or hf_config).num_hidden_layers)
 
 
 def pytest_generate_tests(metafunc):
     config = metafunc.config
     phases = [p for p in PHASES if p == 'prefill' or config.getoption('parity_decode_steps') > 0]
     if 'parity_tap' in metafunc.fixturenames:
-        taps = tap_list(_num_layers(_model_path(config)), qkv=config.getoption('parity_qkv_taps'))
+        taps = _taps(_model_path(config))
         params = [(phase, tap.name) for phase in phases for tap in taps]
         metafunc.parametrize('parity_tap', params, ids=[f'{p}-{n}' for p, n in params])
     if 'parity_check' in metafunc.fixturenames:
