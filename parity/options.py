@@ -4,6 +4,7 @@
 `parity.compare` it feeds. `check_options` rejects a bad value before any model loads, naming the option and what
 to do; the pytest plugin calls it at configure time and `compare` at its start, so both say the same thing.
 """
+import numbers
 import os
 import re
 import tempfile
@@ -80,8 +81,8 @@ def _count(keyword, value) -> Optional[int]:
     """An int, or None when `value` is not a count (so it is a file)."""
     if isinstance(value, bool):
         raise OptionError(keyword, value, 'expected a count or a file, not a boolean')
-    if isinstance(value, int):
-        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
     if isinstance(value, str) and re.fullmatch(r'-?\d+', value):
         return int(value)
     return None
@@ -143,16 +144,18 @@ def _check_prompts(prompts):
         if not os.path.isfile(prompts):
             raise OptionError('prompts', os.fspath(prompts), 'neither a count nor an existing file; give a count '
                               '(e.g. 3) or a prompts file (JSON, or one prompt per line)')
-    elif isinstance(prompts, (list, tuple)):
-        if not prompts or any(isinstance(p, (str, bytes)) or len(p) == 0 for p in prompts):
+    else:
+        try:
+            items = list(prompts)
+        except TypeError:
+            raise OptionError('prompts', prompts, 'expected a count, a file, or lists of token ids') from None
+        if not items or any(isinstance(p, (str, bytes)) or len(p) == 0 for p in items):
             raise OptionError('prompts', prompts, 'a list of prompts needs at least one prompt, each a non-empty '
                               'list of token ids')
-    else:
-        raise OptionError('prompts', prompts, 'expected a count, a file, or lists of token ids')
 
 
 def _check_int(keyword, value, low, what):
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise OptionError(keyword, value, f'expected a whole number ({what})')
     if value < low:
         raise OptionError(keyword, value, f'must be {low} or more ({what})')

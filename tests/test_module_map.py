@@ -172,7 +172,8 @@ def _write_port(folder, version, map_imports_class=False):
     folder.mkdir(exist_ok=True)
     (folder / 'versioned_port.py').write_text(PORT_VERSION.format(version=version))
     if map_imports_class:   # the map file imports the class itself, as notebooks often do
-        (folder / 'module_map.py').write_text("from versioned_port import Port\nMODULE_MAP = {'LlamaForCausalLM': Port}\n")
+        (folder / 'module_map.py').write_text('from versioned_port import Port\n'
+                                              "MODULE_MAP = {'LlamaForCausalLM': Port}\n")
     else:
         (folder / 'module_map.py').write_text("MODULE_MAP = {'LlamaForCausalLM': 'versioned_port.Port'}\n")
     return str(folder / 'module_map.py')
