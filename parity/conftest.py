@@ -4,5 +4,8 @@ from parity import plugin as _plugin
 
 
 def pytest_addoption(parser, pluginmanager):
-    if not pluginmanager.is_registered(_plugin) and not pluginmanager.is_blocked(_plugin.NAME):
+    if pluginmanager.is_blocked(_plugin.NAME):
+        return
+    if not pluginmanager.is_registered(_plugin):
         pluginmanager.register(_plugin, _plugin.NAME)
+    _plugin.add_parity_options(parser)    # pytest is collecting the suite's folder: its options are wanted

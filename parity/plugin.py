@@ -4,10 +4,11 @@ The suite is one parity run (`parity.compare`), made once per session, and one p
 (`test_tap[prefill-layers.3.attn]`) plus one per whole-model check, so the first failing layer shows in pytest's
 own summary. The console table and `first divergence: ...` come at the end of the session.
 
-This module is a pytest11 entry point named `parity`: once lmdp is installed its options exist wherever pytest
+This module is a pytest11 entry point named `parity`: once lmdp is installed pytest loads it wherever it
 runs, and `pytest parity` (from a folder with no `parity` of its own, the argument means the installed suite),
 `pytest --pyargs parity` and `lmdp parity` all run the suite. From a checkout that is not installed,
-parity/conftest.py registers it. Every pytest session loads it, so it imports nothing heavy until the suite runs.
+parity/conftest.py registers it. Every pytest session loads it, so it imports nothing heavy until the suite runs,
+and it adds its options only to sessions that run the suite.
 The options and their checks live in parity/options.py.
 """
 import contextlib
@@ -41,9 +42,12 @@ def _option(config, keyword):
     return config.getoption(_PREFIX + keyword)
 
 
-def pytest_addoption(parser):
+def add_parity_options(parser):
+    """The harness's options, once per session: from the hook below, or from parity/conftest.py when pytest
+    collects the suite's folder."""
     group = parser.getgroup('parity', 'lmdp parity harness (pytest parity --model PATH)')
-    add_options(group.addoption, dest_prefix=_PREFIX)
+    if not group.options:
+        add_options(group.addoption, dest_prefix=_PREFIX)
 
 
 def _installed_suite(arg: str, invocation_dir) -> str:
@@ -54,8 +58,33 @@ def _installed_suite(arg: str, invocation_dir) -> str:
     return SUITE_DIR + arg[len(NAME):]
 
 
+def _targets_suite(early_config) -> bool:
+    namespace = early_config.known_args_namespace
+    invocation_dir = early_config.invocation_params.dir
+    for arg in namespace.file_or_dir or []:
+        path = str(arg).split('::', 1)[0]
+        if namespace.pyargs and (path == NAME or path.startswith(NAME + '.')):
+            return True
+        if _installed_suite(path, invocation_dir) != path:
+            return True
+        full = os.path.realpath(os.path.join(invocation_dir, path))
+        if full == SUITE_DIR or full.startswith(SUITE_DIR + os.sep):
+            return True
+    return False
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config, parser, args):
+    # Every pytest session in an environment with lmdp loads this plugin. Options named --model or --device there
+    # would collide with a project's own conftest options, so they exist only in sessions that run this suite.
+    if _targets_suite(early_config):
+        add_parity_options(parser)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
+    if not hasattr(config.option, _PREFIX + 'dtype'):     # a session that does not run the suite
+        return
     if not config.option.pyargs:
         config.args[:] = [_installed_suite(a, config.invocation_params.dir) for a in config.args]
     # bad options stop the session here, before collection builds a model or reads a checkpoint

@@ -73,3 +73,25 @@ def test_pytest_pyargs_and_lmdp_parity_agree(installed, tiny_llama):
         assert run.returncode == 0, run.stdout + run.stderr
         assert re.search(r'^PASS: (\d+)/\1 taps within tolerance', run.stdout, re.M), run.stdout
     assert _harness_section(by_lmdp.stdout) == _harness_section(by_pytest.stdout)
+
+
+def test_other_projects_keep_their_own_options(installed, tmp_path):
+    """pytest loads the installed plugin in every session; a project whose conftest has its own --model and
+    --device options (common in ML code) must still run, and its sessions get none of the harness's options."""
+    project = tmp_path / 'project'
+    project.mkdir()
+    (project / 'conftest.py').write_text(
+        'def pytest_addoption(parser):\n'
+        "    parser.addoption('--model', default='theirs')\n"
+        "    parser.addoption('--device', default='cpu')\n")
+    (project / 'test_theirs.py').write_text(
+        'def test_options(request):\n'
+        "    assert request.config.getoption('--model') == 'mine'\n"
+        "    assert not hasattr(request.config.option, 'parity_dtype')\n")
+    site, env, _ = installed
+    run = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '--model', 'mine'],
+                         cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    plugins = subprocess.run([sys.executable, '-m', 'pytest', '--trace-config', '--co', '-q', '-p', 'no:cacheprovider'],
+                             cwd=project, env=env, capture_output=True, text=True, timeout=300).stdout
+    assert f"PLUGIN registered: <module 'parity.plugin' from '{site / 'parity' / 'plugin.py'}'>" in plugins, plugins
