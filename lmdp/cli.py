@@ -30,6 +30,12 @@ def cmd_make_tiny(args) -> int:
 
 def cmd_compare(args) -> int:
     from parity import compare_logits
+    from parity.options import check_options
+    check_options(model_path=args.model_path, dtype=args.dtype, device=args.device, decode_steps=args.decode_steps,
+                  block_size=args.block_size, custom_module_map=args.custom_module_map)
+    if not args.prompt_lengths or min(args.prompt_lengths) < 1:
+        raise ValueError(f'--prompt-lengths {",".join(map(str, args.prompt_lengths))}: give one or more lengths, '
+                         'each 1 or more (e.g. 5,17,64)')
     with tempfile.TemporaryDirectory(prefix='lmdp-tiny-') as tmp:
         model_path = args.model_path
         if model_path is None:
@@ -175,7 +181,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format='%(levelname)s %(message)s')
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    except ValueError as e:
+        if hasattr(e, 'command_line'):   # parity.options.OptionError: name the flag, not the API keyword
+            e = e.command_line() if e.keyword != 'model_path' else f'{e.value}: {e.problem}'
+        print(f'lmdp {args.command}: error: {e}', file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotImplementedError) as e:
         print(f'lmdp {args.command}: error: {e}', file=sys.stderr)
         return 2
 
