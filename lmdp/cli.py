@@ -172,7 +172,7 @@ def main(argv=None) -> int:
         from .bench.__main__ import main as bench_main
         return bench_main(argv[1:])
     pytest_args = []
-    if argv[:1] == ['parity'] and '--' in argv:    # the rest is pytest's own command line
+    if '--' in argv and 'parity' in argv[:argv.index('--')]:    # the rest is pytest's own command line
         cut = argv.index('--')
         argv, pytest_args = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
@@ -182,9 +182,10 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except ValueError as e:
+        message = str(e)
         if hasattr(e, 'command_line'):   # parity.options.OptionError: name the flag, not the API keyword
-            e = e.command_line() if e.keyword != 'model_path' else f'{e.value}: {e.problem}'
-        print(f'lmdp {args.command}: error: {e}', file=sys.stderr)
+            message = e.command_line() if e.keyword != 'model_path' else f'{e.value}: {e.problem}'
+        print(f'lmdp {args.command}: error: {message}', file=sys.stderr)
         return 2
     except (FileNotFoundError, NotImplementedError) as e:
         print(f'lmdp {args.command}: error: {e}', file=sys.stderr)

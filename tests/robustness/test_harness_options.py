@@ -177,3 +177,20 @@ def test_module_map_flag_is_one_name_with_one_alias_everywhere():
     assert set(seen) >= {'check', 'compare', 'parity', 'generate'}
     option = next(o for o in OPTIONS if o.keyword == 'custom_module_map')
     assert tuple(option.flags) == ('--custom-module-map', '--module-map')
+
+
+def test_lmdp_parity_hands_pytest_the_same_options(monkeypatch):
+    """What `lmdp parity` runs: pytest on the suite's folder with the options as given (the alias under its one
+    name, the positional checkpoint as --model) and, after `--`, pytest's own arguments."""
+    import subprocess
+
+    import parity
+    from lmdp.cli import main
+    calls = []
+    monkeypatch.setattr(subprocess, 'call', lambda argv: calls.append(argv) or 0)
+    assert main(['-v', 'parity', 'ckpt', '--module-map', 'm.py', '--qkv-taps', '--decode-steps', '2', '--',
+                 '-x', '-k', 'attn']) == 0
+    suite = os.path.dirname(os.path.abspath(parity.__file__))
+    assert calls == [[sys.executable, '-m', 'pytest', suite, '-p', 'no:cacheprovider', '--model', 'ckpt',
+                      '--decode-steps', '2', '--custom-module-map', 'm.py', '--qkv-taps', '-x', '-k', 'attn']]
+    assert main(['parity', 'a', '--model', 'b']) == 2      # two different checkpoints: an error, not a guess
