@@ -25,7 +25,9 @@ import torch
 from . import checks
 from .capture_set import PHASES, CaptureSet
 from .metrics import diff
+from .load_failure import port_loaded
 from .noise_floor import judge, rule_text, tolerance
+from .options import check_compare
 from .port import load_port, run_port
 from .progress import Progress
 from .prompts import PromptSpec, make_prompts
@@ -183,11 +185,13 @@ def compare(model_path: str, dtype='float32', device='auto', prompts: PromptSpec
 
     dtype: float32 | bfloat16 | float16 | auto (the checkpoint's). prompts: a count of random prompts, a file, or
     token-id lists. custom_module_map: a dict {architecture: class or dotted path} or a .py file defining
-    MODULE_MAP (the port under test). qkv_taps: also compare q/k/v projections. tap_overrides:
+    MODULE_MAP (the port under test). qkv_taps: kept for old callers (q/k/v are always compared). tap_overrides:
     {'reference' | 'port': {kind: module name}}. report_dir: write report.json and report.html there.
     references: a `run_references` result to reuse; it fixes dtype, device, prompts, decode steps and taps.
     """
     start = time.perf_counter()
+    check_compare(model_path, dtype=dtype, device=device, prompts=prompts, decode_steps=decode_steps,
+                  block_size=block_size, report_dir=report_dir, custom_module_map=custom_module_map, qkv_taps=qkv_taps)
     if references is not None and os.path.realpath(str(model_path)) != os.path.realpath(references.model_path):
         raise ValueError(f'references= were run on {references.model_path}, not on {model_path}')
     device = resolve_device(device if references is None else references.device)
@@ -207,7 +211,7 @@ def compare(model_path: str, dtype='float32', device='auto', prompts: PromptSpec
         timings = dict(refs.timings)
         bar.stage('loading the lmdp port')
         t0 = time.perf_counter()
-        agent, coverage = load_port(refs.model_path, refs.dtype, device, custom_module_map)
+        agent, coverage = port_loaded(load_port, refs.model_path, refs.dtype, device, custom_module_map)
         timings['load_port'] = time.perf_counter() - t0
         bar.update(1)
         bar.stage('running the lmdp port')
