@@ -41,7 +41,7 @@ CANDIDATES: Dict[str, Sequence[str]] = {
     'layers': ('model.layers', 'model.language_model.layers', 'model.decoder.layers', 'transformer.h',
                'transformer.layers', 'gpt_neox.layers'),
     'final_norm': ('model.norm', 'model.language_model.norm', 'model.decoder.final_layer_norm', 'transformer.ln_f',
-                   'transformer.norm', 'gpt_neox.final_layer_norm'),
+                   'transformer.norm', 'gpt_neox.final_layer_norm', 'model.final_layernorm'),
     'input_norm': ('input_layernorm', 'ln_1', 'attention_norm', 'ln_attn'),
     'attn': ('self_attn', 'attn', 'attention', 'self_attention'),
     'mlp': ('mlp', 'feed_forward', 'block_sparse_moe', 'ffn'),
@@ -60,6 +60,8 @@ TAP_OVERRIDES: Dict[str, Dict[str, Dict[str, Optional[str]]]] = {
     # ChatGLM / GLM-4 (remote code): the decoder stack sits under transformer.encoder
     'ChatGLMModel': {'reference': {'layers': 'transformer.encoder.layers',
                                    'final_norm': 'transformer.encoder.final_layernorm'}},
+    # OLMo 2 norms each block's output, not its input: its first norm in forward order stands in for input_norm
+    'Olmo2ForCausalLM': {side: {'input_norm': 'post_attention_layernorm'} for side in SIDES},
 }
 
 
