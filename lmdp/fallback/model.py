@@ -22,7 +22,7 @@ from ..model_inputs import StepContext, StepContextManager
 from ..weight_loader import load_weight
 from ..weight_loader.tracker import record_load
 from .attention import ATTN_IMPLEMENTATION, PagedStep, paged_step, register_paged_attention
-from .support import cuda_graph_refusal, hf_causal_lm_class, kv_layout, refusals
+from .support import cuda_graph_refusal, kv_layout, refusals
 from .weights import CheckpointNames, attach_merge_loaders
 
 logger = logging.getLogger('lmdp')
