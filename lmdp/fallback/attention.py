@@ -53,6 +53,14 @@ def paged_step(step: PagedStep):
         _STEP.reset(token)
 
 
+def current_step() -> PagedStep:
+    step = _STEP.get()
+    if step is None:
+        raise RuntimeError('lmdp paged attention was called outside an lmdp step; a model built with '
+                           f'attn_implementation={ATTN_IMPLEMENTATION!r} runs only inside TransformersForCausalLM')
+    return step
+
+
 def _layer_window(module, sliding_window):
     """The window this call asks for: the call's own argument when the model passes one, else the layer type
     the config gives this layer (some models apply their window only through the mask they would build)."""
@@ -75,11 +83,8 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     come from the paged metadata."""
     from .. import kernels
 
-    step = _STEP.get()
+    step = current_step()
     layer = getattr(module, 'layer_idx', None)
-    if step is None:
-        raise RuntimeError('lmdp paged attention was called outside an lmdp step; a model built with '
-                           f'attn_implementation={ATTN_IMPLEMENTATION!r} runs only inside TransformersForCausalLM')
     if layer is None:
         raise RuntimeError(f'{type(module).__name__} has no layer_idx, so lmdp cannot tell which layer\'s KV cache '
                            'it reads; this model cannot run on the transformers fallback')

@@ -77,6 +77,8 @@ class TransformersForCausalLM(nn.Module):
     """The transformers fallback: a checkpoint's own transformers modeling code on lmdp's paged KV cache."""
 
     packed_modules_mapping = {}
+    #: progressive porting: the Swaps `hybrid(...)` classes apply as they are built (see hybrid.py)
+    swaps = ()
 
     def adjust_model_config(self, model_config):
         """Size the KV cache as this model's attention produces k/v (measured by `_probe_kv_layout`: a config may
@@ -106,6 +108,7 @@ class TransformersForCausalLM(nn.Module):
         self.hf_class = type(hf).__name__
         self.num_layers = int(getattr(hf.config.get_text_config(), 'num_hidden_layers', 0) or 0)
         self.kv_layout = self._probe_kv_layout(config)
+        self.swapped = {}       # module name -> the Swap that made it native
         self.cuda_graph_refusal = cuda_graph_refusal(config)
         self.support_cuda_graph = self.cuda_graph_refusal is None
         self.checkpoint_names = CheckpointNames(hf, dict(self.named_parameters()))
@@ -116,6 +119,9 @@ class TransformersForCausalLM(nn.Module):
             head = self._head_name()
             if head:
                 self.ignored_checkpoint_keys.append(rf'^{head}\.weight$')
+        if self.swaps:
+            from .hybrid import apply_swaps
+            apply_swaps(self, self.swaps, carry_weights=False)
 
     # -- the model contract ---------------------------------------------------------------------------------
 
@@ -163,7 +169,16 @@ class TransformersForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]):
         params = dict(self.named_parameters())
         buffers = dict(self.named_buffers())
+        swapped = self._swapped_loaders()
         for name, tensor in weights:
+            if swapped:
+                canonical = self.checkpoint_names.canonical(name)
+                prefix = next((p for p in swapped if canonical.startswith(p + '.')), None)
+                if prefix is not None:    # a native module: its own loader, names relative to it
+                    module, swap = swapped[prefix]
+                    from .hybrid import load_module_weights
+                    load_module_weights(module, [(canonical[len(prefix) + 1:], tensor)], swap.stacked_params_mapping)
+                    continue
             target = self.checkpoint_names.resolve(name)
             if target is None:
                 if name in buffers:     # a persistent buffer saved with the weights
@@ -178,6 +193,9 @@ class TransformersForCausalLM(nn.Module):
                 load_weight(params[param_name], tensor, shard_id=shard)
 
     # -- helpers --------------------------------------------------------------------------------------------
+
+    def _swapped_loaders(self):
+        return {name: (self.get_submodule(name), swap) for name, swap in self.swapped.items()}
 
     @torch.no_grad()
     def _probe_kv_layout(self, hf_config) -> Tuple[int, int, int]:

@@ -78,6 +78,16 @@ class CheckpointNames:
                 return name[len(self.prefix) + 1:]
         return None
 
+    def canonical(self, name: str) -> str:
+        """The checkpoint name in the modeling code's naming (renamings applied, base-model prefix as the model
+        has it), whether or not a parameter of that name exists now (a swapped module's may not)."""
+        for renaming in self.renamings:
+            name, _ = renaming.rename_source_key(name)
+        if self.prefix and not name.startswith(self.prefix + '.') and \
+                any(p.startswith(f'{self.prefix}.{name.split(".", 1)[0]}.') for p in self.params):
+            name = f'{self.prefix}.{name}'
+        return name
+
     def resolve(self, name: str) -> Optional[Tuple[str, object]]:
         """(parameter, shard id) for a checkpoint tensor; None when it lands nowhere."""
         direct = self._in_model(name)

@@ -53,6 +53,7 @@ class LayerErrorRow:
     where: Optional[tuple] = None     # (sequence, token, channel) of the largest |port - reference|
     note: str = ''
     first_divergence: bool = False
+    impl: Optional[str] = None    # on the transformers fallback: 'native', 'mixed' or 'fallback' (None: a port)
 
     @property
     def status(self) -> str:
@@ -140,6 +141,9 @@ def layer_error_table(report, phase: Optional[str] = None, metric: str = 'rel_l2
         raise ValueError(f'metric {metric!r} is not one of {list(METRICS)}')
     m = METRICS[metric]
     rows = [_row(t, m) for t in report.taps if t.phase == phase]
+    impls = getattr(report, 'module_impls', None) or {}
+    for r in rows:
+        r.impl = impls.get(r.tap)
     first = report.first_divergence_in(phase)
     first_row = None
     if first is not None:
