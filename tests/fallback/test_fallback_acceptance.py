@@ -9,8 +9,6 @@ Architectures the fallback cannot serve are refused, with the reason, by `lmdp c
 """
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,27 +18,17 @@ from lmdp.errors import ArchitectureError
 from lmdp.fallback import TransformersForCausalLM, choose_model_class
 from lmdp.models.module_map import MODULE_MAP
 from lmdp.paging import BlockManager
-from lmdp.tiny import FALLBACK_FAMILIES, make_tiny
+from lmdp.tiny import FALLBACK_FAMILIES
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # the unported families, then ported ones run on the fallback (per-layer sliding windows, softcaps, query scale)
 FAMILIES = sorted(FALLBACK_FAMILIES) + ['gemma2', 'qwen2', 'llama']
 MOE = {'mixtral', 'olmoe', 'qwen2_moe', 'granitemoe'}
 BLOCK, NEW = 8, 6
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope='module')
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp('fallback')
-    return {mt: str(make_tiny(mt, root / mt, num_hidden_layers=2)) for mt in FAMILIES}
+def checkpoints(tiny_fallback):
+    return {mt: tiny_fallback(mt) for mt in FAMILIES}
 
 
 def _arch(path):
@@ -123,17 +111,6 @@ def test_unported_families_fall_back_under_auto_and_say_so(checkpoints, caplog):
     assert any('Olmo2ForCausalLM has no lmdp port' in r.getMessage() for r in caplog.records)
     with pytest.raises(ArchitectureError, match='not registered'):
         pipeline(checkpoints['olmo2'], backend_config=PytorchEngineConfig(device_type='cpu', model_impl='lmdp'))
-
-
-def test_pytest_parity_runs_an_unported_checkpoint_as_is(checkpoints):
-    """`pytest parity --model PATH` on an architecture with no port: the fallback is the port under test."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get('PYTHONPATH', '')]))
-    result = subprocess.run([sys.executable, '-m', 'pytest', 'parity', '-q', '-p', 'no:cacheprovider', '--model',
-                             checkpoints['olmoe'], '--prompts', '2', '--decode-steps', '2', '--device', 'cpu'],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert 'first divergence: none' in result.stdout
-    assert 'TransformersForCausalLM' in result.stdout
 
 
 # -- refusals ----------------------------------------------------------------------------------------------------
