@@ -79,6 +79,8 @@ class TransformersForCausalLM(nn.Module):
     packed_modules_mapping = {}
     #: progressive porting: the Swaps `hybrid(...)` classes apply as they are built (see hybrid.py)
     swaps = ()
+    #: run lmdp's kernels under the transformers code where they compute the same (fast_paths.py)
+    use_lmdp_kernels = True
 
     def adjust_model_config(self, model_config):
         """Size the KV cache as this model's attention produces k/v (measured by `_probe_kv_layout`: a config may
@@ -122,6 +124,10 @@ class TransformersForCausalLM(nn.Module):
         if self.swaps:
             from .hybrid import apply_swaps
             apply_swaps(self, self.swaps, carry_weights=False)
+        self.fast_paths = []
+        if self.use_lmdp_kernels:
+            from .fast_paths import install
+            self.fast_paths = install(self)
 
     # -- the model contract ---------------------------------------------------------------------------------
 
