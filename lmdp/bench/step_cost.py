@@ -1,8 +1,9 @@
-"""What one decode step costs a model: wall time, and how many operators it dispatches.
+"""What one decode step costs a model: wall time, and the kernel launches it would make on a GPU.
 
-The operator count (view and metadata ops left out) is a device-independent stand-in for kernel launches: on a GPU
-a batch-1 decode step of a small model is bound by launches, not by FLOPs, so a port that fuses what transformers'
-code does in several ops shows up here even on a CPU.
+On a GPU a batch-1 decode step of a small model is bound by kernel launches, not by FLOPs, so a port that does in
+one fused kernel what transformers' code does in several shows its gain in the launch count even on a CPU. The
+count is the operators a step dispatches (views, shape queries and allocations left out), with each call of an
+lmdp fused op (`lmdp.kernels`: one Triton launch on CUDA, several torch ops in its CPU reference) counted once.
 """
 import time
 from dataclasses import dataclass
@@ -19,34 +20,51 @@ _FREE = ('aten::view', 'aten::_unsafe_view', 'aten::reshape', 'aten::expand', 'a
 
 @dataclass
 class StepCost:
-    ms_per_step: float     # wall time of one decode step (median)
-    ops_per_step: int      # operators dispatched by one decode step, views and allocations left out
+    ms_per_step: float          # wall time of one decode step (median)
+    launches_per_step: int      # kernel launches one decode step would make on a GPU (see the module docstring)
     batch: int
 
 
-def count_ops(fn) -> int:
-    """Operators `fn()` dispatches to kernels (views, shape queries and allocations not counted)."""
+def count_launches(fn) -> int:
+    """Kernel launches `fn()` would make on a GPU: dispatched operators outside lmdp's fused ops (views, shape
+    queries and allocations not counted), plus one per fused-op call."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    class _Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = 0
+    from .. import kernels
+    state = {'n': 0, 'inside': 0}
 
+    def fused(op):
+        def call(*args, **kwargs):
+            if not state['inside']:
+                state['n'] += 1
+            state['inside'] += 1
+            try:
+                return op(*args, **kwargs)
+            finally:
+                state['inside'] -= 1
+        return call
+
+    class _Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func._schema.name
-            if not getattr(func, 'is_view', False) and name not in _FREE:
-                self.n += 1
+            if not state['inside'] and not getattr(func, 'is_view', False) and func._schema.name not in _FREE:
+                state['n'] += 1
             return func(*args, **(kwargs or {}))
 
-    with _Count() as counter:
-        fn()
-    return counter.n
+    originals = {name: getattr(kernels, name) for name in kernels.__all__}
+    try:
+        for name, op in originals.items():
+            setattr(kernels, name, fused(op))
+        with _Count():
+            fn()
+    finally:
+        for name, op in originals.items():
+            setattr(kernels, name, op)
+    return state['n']
 
 
 @torch.inference_mode()
 def decode_step_cost(agent, batch: int = 8, prompt_len: int = 12, steps: int = 8, seed: int = 0) -> StepCost:
-    """Prefill `batch` random prompts, then time `steps` decode steps and count one step's operators."""
+    """Prefill `batch` random prompts, then time `steps` decode steps and count one step's kernel launches."""
     from ..engine.step_runner import StepRunner
     g = torch.Generator().manual_seed(seed)
     vocab = agent.model_config.vocab_size
@@ -65,7 +83,7 @@ def decode_step_cost(agent, batch: int = 8, prompt_len: int = 12, steps: int = 8
         tokens = out.logits.argmax(-1).tolist()      # reads the step back, as the engine does
         times.append(time.perf_counter() - start)
     inputs = runner.decode_inputs(ids, tokens)
-    ops = count_ops(lambda: agent.get_logits(agent.forward(inputs, runner.cache.kv_caches)))
+    launches = count_launches(lambda: agent.get_logits(agent.forward(inputs, runner.cache.kv_caches)))
     runner.release()
     times.sort()
-    return StepCost(ms_per_step=1e3 * times[len(times) // 2], ops_per_step=ops, batch=batch)
+    return StepCost(ms_per_step=1e3 * times[len(times) // 2], launches_per_step=launches, batch=batch)
