@@ -60,8 +60,9 @@ TAP_OVERRIDES: Dict[str, Dict[str, Dict[str, Optional[str]]]] = {
     # ChatGLM / GLM-4 (remote code): the decoder stack sits under transformer.encoder
     'ChatGLMModel': {'reference': {'layers': 'transformer.encoder.layers',
                                    'final_norm': 'transformer.encoder.final_layernorm'}},
-    # OLMo 2 norms each block's output, not its input: its first norm in forward order stands in for input_norm
-    'Olmo2ForCausalLM': {side: {'input_norm': 'post_attention_layernorm'} for side in SIDES},
+    # OLMo 2 norms each block's output, not its input: the first norm of a layer in forward order, the one on the
+    # query projection, stands in for input_norm
+    'Olmo2ForCausalLM': {side: {'input_norm': 'self_attn.q_norm'} for side in SIDES},
 }
 
 

@@ -40,8 +40,10 @@ def build_model(model_config: ModelConfig, model_path: Optional[str] = None, dev
     `model_impl`) and (optionally) load its weights."""
     from ..fallback import choose_model_class
     choice = choose_model_class(model_config.hf_config, custom_module_map, model_impl)
-    if choice.impl != 'lmdp':
+    if choice.fell_back:
         logger.warning(choice.reason)
+    elif choice.impl != 'lmdp':
+        logger.info(choice.reason)
     model_cls = choice.model_class
     ctx_mgr = StepContextManager()
     model = model_cls(model_config.hf_config, ctx_mgr, dtype=model_config.dtype, device=torch.device(device))

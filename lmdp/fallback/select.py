@@ -15,6 +15,7 @@ class ModelChoice:
     model_class: type
     impl: str          # 'lmdp' (a port), 'transformers' (the fallback) or 'hybrid' (a fallback being ported)
     reason: str        # why, in a sentence
+    fell_back: bool = False   # model_impl='auto' fell back for want of a port (the engine says so in its log)
 
 
 def _arch(hf_config) -> str:
@@ -62,4 +63,4 @@ def choose_model_class(hf_config, custom_module_map=None, model_impl: str = 'aut
         reason = (f"{arch} has no lmdp port: it runs on its transformers modeling code with lmdp's paged KV cache and "
                   "attention (the transformers fallback); port it for full speed, or pass model_impl='lmdp' to refuse "
                   'unported models')
-    return ModelChoice(TransformersForCausalLM, 'transformers', reason)
+    return ModelChoice(TransformersForCausalLM, 'transformers', reason, fell_back=model_impl == 'auto')
