@@ -102,3 +102,17 @@ def test_model_impl_chooses_and_says_why(tiny_llama, tiny_fallback):
     assert check_model(tiny_llama, model_impl='transformers').model_impl == 'transformers'
     with pytest.raises(ValueError, match="model_impl must be one of 'auto', 'lmdp', 'transformers'"):
         PytorchEngineConfig(model_impl='hf')
+
+
+def test_inputs_embeds_give_what_the_token_ids_give(tiny_fallback):
+    from lmdp.engine import CacheEngine
+    from lmdp.model_inputs import ModelInputs
+    agent = ModelAgent.from_pretrained(tiny_fallback('phi'), dtype='float32')
+    cache = CacheEngine(agent.model_config, num_blocks=4, block_size=8)
+    other = ModelInputs.make([[6, 1, 12, 41, 8], [4, 9]], [0, 0], [[0], [1]], is_decoding=False)
+    by_ids = agent.forward(other, cache.kv_caches)
+    # the step's token ids say one thing, its embeddings another: the embeddings win
+    inputs = ModelInputs.make([[5, 9, 11, 40, 7], [3, 8]], [0, 0], [[0], [1]], is_decoding=False)
+    inputs.inputs_embeds = agent.model.get_input_embeddings()(other.input_ids)
+    by_embeds = agent.forward(inputs, cache.kv_caches)
+    assert torch.allclose(by_embeds, by_ids, atol=1e-6)
