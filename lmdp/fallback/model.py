@@ -113,6 +113,8 @@ class TransformersForCausalLM(nn.Module):
         self.swapped = {}       # module name -> the Swap that made it native
         self.cuda_graph_refusal = cuda_graph_refusal(config)
         self.support_cuda_graph = self.cuda_graph_refusal is None
+        if self.cuda_graph_refusal:
+            logger.info('%s: no CUDA graphs: %s', self.hf_class, self.cuda_graph_refusal)
         self.checkpoint_names = CheckpointNames(hf, dict(self.named_parameters()))
         attach_merge_loaders(dict(self.named_parameters()), self.checkpoint_names)
         self.ignored_checkpoint_keys = [r'rotary_emb\.inv_freq', r'\.masked_bias$', r'\.attn\.bias$']
