@@ -258,13 +258,14 @@ class TapResolver:
         attn = self._find('attn', prefix)
         if attn is None:
             return self._why('attn', prefix)
-        if self.side == 'reference':
-            from .attention_probe import has_eager_attention
-            if not has_eager_attention(self.modules[attn]):
-                return (f"the reference's attention module {attn} does not call transformers' eager attention "
-                        'function, so q/k after rotary cannot be read from it')
-            return Site(attn, read_first, how='attention')
+        from .attention_probe import has_eager_attention
         inner = [n for n, m in self.modules.items() if n.startswith(attn + '.') and _is_lmdp_attention(m)]
+        if self.side == 'reference' or (not inner and has_eager_attention(self.modules[attn])):
+            # a transformers attention module (the reference, or a port on the transformers fallback)
+            if not has_eager_attention(self.modules[attn]):
+                return (f"the {self.side}'s attention module {attn} does not call transformers' attention "
+                        'functions, so q/k after rotary cannot be read from it')
+            return Site(attn, read_first, how='attention')
         if len(inner) != 1:
             return (f'the port has {len(inner)} lmdp.nn.Attention modules under {attn} (want one): q/k after '
                     "rotary are read from its query/key arguments; map 'q_rot'/'k_rot' with TAP_OVERRIDES")
@@ -275,8 +276,10 @@ class TapResolver:
         name = self._find(kind, prefix)
         if name is not None:
             return Site(name, read_first)
+        # a fused projection is cut only where its layout is known: lmdp's qkv_proj is [q | k | v]; transformers'
+        # fused ones differ by family (GPT-NeoX interleaves per head), so a reference with one has no q/k/v taps
         fused = self._find('qkv', prefix)
-        if fused is None:
+        if fused is None or not hasattr(self.modules[fused], 'split_qkv'):
             return self._why(kind, prefix)
         return Site(fused, read_split(QKV_KINDS.index(kind), qkv_sizes(self.hf_config)))
 
