@@ -244,7 +244,7 @@ class TapResolver:
             return Site(name, read_hidden_input, how='input') if name else self._why('o_proj', prefix)
         if kind == 'mid':
             end = self.branch_end(prefix)
-            if end is None or self._find('mlp', prefix) is None:
+            if end is None:
                 return self._why('attn', prefix)
             return Site(end, read_first, how='mid', layer_module=prefix)
         name = self._find(kind, prefix)

@@ -25,10 +25,14 @@ def test_usual_hf_names_resolve_on_both_sides(hf_llama):
 
 
 def test_fused_qkv_is_cut_by_head_counts(hf_llama):
+    class LmdpQKV(nn.Linear):
+        def split_qkv(self, x):            # what marks lmdp's [q | k | v] layout
+            return x.split([64, 32, 32], -1)
+
     class FusedAttn(nn.Module):
         def __init__(self):
             super().__init__()
-            self.qkv_proj = nn.Linear(4, 4 * 16 + 2 * 2 * 16)
+            self.qkv_proj = LmdpQKV(4, 4 * 16 + 2 * 2 * 16)
 
     class Model(nn.Module):
         def __init__(self):
@@ -42,6 +46,11 @@ def test_fused_qkv_is_cut_by_head_counts(hf_llama):
     q, k, v = (sites[f'layers.0.{n}'].read(out) for n in 'qkv')
     assert (q.shape[-1], k.shape[-1], v.shape[-1]) == (64, 32, 32)
     assert k[0, 0] == 64 and v[0, 0] == 96
+    # a transformers fused projection has a family's own layout (GPT-NeoX interleaves heads): never cut by guess
+    model = Model()
+    model.model.layers[0].self_attn.qkv_proj = nn.Linear(4, 128)
+    sites = TapResolver(model, 'reference', hf_llama.config).resolve(tap_list(1, qkv=True))
+    assert all(isinstance(sites[f'layers.0.{n}'], str) for n in 'qkv')
 
 
 def test_other_families_names_and_overrides():
