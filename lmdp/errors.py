@@ -15,3 +15,7 @@ class ArchitectureError(LmdpError, ValueError):
 
 class WeightLoadError(LmdpError, ValueError):
     """A checkpoint's tensors don't fit the model: missing, mis-shaped or unreadable."""
+
+
+class EnvError(LmdpError, ValueError):
+    """An environment variable lmdp reads holds a value it can't parse (see `lmdp.envs`)."""

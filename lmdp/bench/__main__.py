@@ -8,12 +8,14 @@ import json
 import os
 import sys
 
+from .. import envs
 from .checkpoint import ensure_checkpoint
 from .shapes import SHAPES
 
 
 def run(args) -> dict:
     import torch
+
     from .measure import copy_bandwidth, hf_batch1_decode, lmdp_figures
     if not torch.cuda.is_available():
         raise SystemExit('lmdp bench needs a CUDA device')
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
     parser.add_argument('--no-hf', action='store_true', help='skip the transformers baseline')
     parser.add_argument('--hf-new-tokens', type=int, default=256)
     parser.add_argument('--eager', action='store_true', help='eager_mode=True (no CUDA graphs)')
-    parser.add_argument('--json', default=os.path.join(os.environ.get('OUT', '.'), 'lmdp_bench.json'))
+    parser.add_argument('--json', default=os.path.join(envs.OUT, 'lmdp_bench.json'))
     args = parser.parse_args(argv)
     results = run(args)
     with open(args.json, 'w') as f:
