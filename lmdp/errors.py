@@ -19,3 +19,11 @@ class WeightLoadError(LmdpError, ValueError):
 
 class EnvError(LmdpError, ValueError):
     """An environment variable lmdp reads holds a value it can't parse (see `lmdp.envs`)."""
+
+
+class TokenizerError(LmdpError, ValueError):
+    """A checkpoint's tokenizer can't be loaded."""
+
+
+class PipelineClosedError(LmdpError, RuntimeError):
+    """A pipeline was used after `close()` (or after its `with` block ended)."""
