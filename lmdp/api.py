@@ -155,7 +155,7 @@ class Pipeline:
             return self._tokenize(self.tokenizer.encode, prompt)
         if isinstance(prompt, (list, tuple)) and not prompt:
             raise ValueError('the prompt is empty; give some text, messages or token ids')
-        if validate.is_token_ids(prompt):
+        if validate.is_token_ids(prompt) or hasattr(prompt, 'ndim'):
             return validate.token_ids('the prompt', prompt)
         if isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
             for i, message in enumerate(prompt):

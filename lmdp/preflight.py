@@ -2,9 +2,10 @@
 the first problem) and `lmdp check` (which reports every problem), so the two agree, in the same words.
 
 In order: the custom module map runs; config.json parses (before the tokenizer, which would parse it again and
-fail less clearly); the ModelConfig builds (required fields, rope settings); a model class is registered;
-generation_config.json holds valid settings; the tokenizer loads; every weight file's header reads and no tensor is
-in two files; the tensor shapes agree with the config. Reading the headers costs milliseconds: no weight is read.
+fail less clearly); the ModelConfig builds (required fields, rope settings); a model class is registered and
+builds on the meta device; generation_config.json holds valid settings; the tokenizer loads; every weight file's
+header reads and no tensor is in two files; the tensor shapes agree with the config. All of it takes milliseconds
+beyond the tokenizer's load: no weight is read and no memory is allocated for the model.
 """
 import os
 from dataclasses import dataclass, field
@@ -63,7 +64,11 @@ def _model_config(state: Preflight):
 
 def _model_class(state: Preflight):
     from .models.registry import get_model_class
-    cls = state.model_class = get_model_class(state.hf_config, state.module_map or state.custom_module_map)
+    cls = get_model_class(state.hf_config, state.module_map or state.custom_module_map)
+    if not isinstance(cls, type):
+        raise ArchitectureError(f'the module map entry for {state.hf_config.architectures[0]!r} is {cls!r:.80}, not '
+                                'a class; map the architecture to a model class or its dotted path')
+    state.model_class = cls
     for attr in ('forward', 'prepare_inputs_for_generation', 'load_weights'):
         if not callable(getattr(cls, attr, None)):
             raise ArchitectureError(f'{cls.__name__} has no {attr}(); the engine calls it on every model (see the '
@@ -74,8 +79,8 @@ def _model_class(state: Preflight):
 
 
 def _model_build(state: Preflight):
-    """Build the model on the meta device (no memory): rope settings and other values only the model's
-    constructor reads fail here as they would in `pipeline()`."""
+    """Build the model on the meta device (no memory, milliseconds): rope settings and other values only the
+    model's constructor reads fail here, before the tokenizer, the weights or any device memory."""
     from .engine.model_agent import build_model
     build_model(state.model_config, device='meta', custom_module_map=state.module_map or state.custom_module_map,
                 load_weights=False)
@@ -106,7 +111,7 @@ def _shapes(state: Preflight):
                                  f'config.json in {state.model_path!r}')
 
 
-# (check, the fields it needs); pipeline() runs all but the meta build, which its real build replaces
+# (check, the fields it needs), in the order they run
 CHECKS: list[tuple] = [
     (_module_map, ()),
     (_config, ()),
@@ -120,11 +125,11 @@ CHECKS: list[tuple] = [
 ]
 
 
-def run_checks(state: Preflight, collect: bool, skip: tuple = ()) -> Preflight:
+def run_checks(state: Preflight, collect: bool) -> Preflight:
     """Run the checks in order. collect=False: raise the first problem; True: record each in `state.problems`
     (a check whose inputs failed is skipped; a broken module map or config.json stops the rest)."""
     for check, needs in CHECKS:
-        if check in skip or any(getattr(state, need) is None for need in needs):
+        if any(getattr(state, need) is None for need in needs):
             continue
         try:
             check(state)
@@ -141,7 +146,7 @@ def preflight(model_path: str, backend_config) -> Preflight:
     """Everything `lmdp check` checks, raising the first problem (lmdp's own errors, naming file and field)."""
     state = Preflight(os.fspath(model_path), backend_config.trust_remote_code, backend_config.dtype,
                       backend_config.custom_module_map)
-    return run_checks(state, collect=False, skip=(_model_build,))
+    return run_checks(state, collect=False)
 
 
 def check_all(model_path: str, trust_remote_code: bool = False, dtype='auto',

@@ -153,12 +153,28 @@ def read_safetensors_header(path: str) -> dict[str, TensorInfo]:
     return tensors
 
 
+def _check_bin(path: str):
+    """A PyTorch .bin file is a zip archive (torch.save since 1.6) or a bare pickle; a zip must be whole."""
+    import zipfile
+    name = os.path.basename(path)
+    with open(path, 'rb') as f:
+        magic = f.read(4)
+    if magic.startswith(b'PK'):
+        if not zipfile.is_zipfile(path):
+            raise WeightLoadError(f'{name} is truncated or corrupt: it starts as a zip archive (torch.save) but its '
+                                  f'directory is missing; fetch it again: {path}')
+    elif not magic.startswith(b'\x80'):
+        raise WeightLoadError(f'{name} is not a PyTorch checkpoint (neither a zip archive nor a pickle): {path}')
+
+
 def scan_checkpoint(model_path: str) -> CheckpointManifest:
     """The weight files to read and every tensor they hold, from the headers alone; WeightLoadError for a folder
     with no weights, a corrupt or truncated file, or a tensor that two files hold."""
     files, others = _weight_files(model_path)
     manifest = CheckpointManifest([os.path.join(model_path, f) for f in files], ignored=list(others))
     if not all(f.endswith('.safetensors') for f in files):
+        for f in files:
+            _check_bin(os.path.join(model_path, f))
         return manifest
     for f in files:
         for tensor, info in read_safetensors_header(os.path.join(model_path, f)).items():
