@@ -20,94 +20,21 @@ request is unanswered and the engine has work for it; a request the engine no lo
 error rather than waited for.
 """
 import asyncio
-import collections
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 from . import validate
-from .engine.engine import Engine, EngineOutput
+from .engine.engine import Engine
 from .errors import PipelineClosedError
 from .messages import GenerationConfig, PytorchEngineConfig, Response
+from .request import Request, error_response
 from .tokenizer import TextStream, Tokenizer
 
 logger = logging.getLogger('lmdp')
 
 GenConfigs = None | GenerationConfig | Sequence[GenerationConfig]
-
-
-class _Request:
-    """One prompt's progress: its tokens as they come, its text, its finish."""
-
-    def __init__(self, seq_id: int, index: int, input_len: int, gen_config: GenerationConfig, stop_ids,
-                 stream: bool, text: TextStream | None):
-        self.seq_id, self.index, self.input_len, self.gen_config = seq_id, index, input_len, gen_config
-        self.stop_ids, self.stream, self.text = stop_ids, stream, text
-        self.token_ids: list[int] = []
-        self.logprobs: list[dict[int, float]] | None = [] if gen_config.logprobs else None
-        self.finish_reason: str | None = None
-        self.error: str | None = None
-        self.queued = False               # the engine has been handed it
-        self.pending: collections.deque[Response] = collections.deque()    # streamed pieces not yet handed out
-        self.notify: Callable[[Response], None] | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def feed(self, out: EngineOutput) -> bool:
-        """Take one step's output; True when a stop word has appeared (the engine must drop the request)."""
-        new_ids, hit = [], False
-        token = out.token_id
-        hidden_stop = out.finish_reason == 'stop' and token in self.stop_ids and \
-            not self.gen_config.include_stop_str_in_output
-        if token is not None and not hidden_stop:
-            new_ids = [token]
-            self.token_ids.append(token)
-            if self.logprobs is not None and out.logprobs is not None:
-                self.logprobs.append(out.logprobs)
-        piece = ''
-        if self.text is not None:
-            piece, hit = self.text.push(new_ids)
-        reason = 'stop' if hit else out.finish_reason
-        if reason is not None:
-            self.finish_reason = reason
-            self.error = out.error
-            if self.text is not None:
-                piece += self.text.finish()
-        if self.stream:
-            lps = self.logprobs[-len(new_ids):] if self.logprobs is not None and new_ids else None
-            self._emit(Response(piece, len(self.token_ids), self.input_len, self.finish_reason, new_ids, lps,
-                                self.index, self.error))
-        return hit
-
-    def fail(self, error: str):
-        """Finish with an error that did not come from the engine (the last Response says it)."""
-        if self.done:
-            return
-        self.finish_reason, self.error = 'error', error
-        if self.stream:
-            self._emit(Response('', len(self.token_ids), self.input_len, 'error', [], None, self.index, error))
-
-    def _emit(self, response: Response):
-        if self.notify is not None:
-            try:
-                self.notify(response)
-            except RuntimeError:          # the caller's event loop is closed: nobody is left to tell
-                logger.debug('request %d: its event loop is gone', self.index)
-        else:
-            self.pending.append(response)
-
-    def response(self, tokenizer: Tokenizer) -> Response:
-        text = self.text.text if self.text is not None else \
-            tokenizer.decode(self.token_ids, self.gen_config.skip_special_tokens)
-        return Response(text, len(self.token_ids), self.input_len, self.finish_reason, list(self.token_ids),
-                        self.logprobs, self.index, self.error)
-
-
-def _error(index: int, message: str) -> Response:
-    return Response('', 0, 0, 'error', index=index, error=message)
 
 
 class Pipeline:
@@ -132,7 +59,7 @@ class Pipeline:
             logger.warning('eos ids %s (generation_config.json or the tokenizer) are outside the vocabulary [0, %d): '
                            'they can never be generated, so they are ignored as stop ids', stray, vocab)
         self._eos_ids = eos - set(stray)
-        self._active: dict[int, _Request] = {}
+        self._active: dict[int, Request] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._driver: asyncio.Task | None = None
@@ -179,7 +106,7 @@ class Pipeline:
             raise ValueError(f'the prompt could not be tokenized ({type(e).__name__}: {e})') from e
 
     def _submit(self, index: int, prompt, gen_config: GenerationConfig, do_preprocess: bool,
-                stream: bool) -> _Request | Response:
+                stream: bool) -> Request | Response:
         """Queue one prompt; an error Response when it can't run."""
         try:
             token_ids = self._encode(prompt, do_preprocess)
@@ -187,19 +114,19 @@ class Pipeline:
             params = self.engine.sampling_params(gen_config, self._eos_ids)
         except (TypeError, ValueError) as e:
             logger.warning('request %d refused: %s', index, e)
-            return _error(index, str(e))
+            return error_response(index, str(e))
         text = None
         if stream or gen_config.stop_words:
             text = TextStream(self.tokenizer, gen_config.skip_special_tokens, gen_config.stop_words,
                               gen_config.include_stop_str_in_output)
-        request = _Request(next(self._ids), index, len(token_ids), gen_config, params.stop_ids, stream, text)
+        request = Request(next(self._ids), index, len(token_ids), gen_config, params.stop_ids, stream, text)
         # known before the engine can emit anything for it (a step may be running in another thread)
         self._active[request.seq_id] = request
         try:
             self.engine.add_request(token_ids, params, request.seq_id)
         except (TypeError, ValueError) as e:
             del self._active[request.seq_id]
-            return _error(index, str(e))
+            return error_response(index, str(e))
         request.queued = True
         return request
 
@@ -241,7 +168,7 @@ class Pipeline:
                         request.fail('the engine lost this request (a bug in lmdp; please report it)')
                         del self._active[seq_id]
 
-    def _drop(self, request: _Request):
+    def _drop(self, request: Request):
         """The caller stopped listening: forget the request; the engine frees it at its next step."""
         self._active.pop(request.seq_id, None)
         self.engine.abort(request.seq_id)
@@ -258,7 +185,7 @@ class Pipeline:
         use_tqdm: a progress bar over the requests (None: for a batch, when stderr is a terminal)."""
         _, is_batch = _as_batch(prompts)
         requests = self._submit_all(prompts, gen_config, do_preprocess, stream=False)
-        live = [r for r in requests if isinstance(r, _Request)]
+        live = [r for r in requests if isinstance(r, Request)]
         from tqdm import tqdm
         # tqdm's disable=None: shown only when stderr is a terminal
         disable = True if not is_batch or use_tqdm is False else None if use_tqdm is None else False
@@ -276,7 +203,7 @@ class Pipeline:
             for r in remaining:          # interrupted (Ctrl-C): the engine lets go of what did not finish
                 if not r.done:
                     self._drop(r)
-        responses = [r.response(self.tokenizer) if isinstance(r, _Request) else r for r in requests]
+        responses = [r.response(self.tokenizer) if isinstance(r, Request) else r for r in requests]
         return responses if is_batch else responses[0]
 
     batch_infer = infer

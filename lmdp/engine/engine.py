@@ -13,7 +13,6 @@ repeat), it fails that step's requests. `step` itself never raises for a request
 import itertools
 import logging
 import queue
-import random
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ import torch
 
 from ..messages import GenerationConfig, PytorchEngineConfig
 from ..paging import BlockManager
+from . import request_checks
 from .cache_engine import CacheEngine, plan_num_blocks
 from .model_agent import ModelAgent
 from .model_runner import ModelRunner
@@ -109,50 +109,17 @@ class Engine:
     # -- requests ---------------------------------------------------------------------------------------------
 
     def sampling_params(self, gen_config: GenerationConfig, eos_token_ids: Seq[int] = ()) -> SamplingParams:
-        """Check a GenerationConfig in full against this model and resolve it: stop ids merged with the model's eos
-        ids (unless ignore_eos; eos ids outside the vocabulary, which can never be drawn, left out), a seed drawn for
-        requests that give none. TypeError or ValueError, naming the field, for a setting no step could run."""
-        if not isinstance(gen_config, GenerationConfig):
-            raise TypeError(f'gen_config must be a GenerationConfig, got {type(gen_config).__name__}')
-        g = gen_config.validate()          # a list field may have been changed in place since it was set
-        vocab = self.model_config.vocab_size
-        bad = [t for t in g.stop_token_ids or () if t >= vocab]
-        if bad:
-            raise ValueError(f'stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab}) of this model')
-        stop_ids = set(g.stop_token_ids or ())
-        if not g.ignore_eos:
-            eos = itertools.chain(self.model_config.eos_token_id, eos_token_ids)
-            stop_ids.update(t for t in eos if 0 <= t < vocab)
-        seed = g.random_seed if g.random_seed is not None else random.getrandbits(63)
-        return SamplingParams(max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens or 0,
-                              greedy=g.is_greedy, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                              min_p=g.min_p, repetition_penalty=g.repetition_penalty, seed=seed,
-                              stop_ids=frozenset(stop_ids), logprobs=g.logprobs or 0)
+        """Check a GenerationConfig in full against this model and resolve it (see `request_checks`): TypeError or
+        ValueError, naming the field, for a setting no step could run."""
+        eos = list(self.model_config.eos_token_id) + list(eos_token_ids)
+        return request_checks.sampling_params(gen_config, self.model_config.vocab_size, eos)
 
     def check_prompt(self, token_ids: Seq[int]):
         """Raise ValueError (TypeError for ids that are not ints), saying why, for a prompt no step could run."""
-        if len(token_ids) == 0:
-            raise ValueError('the prompt is empty; give at least one token')
-        if len(token_ids) >= self.session_len:
-            raise ValueError(f'the prompt has {len(token_ids)} tokens but session_len is {self.session_len}, '
-                             'which must hold the prompt and at least one new token; shorten the prompt or '
-                             'raise session_len')
-        not_int = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool)]
-        if not_int:
-            raise TypeError(f'token ids must be ints, got {type(not_int[0]).__name__} {not_int[0]!r}')
-        vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f'token ids {bad[:5]} are outside the vocabulary [0, {vocab})')
+        request_checks.check_prompt(token_ids, self.session_len, self.model_config.vocab_size)
 
     def check_params(self, params: SamplingParams):
-        """Raise ValueError for resolved settings a step can't run with (stop ids the sampler can't index)."""
-        vocab = self.model_config.vocab_size
-        bad = sorted(t for t in params.stop_ids if not isinstance(t, int) or not 0 <= t < vocab)
-        if bad:
-            raise ValueError(f'stop ids {bad[:5]} are outside the vocabulary [0, {vocab}) of this model')
-        if not isinstance(params.seed, int) or isinstance(params.seed, bool):
-            raise TypeError(f'the seed must be an int, got {type(params.seed).__name__} {params.seed!r}')
+        request_checks.check_params(params, self.model_config.vocab_size)
 
     def add_request(self, token_ids: Seq[int], params: SamplingParams, seq_id: int | None = None) -> int:
         """Queue a prompt; returns its sequence id (`seq_id` when given: a caller that must know the id before the

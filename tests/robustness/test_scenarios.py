@@ -147,3 +147,53 @@ def test_a_stray_weight_file_is_refused_with_both_names(tiny, ckpt_copy, make_pi
     assert 'zz-extra.safetensors' in message and 'model.safetensors' in message
     assert "'model.norm.weight'" in message
     assert message in check_model(path).problems
+
+
+def test_a_request_the_engine_lost_is_answered_not_waited_for(pipe, nothing_lost, monkeypatch):
+    """Defence in depth: should the engine ever drop a request without a word, its caller gets an error instead
+    of a driver spinning forever on empty steps."""
+    add = pipe.engine.add_request
+    monkeypatch.setattr(pipe.engine, 'add_request',
+                        lambda ids, params, seq_id=None: seq_id if 333 in ids else add(ids, params, seq_id))
+    steps = {'n': 0}
+    step = pipe._step
+    monkeypatch.setattr(pipe, '_step', lambda: steps.__setitem__('n', steps['n'] + 1) or step())
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(_last(pipe, [1, 333], GOOD), _last(pipe, [1, 5, 6], GOOD)), 10)
+
+    lost, fine = asyncio.run(main())
+    assert lost.finish_reason == 'error' and 'the engine lost this request' in lost.error
+    assert fine.finish_reason == 'length' and len(fine.token_ids) == 8
+    assert steps['n'] <= 12
+    nothing_lost(pipe)
+
+
+def test_closing_the_pipeline_answers_its_async_callers(tiny, make_pipe):
+    closing = make_pipe(tiny, num_gpu_blocks=16)
+
+    async def main():
+        waiting = asyncio.ensure_future(_last(closing, [1, 5, 6], GenerationConfig(max_new_tokens=500,
+                                                                                    ignore_eos=True)))
+        while not closing._active:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        closing.close()
+        return await asyncio.wait_for(waiting, 10)
+
+    last = asyncio.run(main())
+    assert last.finish_reason == 'error' and 'closed' in last.error
+
+
+def test_a_cancelled_driver_answers_its_async_callers(pipe, nothing_lost):
+    async def main():
+        waiting = asyncio.ensure_future(_last(pipe, [1, 5, 6], GenerationConfig(max_new_tokens=500,
+                                                                                 ignore_eos=True)))
+        while pipe._driver is None or pipe._driver.done():
+            await asyncio.sleep(0.01)
+        pipe._driver.cancel()
+        return await asyncio.wait_for(waiting, 10)
+
+    last = asyncio.run(main())
+    assert last.finish_reason == 'error' and 'stopped serving async requests' in last.error
+    nothing_lost(pipe)
