@@ -171,7 +171,8 @@ class Pipeline:
     def _drop(self, request: Request):
         """The caller stopped listening: forget the request; the engine frees it at its next step."""
         self._active.pop(request.seq_id, None)
-        self.engine.abort(request.seq_id)
+        if self.engine is not None:
+            self.engine.abort(request.seq_id)
 
     # -- batch, streaming, async ------------------------------------------------------------------------------
 
@@ -255,11 +256,23 @@ class Pipeline:
         finally:
             if not request.done:
                 self._drop(request)
+                # its blocks are freed at the next step: someone must run it, even if no other request waits
+                if not loop.is_closed() and (self._driver is None or self._driver.done()):
+                    self._driver = loop.create_task(self._drive())
+
+    def abort_all(self):
+        """Stop every request in flight (a server shutting down): each caller's last Response has finish_reason
+        'abort', and the engine frees their blocks at its next step."""
+        if self.engine is None:
+            return
+        for seq_id in list(self._active):
+            self.engine.abort(seq_id)
 
     async def _drive(self):
-        """Step the engine while an async request waits; whatever stops it, every async waiter is answered."""
+        """Step the engine while an async request waits or an abort is still to be carried out; whatever stops it,
+        every async waiter is answered."""
         try:
-            while self._active and not self._closed:
+            while not self._closed and (self._active or self.engine.has_unfinished()):
                 await asyncio.to_thread(self._step)
         finally:
             waiting = [r for r in list(self._active.values()) if r.notify is not None and not r.done]

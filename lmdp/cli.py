@@ -1,4 +1,4 @@
-"""The `lmdp` command line: check, make-tiny, compare, generate, bench."""
+"""The `lmdp` command line: check, make-tiny, compare, generate, bench, serve."""
 import argparse
 import logging
 import sys
@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                        'arguments as for python -m lmdp.bench', add_help=False)
     p.add_argument('bench_args', nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
+
+    from .serve.cli import add_parser as add_serve_parser
+    add_serve_parser(sub)
     return parser
 
 

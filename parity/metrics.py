@@ -63,11 +63,18 @@ def diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], starts: Sequence[
 
 
 def _gain(d: torch.Tensor, b: torch.Tensor):
-    """Least-squares scale of `b` in the error `d`, and its standard error (errors taken independent per element:
-    rounding noise is, a systematic bug is not)."""
+    """Least-squares scale of `b` (`[tokens, channels]`) in the error `d`, and its standard error.
+
+    The standard error is the largest of three sandwich estimates: errors independent per element (rounding
+    noise), shared within a channel (a weight rounded once, as a folded norm gain is) and shared within a token (a
+    per-token scalar such as a norm's rsqrt rounded once), so a correct port's fixed roundings widen the band
+    instead of reading as a scale."""
     bb = (b * b).sum().item()
     if bb == 0.0:
         return 0.0, 0.0
     g = (d * b).sum().item() / bb
-    rest = d - g * b
-    return g, ((b * rest) ** 2).sum().sqrt().item() / bb
+    w = b * (d - g * b)
+    per_element = w.pow(2).sum()
+    per_channel = w.sum(0).pow(2).sum()
+    per_token = w.sum(-1).pow(2).sum()
+    return g, max(per_element, per_channel, per_token).sqrt().item() / bb

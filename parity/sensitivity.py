@@ -103,3 +103,22 @@ def planted_scale(base_cls: type, kind: str, layer: int, delta: float) -> type:
         _CLASSES[key] = type(f'{base_cls.__name__}_{kind}{layer}x{1 + delta:g}', (base_cls, ),
                              {'__init__': __init__, '__doc__': f'{kind} of layer {layer} scaled by {1 + delta:g}'})
     return _CLASSES[key]
+
+
+def planted_eps(base_cls: type, norm: str, layer: int, eps: float) -> type:
+    """A subclass of `base_cls` whose `norm` ('input_norm', 'mlp_norm', 'q_norm', 'k_norm', 'final_norm') of
+    `layer` uses `eps` instead of the config's (a hard-coded default, a wrong config field)."""
+    names = {'input_norm': ['model.layers.{i}.input_layernorm'],
+             'mlp_norm': ['model.layers.{i}.pre_feedforward_layernorm', 'model.layers.{i}.post_attention_layernorm'],
+             'q_norm': ['model.layers.{i}.self_attn.q_norm'], 'k_norm': ['model.layers.{i}.self_attn.k_norm'],
+             'final_norm': ['model.norm']}[norm]
+
+    def __init__(self, config, ctx_mgr, dtype=None, device=None):
+        base_cls.__init__(self, config, ctx_mgr, dtype=dtype, device=device)
+        module = _find(self, [n.format(i=layer) for n in names])
+        if module is None:
+            raise ValueError(f'this port has no {norm} module in layer {layer}')
+        module.eps = eps
+
+    return type(f'{base_cls.__name__}_{norm}{layer}_eps{eps:g}', (base_cls, ),
+                {'__init__': __init__, '__doc__': f'{norm} of layer {layer} with eps {eps:g}'})

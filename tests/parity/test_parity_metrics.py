@@ -118,3 +118,16 @@ def test_progress_without_tqdm_is_silent(monkeypatch, capsys):
     bar.update(2)
     bar.close()
     assert capsys.readouterr() == ('', '')
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), channels=st.integers(8, 64))
+def test_a_fixed_error_per_channel_widens_the_scale_band_instead_of_reading_as_a_scale(seed, channels):
+    """A weight rounded once (a folded norm gain in bfloat16) gives every token of a channel the same relative
+    error: the gain's standard error must count channels, not elements, or a correct port reads as 'scaled'."""
+    truth = torch.randn(200, channels, generator=_gen(seed), dtype=torch.float64)
+    per_channel = 2.0**-9 * torch.empty(channels, dtype=torch.float64).uniform_(-1, 1, generator=_gen(seed + 1))
+    m = diff([truth * (1 + per_channel)], [truth], [0])
+    # the per-element estimate would be ~sqrt(200) times smaller; the gain stays within 5 of the widened errors
+    assert abs(m.gain) <= 5 * m.gain_se
+    assert m.gain_se >= 0.2 * per_channel.std().item() / channels ** 0.5
