@@ -1,6 +1,6 @@
 """`ModelConfig`: the engine's normalised view of a HuggingFace config."""
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Union
+from typing import Any
 
 import torch
 
@@ -10,7 +10,7 @@ _DTYPES = {'float32': torch.float32, 'float': torch.float32, 'float16': torch.fl
            'bfloat16': torch.bfloat16}
 
 
-def resolve_dtype(dtype: Union[str, torch.dtype, None], hf_config=None) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, hf_config=None) -> torch.dtype:
     """A torch dtype from a name, a torch.dtype, or 'auto': the checkpoint's own dtype (float32 if it names none)."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
@@ -37,19 +37,19 @@ class ModelConfig:
     num_layers: int
     num_attention_heads: int
     num_key_value_heads: int
-    bos_token_id: Optional[int]
-    eos_token_id: List[int]
+    bos_token_id: int | None
+    eos_token_id: list[int]
     head_dim: int
     vocab_size: int = 40000
-    k_head_dim: Optional[int] = None
-    v_head_dim: Optional[int] = None
+    k_head_dim: int | None = None
+    v_head_dim: int | None = None
     sliding_window: int = -1
     dtype: torch.dtype = torch.float16
     tie_word_embeddings: bool = False
-    max_position_embeddings: Optional[int] = None
+    max_position_embeddings: int | None = None
     hf_config: Any = field(default=None, repr=False)
     quant_config: Any = None
-    model_arch: Optional[str] = None
+    model_arch: str | None = None
 
     def __post_init__(self):
         if self.eos_token_id is None:
@@ -78,7 +78,7 @@ class ModelConfig:
                               f'num_key_value_heads ({self.num_key_value_heads}); grouped-query attention needs it')
 
     @classmethod
-    def from_hf_config(cls, hf_config, model_path: Optional[str] = None, dtype='auto') -> 'ModelConfig':
+    def from_hf_config(cls, hf_config, model_path: str | None = None, dtype='auto') -> 'ModelConfig':
         """Build through the first ConfigBuilder whose `condition` holds for this config."""
         from .configurations import AutoModelConfigBuilder
         cfg = AutoModelConfigBuilder.build(hf_config, model_path=model_path)
@@ -92,14 +92,34 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, model_path: str, dtype='auto', trust_remote_code: bool = False) -> 'ModelConfig':
-        from .configurations import AutoModelConfigBuilder
-        from .configurations.default import BUILTIN_BUILDERS, unset_required_fields
         from .hf_config import load_hf_config, read_config_dict
         hf_config = load_hf_config(model_path, trust_remote_code)
-        if AutoModelConfigBuilder.find_builder(hf_config).__name__ in BUILTIN_BUILDERS:
-            missing = unset_required_fields(read_config_dict(model_path), hf_config)
-            if missing:
-                raise ConfigError(f"config.json in {model_path!r} does not set {', '.join(missing)}; transformers "
-                                  'would fill in its own default, which almost never matches the weights. Add '
-                                  'the value(s) to config.json')
-        return cls.from_hf_config(hf_config, model_path, dtype)
+        return build_model_config(hf_config, model_path, dtype, raw_config=read_config_dict(model_path))
+
+
+def build_model_config(hf_config, model_path: str | None = None, dtype='auto',
+                       raw_config: dict | None = None) -> ModelConfig:
+    """`ModelConfig.from_hf_config` with every problem a ConfigError naming config.json and the field: required
+    fields that config.json leaves to transformers' defaults (given `raw_config`, its own dict), rope settings of
+    the wrong type, and anything the ConfigBuilder raises."""
+    from .configurations import AutoModelConfigBuilder
+    from .configurations.default import BUILTIN_BUILDERS, unset_required_fields
+    from .hf_config import check_rope_values
+    where = f'config.json in {model_path!r}' if model_path else 'the config'
+    builder = AutoModelConfigBuilder.find_builder(hf_config)
+    if raw_config is not None and builder.__name__ in BUILTIN_BUILDERS:
+        missing = unset_required_fields(raw_config, hf_config)
+        if missing:
+            adds = ', '.join(f'"{name}": ...' for name in missing)
+            raise ConfigError(f"{where} does not set {', '.join(missing)}; transformers would fill in its own "
+                              f'default, which almost never matches the weights. Add {adds} to config.json')
+    check_rope_values(hf_config, where)
+    try:
+        return ModelConfig.from_hf_config(hf_config, model_path, dtype)
+    except ConfigError as e:
+        if 'config.json' in str(e):
+            raise
+        raise ConfigError(f'{where}: {e}') from e
+    except Exception as e:
+        raise ConfigError(f'{builder.__name__} could not build a ModelConfig from {where} ({type(e).__name__}: '
+                          f'{e}); a value there is probably missing or of the wrong type') from e

@@ -15,3 +15,15 @@ class ArchitectureError(LmdpError, ValueError):
 
 class WeightLoadError(LmdpError, ValueError):
     """A checkpoint's tensors don't fit the model: missing, mis-shaped or unreadable."""
+
+
+class EnvError(LmdpError, ValueError):
+    """An environment variable lmdp reads holds a value it can't parse (see `lmdp.envs`)."""
+
+
+class TokenizerError(LmdpError, ValueError):
+    """A checkpoint's tokenizer can't be loaded."""
+
+
+class PipelineClosedError(LmdpError, RuntimeError):
+    """A pipeline was used after `close()` (or after its `with` block ended)."""

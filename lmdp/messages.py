@@ -1,26 +1,80 @@
 """What a user hands the engine and what comes back: engine config, generation config, response.
 
 Names and defaults follow lmdeploy's `PytorchEngineConfig`, `GenerationConfig` and `Response`, so a script written
-for lmdeploy's `pipeline()` runs unchanged. Both configs check their values when built: a bad value is an error at
-the line that wrote it, not a crash deep inside a step.
+for lmdeploy's `pipeline()` runs unchanged. Both configs check every field whenever it is set: a bad value is an
+error at the line that wrote it, not a crash deep inside a step.
 """
-import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Dict, List, Literal, Optional, Union
+from typing import Literal
+
+from . import validate
 
 FinishReason = Literal['stop', 'length', 'abort', 'error']
+
+
 #: how an architecture is served: its lmdp port, its transformers code on the paged engine, or whichever applies
 MODEL_IMPLS = ('auto', 'lmdp', 'transformers')
 
+class _Checked:
+    """A dataclass whose every field is checked whenever it is set (in the constructor or later), so a bad value
+    fails at the line that wrote it, and a name that is no field (a typo) is refused instead of stored."""
 
-def _check(ok: bool, message: str):
-    if not ok:
-        raise ValueError(message)
+    _checks: dict[str, Callable[[str, object], object]] = {}
+
+    def __setattr__(self, name, value):
+        check = self._checks.get(name)
+        if check is None:
+            known = ', '.join(f.name for f in fields(self))
+            raise AttributeError(f'{type(self).__name__} has no field {name!r}; its fields: {known}')
+        super().__setattr__(name, check(f'{type(self).__name__}.{name}', value))
+
+
+def _positive_or_none(name, value):
+    return validate.integer(name, value, 1, optional=True)
+
+
+def _power_of_two(name, value):
+    value = validate.integer(name, value, 1)
+    if value & (value - 1):
+        raise ValueError(f'{name} must be a power of two, got {value}')
+    return value
+
+
+def _tp(name, value):
+    value = validate.integer(name, value, 1)
+    if value != 1:
+        raise ValueError(f'{name}={value}: tensor parallelism is not wired into the engine yet; use tp=1')
+    return value
+
+
+def _dtype(name, value):
+    if isinstance(value, str) or type(value).__name__ == 'dtype':
+        return value                    # resolved (and checked) against the checkpoint by lmdp.config.resolve_dtype
+    raise TypeError(f"{name} must be 'auto', 'float32', 'float16' or 'bfloat16' (or a torch.dtype), got "
+                    f'{type(value).__name__}')
+
+
+def _module_map(name, value):
+    if value is None or isinstance(value, dict):
+        return value
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f'{name} must be the path of a .py file that defines MODULE_MAP, or a dict, got '
+                        f'{type(value).__name__}')
+    # fail here, at the line that names the file, rather than after the tokenizer and config have loaded
+    if not os.path.isfile(value):
+        raise FileNotFoundError(f'custom_module_map {os.fspath(value)!r} does not exist; pass the path of a .py file '
+                                'that defines MODULE_MAP')
+    return value
+
+
+def _optional_int_list(name, value):
+    return validate.int_list(name, value, 1)
 
 
 @dataclass
-class PytorchEngineConfig:
+class PytorchEngineConfig(_Checked):
     """How the engine is built: precision, KV pool, batch limits, scheduler and device.
 
     session_len: longest sequence (prompt + output); default the model's max_position_embeddings.
@@ -34,42 +88,38 @@ class PytorchEngineConfig:
     """
     dtype: str = 'auto'
     tp: int = 1
-    session_len: Optional[int] = None
-    max_batch_size: Optional[int] = None
+    session_len: int | None = None
+    max_batch_size: int | None = None
     cache_max_entry_count: float = 0.8
     block_size: int = 64
     num_gpu_blocks: int = 0
     max_prefill_token_num: int = 4096
     eager_mode: bool = False
-    custom_module_map: Union[None, str, Dict[str, object]] = None
+    custom_module_map: None | str | dict[str, object] = None
     device_type: str = 'auto'
     enable_prefix_caching: bool = False
-    cudagraph_capture_batch_sizes: Optional[List[int]] = None
+    cudagraph_capture_batch_sizes: list[int] | None = None
     trust_remote_code: bool = False
     model_impl: str = 'auto'
 
-    def __post_init__(self):
-        _check(self.tp == 1, f'tp={self.tp}: tensor parallelism is not wired into the engine yet; use tp=1')
-        _check(self.session_len is None or self.session_len > 0, f'session_len must be positive, got '
-               f'{self.session_len}')
-        _check(self.max_batch_size is None or self.max_batch_size > 0,
-               f'max_batch_size must be positive, got {self.max_batch_size}')
-        _check(0 < self.cache_max_entry_count <= 1,
-               f'cache_max_entry_count is a fraction of free memory in (0, 1], got {self.cache_max_entry_count}')
-        _check(self.block_size > 0 and not self.block_size & (self.block_size - 1),
-               f'block_size must be a power of two, got {self.block_size}')
-        _check(self.num_gpu_blocks >= 0, f'num_gpu_blocks must be >= 0 (0: size from memory), got '
-               f'{self.num_gpu_blocks}')
-        _check(self.max_prefill_token_num > 0,
-               f'max_prefill_token_num must be positive, got {self.max_prefill_token_num}')
-        _check(self.device_type in ('auto', 'cuda', 'cpu'),
-               f"device_type must be 'auto', 'cuda' or 'cpu', got {self.device_type!r}")
-        _check(self.model_impl in MODEL_IMPLS,
-               f"model_impl must be one of {', '.join(map(repr, MODEL_IMPLS))}, got {self.model_impl!r}")
-        # fail here, at the line that names the file, rather than after the tokenizer and config have loaded
-        if isinstance(self.custom_module_map, (str, os.PathLike)) and not os.path.isfile(self.custom_module_map):
-            raise FileNotFoundError(f'custom_module_map {os.fspath(self.custom_module_map)!r} does not exist; pass '
-                                    'the path of a .py file that defines MODULE_MAP')
+    _checks = dict(
+        dtype=_dtype,
+        tp=_tp,
+        session_len=_positive_or_none,
+        max_batch_size=_positive_or_none,
+        cache_max_entry_count=lambda n, v: validate.number(n, v, 0, 1, low_open=True,
+                                                           rule='a fraction of free memory in (0, 1]'),
+        block_size=_power_of_two,
+        num_gpu_blocks=lambda n, v: validate.integer(n, v, 0),
+        max_prefill_token_num=lambda n, v: validate.integer(n, v, 1),
+        eager_mode=validate.boolean,
+        custom_module_map=_module_map,
+        device_type=lambda n, v: validate.choice(n, v, ('auto', 'cuda', 'cpu')),
+        enable_prefix_caching=validate.boolean,
+        cudagraph_capture_batch_sizes=_optional_int_list,
+        trust_remote_code=validate.boolean,
+        model_impl=lambda n, v: validate.choice(n, v, MODEL_IMPLS),
+    )
 
     def resolved_device(self) -> str:
         import torch
@@ -81,7 +131,7 @@ class PytorchEngineConfig:
 
 
 @dataclass
-class GenerationConfig:
+class GenerationConfig(_Checked):
     """How one request is decoded.
 
     do_sample=False (or temperature=0) decodes greedily. top_k=0 means no top-k limit. Stop words are
@@ -90,9 +140,13 @@ class GenerationConfig:
     include_stop_str_in_output. min_new_tokens keeps every stop id from being sampled until that many tokens exist.
     random_seed makes a sampled request repeat exactly, whatever else shares its batch. logprobs=N returns, per
     output token, the log-probabilities of the N likeliest tokens and of the chosen one (raw model logits).
+
+    Every field is checked when it is set, at construction or later: a wrong type is a TypeError and a value out
+    of range a ValueError, each naming the field. Values that depend on the model (stop ids against its
+    vocabulary) are checked when a request is submitted.
     """
     max_new_tokens: int = 512
-    min_new_tokens: Optional[int] = None
+    min_new_tokens: int | None = None
     do_sample: bool = False
     temperature: float = 0.8
     top_k: int = 50
@@ -100,33 +154,36 @@ class GenerationConfig:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
-    random_seed: Optional[int] = None
-    stop_words: Optional[List[str]] = None
-    stop_token_ids: Optional[List[int]] = None
+    random_seed: int | None = None
+    stop_words: list[str] | None = None
+    stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    logprobs: Optional[int] = None
+    logprobs: int | None = None
 
-    def __post_init__(self):
-        _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
-               f'max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}')
-        _check(self.min_new_tokens is None or self.min_new_tokens >= 0,
-               f'min_new_tokens must be >= 0, got {self.min_new_tokens}')
-        _check(self.temperature >= 0, f'temperature must be >= 0 (0 means greedy), got {self.temperature}')
-        _check(0 < self.top_p <= 1, f'top_p must be in (0, 1], got {self.top_p}')
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, f'top_k must be an integer >= 0 (0: no limit), got '
-               f'{self.top_k!r}')
-        _check(0 <= self.min_p <= 1, f'min_p must be in [0, 1], got {self.min_p}')
-        _check(self.repetition_penalty > 0, f'repetition_penalty must be > 0 (1: none), got '
-               f'{self.repetition_penalty}')
-        _check(self.logprobs is None or self.logprobs >= 0, f'logprobs must be >= 0, got {self.logprobs}')
-        if isinstance(self.stop_words, str):
-            self.stop_words = [self.stop_words]
-        if self.stop_words is not None:
-            _check(all(isinstance(w, str) and w for w in self.stop_words),
-                   f'stop_words must be non-empty strings, got {self.stop_words!r}')
-        if isinstance(self.stop_token_ids, int):
-            self.stop_token_ids = [self.stop_token_ids]
+    _checks = dict(
+        max_new_tokens=lambda n, v: validate.integer(n, v, 0),
+        min_new_tokens=lambda n, v: validate.integer(n, v, 0, optional=True),
+        do_sample=validate.boolean,
+        temperature=lambda n, v: validate.number(n, v, 0, rule='>= 0 (0 means greedy)'),
+        top_k=lambda n, v: validate.integer(n, v, 0),
+        top_p=lambda n, v: validate.number(n, v, 0, 1, low_open=True),
+        min_p=lambda n, v: validate.number(n, v, 0, 1),
+        repetition_penalty=lambda n, v: validate.number(n, v, 0, low_open=True, rule='> 0 (1: none)'),
+        ignore_eos=validate.boolean,
+        random_seed=lambda n, v: validate.integer(n, v, optional=True),
+        stop_words=validate.str_list,
+        stop_token_ids=lambda n, v: validate.int_list(n, v, 0),
+        skip_special_tokens=validate.boolean,
+        include_stop_str_in_output=validate.boolean,
+        logprobs=lambda n, v: validate.integer(n, v, 0, optional=True),
+    )
+
+    def validate(self) -> 'GenerationConfig':
+        """Check every field again (a list field may have been changed in place); returns self."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name))
+        return self
 
     @property
     def is_greedy(self) -> bool:
@@ -135,15 +192,16 @@ class GenerationConfig:
     @classmethod
     def from_pretrained(cls, model_path: str, **overrides) -> 'GenerationConfig':
         """lmdp's defaults, replaced by the checkpoint's generation_config.json where it sets a value."""
-        values = {}
-        path = os.path.join(model_path, 'generation_config.json')
-        if os.path.isfile(path):
-            with open(path, encoding='utf-8') as f:
-                hf = json.load(f)
-            known = {f.name for f in fields(cls)} - {'stop_token_ids'}
-            values = {k: v for k, v in hf.items() if k in known and v is not None}
-        values.update(overrides)
-        return cls(**values)
+        from .hf_config import read_generation_config
+        values = read_generation_config(model_path)
+        hf = {k: v for k, v in values.items() if k in cls._checks and k != 'stop_token_ids' and v is not None}
+        for name, value in hf.items():
+            try:
+                cls._checks[name](name, value)
+            except (TypeError, ValueError) as e:
+                from .errors import ConfigError
+                raise ConfigError(f'generation_config.json in {model_path!r}: {e}; fix or remove "{name}"') from None
+        return cls(**dict(hf, **overrides))
 
 
 @dataclass
@@ -156,8 +214,8 @@ class Response:
     text: str
     generate_token_len: int
     input_token_len: int
-    finish_reason: Optional[FinishReason] = None
-    token_ids: List[int] = field(default_factory=list)
-    logprobs: Optional[List[Dict[int, float]]] = None
+    finish_reason: FinishReason | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
     index: int = 0
-    error: Optional[str] = None
+    error: str | None = None

@@ -6,9 +6,9 @@ difference between the whole output decoded at once and what was released, so th
 final text. Stop words are matched in the text; text that could be the start of a stop word is held back until
 it is known not to be one.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
-Messages = List[Dict[str, str]]
+Messages = list[dict[str, str]]
 
 
 class Tokenizer:
@@ -16,24 +16,30 @@ class Tokenizer:
 
     def __init__(self, model_path: str, trust_remote_code: bool = False):
         from transformers import AutoTokenizer
+
+        from .errors import TokenizerError
         try:
             self.model = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise ValueError(f'could not load the tokenizer of {model_path!r}: {e}. The folder needs the '
-                             "checkpoint's tokenizer files (tokenizer.json, tokenizer_config.json)") from e
+        except Exception as e:          # transformers raises OSError, ValueError, KeyError... by the problem
+            raise TokenizerError(f'could not load the tokenizer of {model_path!r} ({type(e).__name__}: {e}). The '
+                                 "folder needs the checkpoint's tokenizer files (tokenizer.json, "
+                                 'tokenizer_config.json)') from e
+        if self.model is None or not callable(getattr(self.model, 'encode', None)):
+            raise TokenizerError(f'the tokenizer of {model_path!r} loaded as {type(self.model).__name__}, which '
+                                 "can't encode text; the folder needs tokenizer.json and tokenizer_config.json")
 
     @property
-    def eos_token_id(self) -> Optional[int]:
+    def eos_token_id(self) -> int | None:
         return self.model.eos_token_id
 
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.model, 'chat_template', None))
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.model.encode(text, add_special_tokens=add_special_tokens)
 
-    def encode_chat(self, messages: Messages) -> List[int]:
+    def encode_chat(self, messages: Messages) -> list[int]:
         """Token ids of a conversation rendered by the checkpoint's chat template, ready for the reply."""
         if not self.has_chat_template:
             raise ValueError('this tokenizer has no chat template; pass plain text or token ids instead of chat '
@@ -50,19 +56,19 @@ class TextStream:
     """The text of one output as its tokens arrive: `push` returns the new piece of text, `finish` the rest."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True,
-                 stop_words: Optional[List[str]] = None, include_stop_str: bool = False):
+                 stop_words: list[str] | None = None, include_stop_str: bool = False):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stop_words = stop_words or []
         self.include_stop_str = include_stop_str
-        self.token_ids: List[int] = []
+        self.token_ids: list[int] = []
         self.text = ''            # decoded so far (before any stop-word cut)
         self.released = 0         # characters of `text` handed out
         self.stopped = False
         self._prefix = 0          # token window: [prefix, read) decoded already, read onwards new
         self._read = 0
 
-    def push(self, token_ids: Sequence[int]) -> Tuple[str, bool]:
+    def push(self, token_ids: Sequence[int]) -> tuple[str, bool]:
         """Add tokens; returns (new text safe to show, whether a stop word has now appeared)."""
         self.token_ids.extend(token_ids)
         window = self.token_ids[self._prefix:]

@@ -8,12 +8,14 @@ import json
 import os
 import sys
 
+from .. import envs
 from .checkpoint import ensure_checkpoint
 from .shapes import SHAPES
 
 
 def run(args) -> dict:
     import torch
+
     from .measure import copy_bandwidth, hf_batch1_decode, lmdp_figures
     if not torch.cuda.is_available():
         raise SystemExit('lmdp bench needs a CUDA device')
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
                         help="which implementation serves the checkpoint: its lmdp port, the transformers fallback "
                              "(model_impl='transformers'), or both in one call with the fallback's ratios to the "
                              'port and to transformers\' eager generate')
-    parser.add_argument('--json', default=os.path.join(os.environ.get('OUT', '.'), 'lmdp_bench.json'))
+    parser.add_argument('--json', default=os.path.join(envs.OUT, 'lmdp_bench.json'))
     args = parser.parse_args(argv)
     results = run(args)
     with open(args.json, 'w') as f:

@@ -3,18 +3,24 @@
 It owns the model runner, the KV pool's block manager, the scheduler and the sampler, and knows nothing of text
 (the pipeline does). `add_request` and `abort` may be called from any thread: they go through an inbox that
 `step` drains, so one thread can drive steps while others submit.
+
+One bad request never takes others down. Requests are checked in full when submitted (`sampling_params`,
+`check_prompt`). Should a step fail anyway, `step` finds the requests that make it fail by re-running halves of the
+step's batch, finishes only those with finish_reason 'error' (and the reason), frees their blocks, and puts the
+others back to run in the next step; when it can't tell (the failure is after the tokens were drawn, or does not
+repeat), it fails that step's requests. `step` itself never raises for a request's sake.
 """
 import itertools
 import logging
 import queue
-import random
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence as Seq
 
 import torch
 
 from ..messages import GenerationConfig, PytorchEngineConfig
 from ..paging import BlockManager
+from . import request_checks
 from .cache_engine import CacheEngine, plan_num_blocks
 from .model_agent import ModelAgent
 from .model_runner import ModelRunner
@@ -29,21 +35,22 @@ logger = logging.getLogger('lmdp')
 class EngineOutput:
     """What one step did to one request: the token it drew (None if none) and why it finished (None if not)."""
     seq_id: int
-    token_id: Optional[int]
-    finish_reason: Optional[str] = None
-    logprobs: Optional[Dict[int, float]] = None
+    token_id: int | None
+    finish_reason: str | None = None
+    logprobs: dict[int, float] | None = None
+    error: str | None = None          # with finish_reason 'error': what went wrong
 
 
 @dataclass
 class _InFlight:
     """A step whose tokens are drawn on the device but not yet read back by the host."""
     batch: ScheduledBatch
-    index: List[int]                  # rows of the batch that drew a token
+    index: list[int]                  # rows of the batch that drew a token
     tokens: torch.Tensor              # [len(index)] on the device
     host_tokens: torch.Tensor         # their copy on the host, in flight until `ready`
-    ready: Optional[torch.cuda.Event]
-    logprobs: Optional[tuple]
-    want_logprobs: Optional[List[int]]
+    ready: torch.cuda.Event | None
+    logprobs: tuple | None
+    want_logprobs: list[int] | None
 
 
 @dataclass
@@ -57,7 +64,7 @@ class EngineStats:
 class Engine:
     """Continuous batching over a paged KV cache. Build with `Engine(model_path, PytorchEngineConfig(...))`."""
 
-    def __init__(self, model_path: str, config: Optional[PytorchEngineConfig] = None):
+    def __init__(self, model_path: str, config: PytorchEngineConfig | None = None):
         self.config = config = config or PytorchEngineConfig()
         device = config.resolved_device()
         self.agent = ModelAgent.from_pretrained(model_path, dtype=config.dtype, device=device,
@@ -88,45 +95,38 @@ class Engine:
         # Decode steps run one ahead of the host: the next step is launched on the device before the tokens of
         # the current one are read back, so scheduling, detokenising and the graph launch hide behind the GPU.
         self.overlap = True
-        self._inflight: Optional[_InFlight] = None
+        self._inflight: _InFlight | None = None
         self.stats = EngineStats()
         self._inbox = queue.SimpleQueue()
-        self._seqs: Dict[int, Sequence] = {}
+        self._seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()
+        self._stepping: list[Sequence] = []     # the sequences the running step works on (whom a failure concerns)
+        vocab = model_config.vocab_size
+        stray = [t for t in model_config.eos_token_id if not 0 <= t < vocab]
+        if stray:
+            logger.warning('eos_token_id %s in config.json is outside the vocabulary [0, %d): it can never be '
+                           'generated, so it is ignored as a stop id', stray, vocab)
 
     # -- requests ---------------------------------------------------------------------------------------------
 
     def sampling_params(self, gen_config: GenerationConfig, eos_token_ids: Seq[int] = ()) -> SamplingParams:
-        """Resolve a GenerationConfig: stop ids merged with the model's eos ids (unless ignore_eos), a seed drawn
-        for requests that give none."""
-        g = gen_config
-        stop_ids = set(g.stop_token_ids or ())
-        if not g.ignore_eos:
-            stop_ids.update(self.model_config.eos_token_id)
-            stop_ids.update(eos_token_ids)
-        seed = g.random_seed if g.random_seed is not None else random.getrandbits(63)
-        return SamplingParams(max_new_tokens=g.max_new_tokens, min_new_tokens=g.min_new_tokens or 0,
-                              greedy=g.is_greedy, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                              min_p=g.min_p, repetition_penalty=g.repetition_penalty, seed=seed,
-                              stop_ids=frozenset(stop_ids), logprobs=g.logprobs or 0)
+        """Check a GenerationConfig in full against this model and resolve it (see `request_checks`): TypeError or
+        ValueError, naming the field, for a setting no step could run."""
+        eos = list(self.model_config.eos_token_id) + list(eos_token_ids)
+        return request_checks.sampling_params(gen_config, self.model_config.vocab_size, eos)
 
     def check_prompt(self, token_ids: Seq[int]):
-        """Raise ValueError, saying why, for a prompt no step could run."""
-        if len(token_ids) == 0:
-            raise ValueError('the prompt is empty; give at least one token')
-        if len(token_ids) >= self.session_len:
-            raise ValueError(f'the prompt has {len(token_ids)} tokens but session_len is {self.session_len}, '
-                             'which must hold the prompt and at least one new token; shorten the prompt or '
-                             'raise session_len')
-        vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f'token ids {bad[:5]} are outside the vocabulary [0, {vocab})')
+        """Raise ValueError (TypeError for ids that are not ints), saying why, for a prompt no step could run."""
+        request_checks.check_prompt(token_ids, self.session_len, self.model_config.vocab_size)
 
-    def add_request(self, token_ids: Seq[int], params: SamplingParams, seq_id: Optional[int] = None) -> int:
+    def check_params(self, params: SamplingParams):
+        request_checks.check_params(params, self.model_config.vocab_size)
+
+    def add_request(self, token_ids: Seq[int], params: SamplingParams, seq_id: int | None = None) -> int:
         """Queue a prompt; returns its sequence id (`seq_id` when given: a caller that must know the id before the
-        request can produce output picks it). Raises ValueError for a prompt that can't run."""
+        request can produce output picks it). Raises ValueError or TypeError for a request that can't run."""
         self.check_prompt(token_ids)
+        self.check_params(params)
         seq_id = next(self._ids) if seq_id is None else seq_id
         seq = Sequence(seq_id, list(token_ids), len(token_ids), params)
         self._inbox.put(('add', seq))
@@ -139,7 +139,19 @@ class Engine:
     def has_unfinished(self) -> bool:
         return not self._inbox.empty() or self.scheduler.has_unfinished() or self._inflight is not None
 
-    def _drain_inbox(self) -> List[EngineOutput]:
+    @property
+    def num_sequences(self) -> int:
+        """Sequences the engine holds (queued, running or waiting): 0 when every request has been answered."""
+        return len(self._seqs)
+
+    def abort_all(self, reason: str = 'abort', error: str | None = None) -> list[EngineOutput]:
+        """Finish every request now (those still in the inbox too) and free their blocks; an output for each."""
+        outputs = self._drain_inbox()
+        self._inflight = None
+        seqs = list(self._seqs.values())
+        return outputs + self._fail(seqs, reason, error)
+
+    def _drain_inbox(self) -> list[EngineOutput]:
         outputs = []
         while not self._inbox.empty():
             kind, item = self._inbox.get()
@@ -156,33 +168,104 @@ class Engine:
 
     # -- the step ---------------------------------------------------------------------------------------------
 
-    def step(self) -> List[EngineOutput]:
+    def step(self) -> list[EngineOutput]:
         """Run one prefill or decode step; what it did to each request it touched.
 
         With `overlap`, a decode step returns the tokens of the step before it: its own are read back by the next
-        call, which first launches the step after it.
+        call, which first launches the step after it. A failure fails only the requests behind it (see above).
         """
         outputs = self._drain_inbox()
+        try:
+            outputs += self._step()
+        except Exception as e:         # whatever a step raises concerns its requests, not the engine
+            outputs += self._recover(e)
+        finally:
+            self._stepping = []
+        return outputs
+
+    def _step(self) -> list[EngineOutput]:
         if self._inflight is not None:
             previous = self._inflight
-            self._inflight = self._launch_ahead(previous)
-            outputs += self._finish(previous)
-            return outputs
+            self._stepping = previous.batch.seqs
+            try:
+                self._inflight = self._launch_ahead(previous)
+            except Exception:          # not running ahead is always safe; the next step shows who
+                logger.debug('running a decode step ahead failed; the next step runs in lock-step', exc_info=True)
+                self._inflight = None
+            return self._finish(previous)
         batch = self.scheduler.schedule()
         if batch is None:
-            if self.scheduler.has_unfinished():
-                # cannot happen while session_len fits the pool; fail loudly rather than spin
-                raise RuntimeError(f'the scheduler can run nothing: {len(self.scheduler.waiting)} waiting, '
-                                   f'{len(self.scheduler.running)} running, {self.block_manager.num_free} of '
-                                   f'{self.block_manager.num_blocks} blocks free')
-            return outputs
-        launched = self._launch(batch, self.runner.prepare_inputs(batch))
+            if self.scheduler.waiting:
+                # the head of the queue can't fit even in an empty pool (cannot happen while session_len fits it)
+                seq = self.scheduler.waiting[0]
+                return self._fail([seq], 'error', f'the request needs {seq.num_tokens} tokens of KV cache but the '
+                                  f'pool holds {self.block_manager.num_blocks * self.block_manager.block_size}; '
+                                  'raise num_gpu_blocks or cache_max_entry_count, or lower session_len')
+            return []
+        self._stepping = batch.seqs
+        try:
+            launched = self._launch(batch, self.runner.prepare_inputs(batch))
+        except Exception as e:         # find the requests that make it fail; the rest run again
+            return self._isolate(batch, e)
         if launched is not None and batch.is_decoding and self.overlap:
             self._inflight = launched
-            return outputs
-        return outputs + self._finish(launched, batch)
+            return []
+        return self._finish(launched, batch)
 
-    def _launch(self, batch: ScheduledBatch, inputs, ahead: int = 0) -> Optional[_InFlight]:
+    def _isolate(self, batch: ScheduledBatch, error: Exception) -> list[EngineOutput]:
+        """`batch` failed before its tokens were accounted: fail the sequences that fail alone (halving the batch
+        to find them), and queue the others to run again as if the step had not happened."""
+        culprits = self._culprits(batch, error, known_to_fail=True)
+        if not culprits:                # it does not repeat: no one to blame, so the step's requests fail
+            logger.error('a step of %d sequences failed and no part of it fails again; failing them all',
+                         len(batch.seqs), exc_info=error)
+            return self._fail(batch.seqs, 'error', _describe(error, 'a step with this request failed'))
+        blamed = {id(seq) for seq, _ in culprits}
+        if not batch.is_decoding:       # prefill took them off the queue: back to its front, in order
+            healthy = [seq for seq in batch.seqs if id(seq) not in blamed]
+            self.scheduler.waiting.extendleft(reversed(healthy))
+        outputs = []
+        for seq, e in culprits:
+            logger.warning('request %s failed in a step and was dropped: %r', seq.seq_id, e)
+            outputs += self._fail([seq], 'error', _describe(e, 'the model step failed for this request'))
+        return outputs
+
+    def _culprits(self, batch: ScheduledBatch, error: Exception, known_to_fail: bool = False):
+        """[(sequence, its error)] for the sequences of `batch` whose step fails on its own."""
+        if not known_to_fail:
+            try:
+                launched = self._launch(batch, self.runner.prepare_inputs(batch))
+                if launched is not None and launched.ready is not None:
+                    launched.ready.synchronize()          # a device-side failure shows here
+                return []
+            except Exception as e:
+                error = e
+        if len(batch.seqs) == 1:
+            return [(batch.seqs[0], error)]
+        half = len(batch.seqs) // 2
+        parts = [ScheduledBatch(batch.seqs[:half], batch.num_new[:half], batch.is_decoding),
+                 ScheduledBatch(batch.seqs[half:], batch.num_new[half:], batch.is_decoding)]
+        return [c for part in parts for c in self._culprits(part, error)]
+
+    def _recover(self, error: Exception) -> list[EngineOutput]:
+        """A step failed where the culprit can't be told (accounting a step's tokens, or the scheduler): fail
+        the step's requests, or every request when the step had none yet."""
+        self._inflight = None
+        seqs = [s for s in self._stepping if not s.is_finished] or list(self._seqs.values())
+        logger.error('a step failed; failing its %d request(s)', len(seqs), exc_info=error)
+        return self._fail(seqs, 'error', _describe(error, 'a step with this request failed'))
+
+    def _fail(self, seqs: list[Sequence], reason: str, error: str | None) -> list[EngineOutput]:
+        """Finish `seqs` now with `reason`, free their blocks and forget them."""
+        outputs = []
+        for seq in seqs:
+            self.scheduler.abort(seq, reason)
+            self.block_manager.free(seq)      # a no-op when the scheduler freed them already
+            self._seqs.pop(seq.seq_id, None)
+            outputs.append(EngineOutput(seq.seq_id, None, reason, error=error))
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch, inputs, ahead: int = 0) -> _InFlight | None:
         """Run the model and the sampler for a step; the tokens stay on the device (their copy to the host is
         started). None when no row samples (every prompt of a prefill step is part-way through a chunk)."""
         if self.runner.can_replay(inputs):
@@ -212,7 +295,7 @@ class Engine:
             host = tokens
         return _InFlight(batch, index, tokens, host, ready, logprobs, sampling_inputs.want_logprobs)
 
-    def _launch_ahead(self, previous: _InFlight) -> Optional[_InFlight]:
+    def _launch_ahead(self, previous: _InFlight) -> _InFlight | None:
         """Launch the decode step after `previous` before its tokens are known on the host, or None where the
         next step can't be decided yet: prompts wait, a sequence needs its tokens on the host (repetition
         penalty), or the pool has no block to spare."""
@@ -241,7 +324,7 @@ class Engine:
         batch = ScheduledBatch(seqs, [1] * len(seqs), is_decoding=True)
         return self._launch(batch, self.runner.prepare_inputs(batch, ahead_tokens=tokens), ahead=1)
 
-    def _finish(self, launched: Optional[_InFlight], batch: Optional[ScheduledBatch] = None) -> List[EngineOutput]:
+    def _finish(self, launched: _InFlight | None, batch: ScheduledBatch | None = None) -> list[EngineOutput]:
         """Read a launched step's tokens back and account them (the step's one device -> host sync)."""
         if launched is None:                         # a prefill step that drew no token
             sampled = [None] * len(batch.seqs)
@@ -307,3 +390,7 @@ class Engine:
         finally:
             self.block_manager.free(seq)
         return torch.cat(rows)
+
+
+def _describe(error: Exception, what: str) -> str:
+    return f'{what} ({type(error).__name__}: {error}); the engine dropped the request and serves the others'

@@ -2,14 +2,14 @@
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 import torch
 
 from ..config import ModelConfig
+from ..errors import ConfigError
 from ..model_inputs import ModelInputs, StepContext, StepContextManager
 from ..models.registry import CustomModuleMap, merged_module_map
-from ..weight_loader import checkpoint_files, iter_checkpoint, load_model_weights
+from ..weight_loader import iter_checkpoint, load_model_weights, scan_checkpoint
 
 logger = logging.getLogger('lmdp')
 
@@ -18,8 +18,8 @@ logger = logging.getLogger('lmdp')
 class LoadReport:
     """What a weight load covered: port parameters no checkpoint tensor filled, checkpoint tensors that filled
     nothing (those listed in the model's `ignored_checkpoint_keys` excluded)."""
-    missing: List[str] = field(default_factory=list)
-    unused: List[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -33,20 +33,23 @@ def load_weights_with_report(model, model_path: str, strict: bool = True) -> Loa
     return LoadReport(missing=list(tracker.missing()), unused=list(tracker.unused))
 
 
-def build_model(model_config: ModelConfig, model_path: Optional[str] = None, device='cpu',
+def build_model(model_config: ModelConfig, model_path: str | None = None, device='cpu',
                 custom_module_map: CustomModuleMap = None, load_weights: bool = True, strict: bool = True,
                 model_impl: str = 'auto'):
     """Instantiate the class that serves the config's architecture (its port, or the transformers fallback: see
     `model_impl`) and (optionally) load its weights."""
     from ..fallback import choose_model_class
     choice = choose_model_class(model_config.hf_config, custom_module_map, model_impl)
-    if choice.fell_back:
+    if choice.fell_back and device != 'meta':
         logger.warning(choice.reason)
     elif choice.impl != 'lmdp':
         logger.info(choice.reason)
     model_cls = choice.model_class
     ctx_mgr = StepContextManager()
-    model = model_cls(model_config.hf_config, ctx_mgr, dtype=model_config.dtype, device=torch.device(device))
+    try:
+        model = model_cls(model_config.hf_config, ctx_mgr, dtype=model_config.dtype, device=torch.device(device))
+    except Exception as e:
+        raise model_build_error(model_cls, e) from e
     if hasattr(model, 'adjust_model_config'):   # a model that sizes its KV cache its own way (the fallback)
         model.adjust_model_config(model_config)
     # a port written without dtype/device plumbing (plain nn.Linear) still ends up where asked
@@ -59,25 +62,23 @@ def build_model(model_config: ModelConfig, model_path: Optional[str] = None, dev
     return model, ctx_mgr
 
 
+def model_build_error(model_cls, error: Exception) -> ConfigError:
+    """The error for a model class that can't be built from its config (in the same words for `lmdp check`)."""
+    if isinstance(error, ConfigError):
+        return error
+    return ConfigError(f'{model_cls.__name__} could not be built from config.json ({type(error).__name__}: {error}); '
+                       'a value in config.json is probably missing or of the wrong type for this model')
+
+
 def _with_progress(model_path: str):
     """The checkpoint's tensors behind a progress bar (shown only when stderr is a terminal; none without tqdm)."""
-    files = checkpoint_files(model_path)
+    manifest = scan_checkpoint(model_path)        # every header checked before any tensor is read
     try:
         from tqdm import tqdm
     except ImportError:
-        return iter_checkpoint(model_path, files)
-    total = None
-    if all(f.endswith('.safetensors') for f in files):
-        from safetensors import safe_open
-        total = 0
-        for path in files:
-            try:
-                with safe_open(path, framework='pt') as f:   # reads the header only
-                    total += len(f.keys())
-            except Exception:   # a broken file is reported, with its name, by iter_checkpoint
-                total = None
-                break
-    return tqdm(iter_checkpoint(model_path, files), total=total, desc='loading weights', unit='tensor',
+        return iter_checkpoint(model_path, manifest.files)
+    total = len(manifest.tensors) if manifest.headers_read else None
+    return tqdm(iter_checkpoint(model_path, manifest.files), total=total, desc='loading weights', unit='tensor',
                 disable=None, leave=False)
 
 
@@ -85,7 +86,7 @@ class ModelAgent:
     """A model, its step-context manager and the forward of one packed step."""
 
     def __init__(self, model, ctx_mgr: StepContextManager, model_config: ModelConfig, device='cpu',
-                 load_report: Optional[LoadReport] = None):
+                 load_report: LoadReport | None = None):
         self.model, self.ctx_mgr, self.model_config = model, ctx_mgr, model_config
         self.device = torch.device(device)
         self.load_report = load_report   # set by from_pretrained: what the weight load covered

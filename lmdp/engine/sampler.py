@@ -127,7 +127,8 @@ class Sampler:
             inputs.history = self._tensor([s.token_ids + s.token_ids[:1] * (width - s.num_tokens) for s in seqs],
                                           torch.long)
         if inputs.stop_ids is not None:
-            active = [s.num_generated + ahead < s.params.min_new_tokens for s in seqs]
+            # a row without stop ids is padded with id 0 (see _static_inputs): it must never mask anything
+            active = [bool(s.params.stop_ids) and s.num_generated + ahead < s.params.min_new_tokens for s in seqs]
             inputs.stop_active = self._tensor(active, torch.bool) if any(active) else None
         return inputs
 

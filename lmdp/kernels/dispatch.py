@@ -4,12 +4,19 @@
 """
 import functools
 import importlib
-import os
 
 import torch
 
-from . import activation, fill_kv_cache as _fill, linear as _linear, paged_attention as _attn, rms_norm as _norm, \
-    rotary as _rotary, rotary_fill_kv_cache as _rotary_fill
+from .. import envs
+from . import (
+    activation,
+    fill_kv_cache as _fill,
+    linear as _linear,
+    paged_attention as _attn,
+    rms_norm as _norm,
+    rotary as _rotary,
+    rotary_fill_kv_cache as _rotary_fill,
+)
 
 _REFERENCE = {
     'fill_kv_cache': _fill.fill_kv_cache,
@@ -24,10 +31,10 @@ _REFERENCE = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_impl(name: str):
     """The Triton implementation of `name` from `lmdp.kernels.triton`, or None where it can't be had."""
-    if os.environ.get('LMDP_KERNELS', '').lower() == 'reference':
+    if envs.LMDP_KERNELS == 'reference':
         return None
     try:
         module = importlib.import_module('lmdp.kernels.triton')

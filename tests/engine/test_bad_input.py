@@ -5,7 +5,7 @@ from lmdp import GenerationConfig, PytorchEngineConfig
 
 
 @pytest.mark.parametrize('kwargs, words', [
-    (dict(max_new_tokens=-1), 'max_new_tokens must be a non-negative integer'),
+    (dict(max_new_tokens=-1), 'max_new_tokens must be an integer >= 0'),
     (dict(top_p=0.0), r'top_p must be in \(0, 1\]'),
     (dict(top_p=1.5), r'top_p must be in \(0, 1\]'),
     (dict(temperature=-0.5), 'temperature must be >= 0'),

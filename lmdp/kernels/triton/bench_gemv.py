@@ -16,6 +16,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from lmdp import envs
 from lmdp.kernels.triton.activation import silu_and_mul
 from lmdp.kernels.triton.gemv import _config, gemv
 
@@ -90,9 +91,10 @@ def bench_shape(n, k, act, m, configs, min_bytes=768 << 20):
         timings.append((us, cfg))
     timings.sort()
     best = timings[0]
-    row.update(gemv_us=best[0], config=list(best[1]), top3=[[round(us, 2), list(c)] for us, c in timings[:3]], GBps_cublas=w_bytes / row['cublas_us'] / 1e3,
+    row.update(gemv_us=best[0], config=list(best[1]), top3=[[round(us, 2), list(c)] for us, c in timings[:3]],
+               GBps_cublas=w_bytes / row['cublas_us'] / 1e3,
                GBps_gemv=w_bytes / best[0] / 1e3)
-    del weights
+    weights.clear()      # frees the copies (the closures above hold the list)
     torch.cuda.empty_cache()
     return row
 
@@ -102,7 +104,7 @@ def main():
     parser.add_argument('shapes', nargs='*', default=['8b', '1b'], choices=sorted(SHAPES))
     parser.add_argument('--rows', default='1,2,4,8')
     parser.add_argument('--sweep', action='store_true')
-    parser.add_argument('--json', default=os.path.join(os.environ.get('OUT', '.'), 'bench_gemv.json'))
+    parser.add_argument('--json', default=os.path.join(envs.OUT, 'bench_gemv.json'))
     args = parser.parse_args()
     from lmdp.bench.measure import copy_bandwidth
     bw = copy_bandwidth()
@@ -121,7 +123,8 @@ def main():
                     print('      top 3:', row['top3'], flush=True)
     with open(args.json, 'w') as f:
         json.dump({'device': torch.cuda.get_device_name(0), 'copy_TBps': bw / 1e12, 'rows': results}, f, indent=1)
-    print(f"\n{'shape':>5} {'layer':>9} {'M':>2} {'cuBLAS us':>9} {'GEMV us':>8} {'speedup':>7} {'GEMV/copy BW':>12}  config")
+    print(f"\n{'shape':>5} {'layer':>9} {'M':>2} {'cuBLAS us':>9} {'GEMV us':>8} {'speedup':>7} "
+          f"{'GEMV/copy BW':>12}  config")
     for r in results:
         print(f"{r['shape']:>5} {r['layer']:>9} {r['m']:>2} {r['cublas_us']:>9.1f} {r['gemv_us']:>8.1f} "
               f"{r['cublas_us'] / r['gemv_us']:>7.3f} {r['GBps_gemv'] * 1e9 / bw:>12.1%}  {tuple(r['config'])}")

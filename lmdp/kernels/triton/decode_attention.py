@@ -11,8 +11,8 @@ With a single split the program writes the output directly. With several, each s
 output and its log-sum-exp (base 2), and `_reduce_kernel` merges them. Opt-in (`fused_reduce=True` or
 `LMDP_DECODE_FUSED_REDUCE=1`), the partials are merged in the same launch instead: every split program of a
 (sequence, head block) bumps an int32 arrival counter after its partial is stored, and the one that arrives last
-merges all the partials of its heads, writes the output and puts the counter back to 0. It saves a launch, but on
-an H100 the serial merge in one program cost as much as the launch it saved (see `decode_attention_fwd`), so the
+merges all the partials of its heads, writes the output and puts the counter back to 0. It saves a launch, but the
+serial merge in one program costs about as much as the launch it saves (measurements: notes/performance.md), so the
 two-kernel path is the default.
 
 The counters live in one persistent, zero-initialised buffer per device (`_arrival_counters`), which is never
@@ -26,13 +26,12 @@ acquire-release semantics at GPU scope publishes them (release) and, in the last
 programs' partials visible (acquire); the merge loads bypass L1 (see `_merge_splits`).
 """
 import math
-import os
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ... import envs
 from ._common import dot_precision, next_pow2, num_sms, tanh
 
 # a split gets at least this many keys (fewer splits for short contexts: the reduce isn't free)
@@ -247,7 +246,7 @@ def _capturing(device: torch.device) -> bool:
     return device.type == 'cuda' and torch.cuda.is_current_stream_capturing()
 
 
-def _arrival_counters(device: torch.device, needed: int) -> Optional[torch.Tensor]:
+def _arrival_counters(device: torch.device, needed: int) -> torch.Tensor | None:
     """A zero-filled int32 buffer of at least `needed` counters on `device`, reused by every call; None if it
     would have to be (re)allocated while a CUDA graph is being captured.
 
@@ -271,7 +270,7 @@ def _arrival_counters(device: torch.device, needed: int) -> Optional[torch.Tenso
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, head_blocks: int, device: torch.device,
-                      max_kv_seqlen: Optional[int] = None) -> int:
+                      max_kv_seqlen: int | None = None) -> int:
     """Enough splits to put ~2 programs on every SM, no split shorter than _MIN_KEYS_PER_SPLIT keys (when the
     longest context is known), a power of two so that few distinct kernels/graphs arise."""
     programs = max(1, batch * num_kv_heads * head_blocks)
@@ -284,22 +283,19 @@ def choose_num_splits(batch: int, num_kv_heads: int, head_blocks: int, device: t
 
 def decode_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_offsets: torch.Tensor,
                          q_start_loc: torch.Tensor, q_seqlens: torch.Tensor, kv_seqlens: torch.Tensor,
-                         out: torch.Tensor, scale: Optional[float] = None, sliding_window: Optional[int] = None,
-                         logit_softcapping: Optional[float] = None, max_kv_seqlen: Optional[int] = None,
-                         num_splits: Optional[int] = None, block_n: Optional[int] = None,
-                         num_warps: int = 4, num_stages: Optional[int] = None,
-                         fused_reduce: Optional[bool] = None) -> torch.Tensor:
+                         out: torch.Tensor, scale: float | None = None, sliding_window: int | None = None,
+                         logit_softcapping: float | None = None, max_kv_seqlen: int | None = None,
+                         num_splits: int | None = None, block_n: int | None = None,
+                         num_warps: int = 4, num_stages: int | None = None,
+                         fused_reduce: bool | None = None) -> torch.Tensor:
     """Every sequence has q_seqlen 0 or 1 (its query is the token at q_start_loc[b]). No host sync.
 
     block_n / num_warps / num_stages override the tile config (benchmark sweeps). fused_reduce=True merges the
     splits in the split kernel (last arriver) instead of a second kernel; None reads `LMDP_DECODE_FUSED_REDUCE`
-    (default 0). It is off by default because on an H100 it did not pay: a batch-1 Llama-3-8B step replayed in
-    5.81 ms fused and 5.76 ms with two kernels (`scripts/profile_decode.py`, two runs on two H100 machines), and a
-    variant merging all heads at once took 11.2 us per launch against the two kernels' 6.6 us (batch 1, 256 keys,
-    `scripts/ab_decode.py`, same run). The fused path also falls back to two kernels when the counter buffer would
-    have to be allocated during a capture."""
+    (`lmdp.envs`, default off: it measured no faster, see notes/performance.md). The fused path also falls back to
+    two kernels when the counter buffer would have to be allocated during a capture."""
     if fused_reduce is None:
-        fused_reduce = os.environ.get('LMDP_DECODE_FUSED_REDUCE', '0') not in ('', '0')
+        fused_reduce = envs.LMDP_DECODE_FUSED_REDUCE
     num_tokens, num_heads, head_dim = q.shape
     batch = q_seqlens.numel()
     _, page_size, num_kv_heads, _ = k_cache.shape

@@ -16,20 +16,19 @@ With ACT set, x is a fused `[gate | up]` projection `[M, 2K]` and the program co
 reading it, rounded to x's dtype exactly as the separate activation kernel rounds it: the MLP's activation costs no
 launch. Accumulation is float32; the output is rounded once, like cuBLAS.
 """
-import os
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ... import envs
 from ..linear import check_act_and_mul_linear
 from ._common import next_pow2
 from .activation import _gated, act_and_mul_f32
 
-# rows up to which the GEMV kernel replaces cuBLAS (decode graphs of batch 1, 2, 4...); `LMDP_GEMV_MAX_M` overrides
-GEMV_MAX_M = int(os.environ.get('LMDP_GEMV_MAX_M', '2'))
+# rows up to which the GEMV kernel replaces cuBLAS (decode graphs of batch 1, 2, 4...)
+GEMV_MAX_M = envs.LMDP_GEMV_MAX_M
 _ACTS = {None: 0, 'silu': 1, 'gelu': 2, 'gelu_tanh': 3}
 
 
@@ -95,7 +94,7 @@ def _config(m: int, n: int, k: int, act: bool = False):
     """(MODE, BLOCK_N, BLOCK_K, num_warps, num_stages) for an M x N x K product, from `bench_gemv --sweep` on an
     H100 (Llama-3-8B layer shapes; `notes/performance.md`)."""
     if m == 1:
-        # 8 rows of W per program, 1024-wide chunks: 88-107% of the copy bandwidth (cuBLAS: 70-97%)
+        # 8 rows of W per program, 1024-wide chunks (the sweep's best at M = 1)
         return (0, 4, 512, 8, 1) if act else (0, 8, 1024, 4, 1)
     if act or n <= 4096:
         return 0, 4 if m <= 2 else 8, 512, 4, 1
@@ -110,7 +109,7 @@ def gemv_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and k % 8 == 0)
 
 
-def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], act: Optional[str] = None,
+def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None = None,
          config=None) -> torch.Tensor:
     """`[M, K] x [N, K]^T` (x2 `[M, 2K]` with act); `config` overrides `_config` (benchmark sweeps)."""
     m = x2.size(0)
@@ -132,7 +131,7 @@ def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], a
     return y
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear` with the GEMV kernel for decode-sized inputs, cuBLAS otherwise."""
     if not gemv_eligible(x, weight) or x.size(-1) != weight.size(-1):
         return F.linear(x, weight, bias)
@@ -140,7 +139,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return y.view(*x.shape[:-1], weight.size(0))
 
 
-def act_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+def act_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                        act: str = 'silu') -> torch.Tensor:
     """`F.linear(act(gate) * up, W, b)` for x = [gate | up]: one launch for decode-sized inputs."""
     check_act_and_mul_linear(x, weight, act)

@@ -1,0 +1,105 @@
+"""Every environment variable lmdp reads, declared, documented and parsed here and nowhere else.
+
+Read a value as an attribute, `lmdp.envs.LMDP_GEMV_MAX_M`: it is parsed from the environment at that moment (so a
+test's monkeypatch takes effect), and a value that does not parse raises `EnvError` naming the variable, what it
+holds and what it accepts. `python -m lmdp.envs` lists every variable with its current value.
+"""
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import EnvError
+
+_TRUE = ('1', 'true', 'yes', 'on')
+_FALSE = ('', '0', 'false', 'no', 'off')
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected one of {', '.join(repr(v) for v in _TRUE + _FALSE[1:])}")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError('expected a whole number >= 0') from None
+    if value < 0:
+        raise ValueError('expected a whole number >= 0')
+    return value
+
+
+def _kernels(text: str) -> str:
+    value = text.strip().lower() or 'auto'
+    if value not in ('auto', 'reference'):
+        raise ValueError("expected 'auto' (Triton kernels for CUDA tensors) or 'reference' (pure-torch everywhere)")
+    return value
+
+
+def _path(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str
+    default: str
+    parse: Callable[[str], Any]
+    doc: str
+
+
+VARIABLES: dict[str, EnvVar] = {v.name: v for v in [
+    EnvVar('LMDP_KERNELS', 'auto', _kernels,
+           "'reference' runs the pure-torch reference of every fused op even on CUDA tensors (to bisect a suspected "
+           "kernel bug on the GPU); 'auto' (the default) runs the Triton kernels for CUDA tensors."),
+    EnvVar('LMDP_GEMV_MAX_M', '2', _non_negative_int,
+           'Linear layers with at most this many rows use the GEMV kernel instead of cuBLAS on CUDA (decode at '
+           'batch 1-2); 0 turns the GEMV kernel off. Read once, when the Triton kernels are imported.'),
+    EnvVar('LMDP_DECODE_FUSED_REDUCE', '0', _bool,
+           'On: decode attention merges its splits inside the split kernel (the last program to arrive merges) '
+           'instead of in a second kernel. Off by default: it measured no faster (notes/performance.md).'),
+    EnvVar('OUT', '.', _path,
+           'The folder where the benchmark commands (`lmdp bench`, `python -m lmdp.kernels.triton.bench_gemv`) '
+           'write their JSON by default.'),
+]}
+
+
+def get(name: str) -> Any:
+    """The parsed value of a declared variable (its default when unset)."""
+    var = VARIABLES.get(name)
+    if var is None:
+        raise AttributeError(f'{name} is not an environment variable lmdp reads; declared: {", ".join(VARIABLES)}')
+    raw = os.environ.get(name)
+    try:
+        return var.parse(var.default if raw is None else raw)
+    except ValueError as e:
+        raise EnvError(f'environment variable {name}={raw!r} is not valid: {e}. Unset it or fix it; '
+                       f'{name}: {var.doc}') from None
+
+
+def __getattr__(name: str) -> Any:
+    if name in VARIABLES:
+        return get(name)
+    raise AttributeError(f"module 'lmdp.envs' has no attribute {name!r}")
+
+
+def describe() -> list[str]:
+    """One line per variable: its name, the value in effect (or the error), and what it does."""
+    lines = []
+    for name, var in VARIABLES.items():
+        try:
+            value = repr(get(name))
+        except EnvError as e:
+            value = f'INVALID ({e})'
+        state = 'set' if name in os.environ else 'default'
+        lines.append(f'{name} = {value} ({state}): {var.doc}')
+    return lines
+
+
+if __name__ == '__main__':
+    print('\n'.join(describe()))
