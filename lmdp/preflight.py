@@ -90,6 +90,8 @@ def _model_build(state: Preflight):
     """Build the model on the meta device (no memory, milliseconds): rope settings and other values only the
     model's constructor reads fail here, before the tokenizer, the weights or any device memory."""
     from .engine.model_agent import build_model
+    if state.impl not in (None, 'lmdp'):
+        return      # the fallback measures its KV layout with a real one-token forward: nothing to build on meta
     build_model(state.model_config, device='meta', custom_module_map=state.module_map or state.custom_module_map,
                 load_weights=False, model_impl=state.model_impl)
 
