@@ -10,6 +10,7 @@ import torch
 
 from . import activation, fill_kv_cache as _fill, linear as _linear, paged_attention as _attn, rms_norm as _norm, \
     rotary as _rotary, rotary_fill_kv_cache as _rotary_fill
+from . import moe as _moe
 
 _REFERENCE = {
     'fill_kv_cache': _fill.fill_kv_cache,
@@ -21,6 +22,8 @@ _REFERENCE = {
     'linear': _linear.linear,
     'act_and_mul_linear': _linear.act_and_mul_linear,
     'rotary_fill_kv_cache': _rotary_fill.rotary_fill_kv_cache,
+    'softmax_topk': _moe.softmax_topk,
+    'fused_moe': _moe.fused_moe,
 }
 
 
@@ -83,3 +86,14 @@ def linear(x, weight, bias=None):
 
 def act_and_mul_linear(x, weight, bias=None, act='silu'):
     return implementation('act_and_mul_linear', x)(x, weight, bias, act)
+
+
+def softmax_topk(router_logits, top_k):
+    """(topk_weights float32, topk_ids int64) of the router's softmax."""
+    return implementation('softmax_topk', router_logits)(router_logits, top_k)
+
+
+def fused_moe(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize=False, act='silu'):
+    """Every token through its top-k experts, weighted and summed (`lmdp.kernels.moe.fused_moe`)."""
+    return implementation('fused_moe', hidden_states)(hidden_states, gate_up_weights, down_weights, topk_weights,
+                                                      topk_ids, renormalize, act)
