@@ -55,6 +55,21 @@ TINY_FAMILIES: dict[str, dict] = {
     'qwen3': dict(head_dim=32, tie_word_embeddings=False),
 }
 
+# Mixtures of experts: few experts of a small intermediate size, so that routing is visible at tiny scale.
+TINY_FAMILIES.update({
+    # 4 experts, top-2, always renormalised; checkpoint names block_sparse_moe.experts.N.w1/w2/w3; sliding window
+    'mixtral': dict(tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
+                    sliding_window=32),
+    # qkv bias; 8 experts, top-4, NOT renormalised (norm_topk_prob False, as Qwen1.5-MoE); a shared expert of its
+    # own width behind a sigmoid gate; layer 2 a dense MLP (mlp_only_layers) of a third width
+    'qwen2_moe': dict(tie_word_embeddings=False, num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=80, intermediate_size=96, norm_topk_prob=False,
+                      mlp_only_layers=[2]),
+    # q_norm/k_norm per head, head_dim 32 != 64/4; 16 experts, top-4, renormalised (norm_topk_prob)
+    'qwen3_moe': dict(head_dim=32, tie_word_embeddings=False, num_experts=16, num_experts_per_tok=4,
+                      moe_intermediate_size=32, norm_topk_prob=True),
+})
+
 # Accepted in overrides although absent from config.to_dict(): transformers 5
 # folds these legacy names into `rope_parameters`.
 _LEGACY_KEYS = {'rope_theta', 'rope_scaling'}
@@ -144,6 +159,13 @@ def reinit_weights(model: nn.Module, seed: int = 0) -> None:
             continue
         if p.ndim == 1 and 'norm' in name:  # RMSNorm: identity value + noise
             fill(p, NORM_NOISE, mean=p.detach().float().clone())
+        elif p.ndim == 3 and name.endswith(('experts.gate_up_proj', 'experts.down_proj')):
+            # transformers 5 stacks experts [E, out, in]; each expert is a linear layer of fan-in p.shape[-1]
+            gain = RESIDUAL_OUT_GAIN if name.endswith('down_proj') else 1.0
+            fill(p, gain * p.shape[-1] ** -0.5)
+        elif p.ndim == 2 and name.endswith('gate.weight'):
+            # a router kept as a bare parameter (transformers 5): logits of order one, so routing is decisive
+            fill(p, p.shape[-1] ** -0.5)
         else:
             raise RuntimeError(f'reinit_weights: no init rule for parameter {name} {tuple(p.shape)}')
 
