@@ -51,6 +51,8 @@ CANDIDATES: Dict[str, Sequence[str]] = {
     'v': ('self_attn.v_proj', 'attn.v_proj', 'attention.v_proj'),
     # fused q/k/v, cut into q, k, v by head counts when the separate projections are absent
     'qkv': ('self_attn.qkv_proj', 'self_attn.Wqkv', 'attention.query_key_value', 'attn.c_attn'),
+    # a mixture of experts' router (its logits; parity/routing.py): absent from dense layers
+    'router': ('mlp.gate', 'block_sparse_moe.gate', 'feed_forward.router', 'mlp.router'),
 }
 
 # Per architecture, per side: kind -> module name (per-layer kinds relative to the layer; None drops the tap).
