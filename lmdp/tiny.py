@@ -73,6 +73,8 @@ TINY_FAMILIES.update({
 # Accepted in overrides although absent from config.to_dict(): transformers 5
 # folds these legacy names into `rope_parameters`.
 _LEGACY_KEYS = {'rope_theta', 'rope_scaling'}
+# Read by the modeling code with getattr although some config classes (qwen3_moe) don't declare them.
+_UNDECLARED_KEYS = {'head_dim'}
 
 _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
@@ -95,7 +97,9 @@ def tiny_config(model_type: str, **config_overrides):
             f'make_tiny: unsupported model_type {model_type!r}; supported: {", ".join(sorted(TINY_FAMILIES))}'
         )
     # Catch typos: config classes silently store unknown kwargs as attributes.
-    known = set(AutoConfig.for_model(model_type).to_dict()) | _LEGACY_KEYS
+    default = AutoConfig.for_model(model_type)
+    # aliases (qwen3_moe's num_experts -> num_local_experts) are fields too
+    known = set(default.to_dict()) | set(getattr(default, 'attribute_map', {})) | _LEGACY_KEYS | _UNDECLARED_KEYS
     unknown = sorted(set(config_overrides) - known)
     if unknown:
         raise ValueError(f'make_tiny: {model_type} config has no field(s) {unknown}')
