@@ -38,35 +38,28 @@ GEMV_MAX_PAIRS = os.environ.get('LMDP_MOE_GEMV_MAX_PAIRS')
 
 
 @triton.jit
-def _gemv_gate_up(X, W, Ids, Inter, inter_size, hidden, stride_xm, stride_we, stride_wn, stride_im,
-                  TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  EVEN_K: tl.constexpr):
+def _gemv_gate_up(X, W, Ids, Inter, stride_xm, stride_we, stride_wn, stride_im,
+                  INTER: tl.constexpr, HIDDEN: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pair = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < inter_size
+    n_mask = offs_n < INTER
     offs_k = tl.arange(0, BLOCK_K)
     expert = tl.load(Ids + pair).to(tl.int64)
     g_ptrs = W + expert * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    u_ptrs = g_ptrs + inter_size * stride_wn
+    u_ptrs = g_ptrs + INTER * stride_wn
     x_ptrs = X + (pair // TOP_K).to(tl.int64) * stride_xm + offs_k
     acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs).to(tl.float32)[None, :]
-            g = tl.load(g_ptrs, mask=n_mask[:, None], other=0.0)
-            u = tl.load(u_ptrs, mask=n_mask[:, None], other=0.0)
-        else:
-            k_mask = offs_k < hidden - k0
-            x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-            g = tl.load(g_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            u = tl.load(u_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+    # HIDDEN is a compile-time constant: the loop unrolls into straight-line loads the compiler can issue early
+    for k0 in tl.static_range(0, HIDDEN, BLOCK_K):
+        k_mask = offs_k < HIDDEN - k0
+        x = tl.load(x_ptrs + k0, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        g = tl.load(g_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        u = tl.load(u_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         # per-lane FMAs; one reduction over K at the end
         acc_g += g.to(tl.float32) * x
         acc_u += u.to(tl.float32) * x
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
     dtype = Inter.dtype.element_ty
     gate = tl.sum(acc_g, axis=1).to(dtype)
     up = tl.sum(acc_u, axis=1).to(dtype)
@@ -86,34 +79,29 @@ def _routing_weight_scale(TopkWeights, token, TOP_K: tl.constexpr, TOP_K_P2: tl.
 
 
 @triton.jit
-def _gemv_down(Inter, W, Ids, TopkWeights, Out, hidden, inter_size, stride_im, stride_we, stride_wn, stride_om,
-               TOP_K: tl.constexpr, TOP_K_P2: tl.constexpr, RENORMALIZE: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+def _gemv_down(Inter, W, Ids, TopkWeights, Out, stride_im, stride_we, stride_wn, stride_om,
+               HIDDEN: tl.constexpr, INTER: tl.constexpr, TOP_K: tl.constexpr, TOP_K_P2: tl.constexpr,
+               RENORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < hidden
+    n_mask = offs_n < HIDDEN
     offs_k = tl.arange(0, BLOCK_K)
     scale = tl.sum(_routing_weight_scale(TopkWeights, tl.full((1, ), 0, tl.int64) + token, TOP_K, TOP_K_P2,
                                          RENORMALIZE), axis=0)
     out = tl.zeros((BLOCK_N, ), dtype=tl.float32)
-    for slot in range(0, TOP_K):
+    # the k experts and the chunks of each are unrolled: every weight load of the program can be in flight at once
+    for slot in tl.static_range(TOP_K):
         pair = token * TOP_K + slot
         expert = tl.load(Ids + pair).to(tl.int64)
         weight = tl.load(TopkWeights + pair) * scale
         w_ptrs = W + expert * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
         a_ptrs = Inter + pair * stride_im + offs_k
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, inter_size, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs).to(tl.float32)[None, :]
-                w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
-            else:
-                k_mask = offs_k < inter_size - k0
-                a = tl.load(a_ptrs, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-                w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        for k0 in tl.static_range(0, INTER, BLOCK_K):
+            k_mask = offs_k < INTER - k0
+            a = tl.load(a_ptrs + k0, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            w = tl.load(w_ptrs + k0, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             acc += w.to(tl.float32) * a
-            w_ptrs += BLOCK_K
-            a_ptrs += BLOCK_K
         y = tl.sum(acc, axis=1).to(Out.dtype.element_ty).to(tl.float32)   # the expert's output, rounded
         out += weight * y
     tl.store(Out + token * stride_om + offs_n, out.to(Out.dtype.element_ty), mask=n_mask)
@@ -224,30 +212,31 @@ def _sum_topk(PairOut, Out, hidden, stride_pm, stride_om, TOP_K: tl.constexpr, B
 
 
 def gemv_max_pairs(num_experts: int, top_k: int) -> int:
-    """Pairs up to which the GEMV path runs: while few pairs share an expert, reading each pair's expert on its
-    own costs little more than the grouped GEMM's one read per expert, and the GEMV streams it faster."""
+    """Pairs up to which the GEMV path runs: while few pairs share an expert (up to E / 4 pairs, under 12% of
+    them do), reading each pair's expert on its own costs little more than the grouped GEMM's one read per expert,
+    and the GEMV streams it faster."""
     if GEMV_MAX_PAIRS is not None:
         return int(GEMV_MAX_PAIRS)
-    return max(top_k, num_experts // 2)
+    return max(top_k, num_experts // 4)
 
 
 def gemm_config(num_tokens: int, num_experts: int, top_k: int, n: int, k: int) -> dict:
-    """Tiles of a grouped GEMM producing n columns from k inputs, by the average rows per expert.
+    """Tiles of a grouped GEMM producing n columns from k inputs, by the expected rows per expert.
 
-    Few rows per expert (decode batches): 16-row blocks, wide K tiles, the loads pipelined; the weight stream is
-    the cost. Many (prefill): 64-128-row tiles for tensor-core throughput. `gate_up` keeps two BLOCK_N-wide tiles,
-    so it is given half the columns of `down`'s tile by the caller."""
+    Few rows per expert (decode batches) make the GEMM a stream of expert weights: a row block is sized so that
+    nearly every expert's rows fit in one (mean + 3 standard deviations of its count), since a second block reads
+    the expert's weights again; K tiles are wide and the loads pipelined. Many rows (prefill) take 128-row tiles for
+    tensor-core throughput. `gate_up` keeps two BLOCK_N-wide accumulators, so the caller halves its BLOCK_N."""
     rows = num_tokens * top_k / max(num_experts, 1)
-    if rows <= 4:
-        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)
-    elif rows <= 16:
-        cfg = dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)
-    elif rows <= 32:
-        cfg = dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
+    block_m = min(128, max(16, next_pow2(int(rows + 3 * rows ** 0.5))))
+    if rows <= 32:       # memory-bound: stream the weights
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=64 if rows <= 4 else 128, BLOCK_K=128, GROUP_M=1, num_warps=4,
+                   num_stages=3)
     elif rows <= 96:
-        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
-    else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8 if block_m >= 128 else 4,
+                   num_stages=4)
+    else:                # compute-bound (prefill)
+        cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
     cfg['BLOCK_N'] = min(cfg['BLOCK_N'], max(16, next_pow2(n)))
     cfg['BLOCK_K'] = min(cfg['BLOCK_K'], max(16, next_pow2(k)))
     return cfg
@@ -267,14 +256,14 @@ def _fused_moe_gemv(x, gate_up, down, weights, ids, out, renormalize, act_code):
     inter = torch.empty(num_tokens * top_k, inter_size, dtype=x.dtype, device=x.device)
     block_n, block_k, warps = _gemv_config(hidden, act=True)
     _gemv_gate_up[(num_tokens * top_k, triton.cdiv(inter_size, block_n))](
-        x, gate_up, ids, inter, inter_size, hidden, x.stride(0), gate_up.stride(0), gate_up.stride(1),
-        inter.stride(0), TOP_K=top_k, ACT=act_code, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=hidden % block_k == 0, num_warps=warps, num_stages=1)
+        x, gate_up, ids, inter, x.stride(0), gate_up.stride(0), gate_up.stride(1), inter.stride(0),
+        INTER=inter_size, HIDDEN=hidden, TOP_K=top_k, ACT=act_code, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=1)
     block_n, block_k, warps = _gemv_config(inter_size, act=False)
     _gemv_down[(num_tokens, triton.cdiv(hidden, block_n))](
-        inter, down, ids, weights, out, hidden, inter_size, inter.stride(0), down.stride(0), down.stride(1),
-        out.stride(0), TOP_K=top_k, TOP_K_P2=next_pow2(top_k), RENORMALIZE=renormalize, BLOCK_N=block_n,
-        BLOCK_K=block_k, EVEN_K=inter_size % block_k == 0, num_warps=warps, num_stages=1)
+        inter, down, ids, weights, out, inter.stride(0), down.stride(0), down.stride(1), out.stride(0),
+        HIDDEN=hidden, INTER=inter_size, TOP_K=top_k, TOP_K_P2=next_pow2(top_k), RENORMALIZE=renormalize,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=1)
     return out
 
 
