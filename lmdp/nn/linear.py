@@ -185,30 +185,82 @@ class QKVParallelLinear(MergedColwiseLinear):
                 v.unflatten(-1, (self.num_kv_heads, self.head_size_v)))
 
 
+def _check_lmdeploy_options(what: str, is_tp: bool, tp_align_size: int = 1):
+    """lmdeploy's builders take options for features lmdp has no use for (data parallelism, per-layer TP groups,
+    quantisation prefixes); they are accepted so its ports build unchanged. One would change the result here."""
+    if tp_align_size != 1 and is_tp and get_tp_world_rank()[0] > 1:
+        raise NotImplementedError(f'{what}: tp_align_size={tp_align_size} (aligned uneven tensor-parallel splits) is '
+                                  'not supported; use a tensor-parallel size that divides the layer evenly')
+
+
+# The builders take lmdeploy's keyword arguments by name and nothing else: a misspelt or foreign keyword is a
+# TypeError naming it, not a silently ignored option. `prefix`, `layer_type`, `dp_gather`, `dp_disable_tp` and
+# `check_dist` select lmdeploy features (per-layer quantisation, attention/MLP TP groups, data parallelism) that
+# lmdp does not have; they change nothing here.
+
 def build_colwise_linear(in_features: int, out_features: int, bias: bool, dtype=None, device=None,
-                         quant_config=None, is_tp: bool = False, **kwargs) -> ColwiseParallelLinear:
+                         is_tp: bool = False, tp_align_size: int = 1, quant_config=None, dp_disable_tp: bool = False,
+                         dp_gather: bool = False, check_dist: bool = True, layer_type: str = 'attn',
+                         prefix: str = '') -> ColwiseParallelLinear:
+    """A linear layer whose output features split across tensor-parallel ranks."""
     check_quant_config(quant_config)
+    _check_lmdeploy_options('build_colwise_linear', is_tp, tp_align_size)
     return ColwiseParallelLinear(in_features, out_features, bias, dtype, device, is_tp)
 
 
 def build_rowwise_linear(in_features: int, out_features: int, bias: bool, dtype=None, device=None,
-                         quant_config=None, is_tp: bool = False, all_reduce: bool = True,
-                         **kwargs) -> RowwiseParallelLinear:
+                         is_tp: bool = False, tp_align_size: int = 1, quant_config=None, all_reduce: bool = True,
+                         dp_disable_tp: bool = False, check_dist: bool = True, layer_type: str = 'attn',
+                         prefix: str = '') -> RowwiseParallelLinear:
+    """A linear layer whose input features split across ranks; the partial results are summed (`all_reduce`)."""
     check_quant_config(quant_config)
+    _check_lmdeploy_options('build_rowwise_linear', is_tp, tp_align_size)
     return RowwiseParallelLinear(in_features, out_features, bias, dtype, device, is_tp, all_reduce)
 
 
 def build_merged_colwise_linear(in_features: int, all_out_features: Sequence[int], bias: bool, dtype=None,
                                 device=None, quant_config=None, is_tp: bool = True,
-                                out_names: Optional[Sequence[Union[int, str]]] = None,
-                                **kwargs) -> MergedColwiseLinear:
+                                out_names: Optional[Sequence[Union[int, str]]] = None, dp_gather: bool = False,
+                                check_dist: bool = True, layer_type: str = 'attn',
+                                prefix: str = '') -> MergedColwiseLinear:
+    """Several colwise projections of one input in one matrix (loaded per `shard_id`)."""
     check_quant_config(quant_config)
     return MergedColwiseLinear(in_features, all_out_features, bias, dtype, device, is_tp, out_names)
 
 
 def build_qkv_proj(in_features: int, num_q_heads: int, num_kv_heads: int, head_size: int,
                    head_size_v: Optional[int] = None, bias: bool = False, quant_config=None, dtype=None, device=None,
-                   is_tp: bool = True, num_replicate_kv_heads: int = 1, **kwargs) -> QKVParallelLinear:
+                   is_tp: bool = True, num_replicate_kv_heads: int = 1, prefix: str = '') -> QKVParallelLinear:
+    """q, k and v in one matrix, split by heads across ranks (loaded per shard 'q'/'k'/'v')."""
     check_quant_config(quant_config)
     return QKVParallelLinear(in_features, num_q_heads, num_kv_heads, head_size, head_size_v, bias, dtype, device,
                              is_tp, num_replicate_kv_heads)
+
+
+# Role builders, as lmdeploy's ports call them: the attention output projection, and the MLP's gate/up and down
+# projections. With one tensor-parallel group they are the row/colwise builders above.
+
+def build_o_proj(in_features: int, out_features: int, bias: bool, dtype=None, device=None, is_tp: bool = False,
+                 tp_align_size: int = 1, quant_config=None, all_reduce: bool = True,
+                 prefix: str = '') -> RowwiseParallelLinear:
+    """Attention's output projection (rowwise: heads in, hidden out)."""
+    return build_rowwise_linear(in_features, out_features, bias, dtype=dtype, device=device, is_tp=is_tp,
+                                tp_align_size=tp_align_size, quant_config=quant_config, all_reduce=all_reduce,
+                                prefix=prefix)
+
+
+def build_gateup_linear(in_features: int, all_out_features: Sequence[int], bias: bool, dtype=None, device=None,
+                        quant_config=None, is_tp: bool = True, out_names: Optional[Sequence[Union[int, str]]] = None,
+                        dp_gather: bool = True, prefix: str = '') -> MergedColwiseLinear:
+    """The MLP's gate and up projections in one matrix: shard 0 gate, shard 1 up."""
+    return build_merged_colwise_linear(in_features, all_out_features, bias, dtype=dtype, device=device,
+                                       quant_config=quant_config, is_tp=is_tp, out_names=out_names, prefix=prefix)
+
+
+def build_down_linear(in_features: int, out_features: int, bias: bool, dtype=None, device=None, is_tp: bool = False,
+                      tp_align_size: int = 1, quant_config=None, all_reduce: bool = True,
+                      prefix: str = '') -> RowwiseParallelLinear:
+    """The MLP's down projection (rowwise: intermediate in, hidden out)."""
+    return build_rowwise_linear(in_features, out_features, bias, dtype=dtype, device=device, is_tp=is_tp,
+                                tp_align_size=tp_align_size, quant_config=quant_config, all_reduce=all_reduce,
+                                prefix=prefix)
