@@ -8,15 +8,27 @@ import torch
 from ..errors import WeightLoadError
 from .loaders import default_weight_loader
 from .checkpoint import iter_checkpoint
-from .tracker import record_load, tracking
+from .tracker import describe_param, record_load, tracking
 
 logger = logging.getLogger('lmdp')
 
 
 def load_weight(param: torch.nn.Parameter, loaded_weight: torch.Tensor, **kwargs):
-    """Load one tensor through the parameter's own `weight_loader` (the default copies it whole)."""
+    """Load one tensor through the parameter's own `weight_loader` (the default copies it whole).
+
+    A stacked parameter (qkv_proj, gate_up_proj) takes `shard_id=`, or without it a checkpoint tensor that holds
+    every shard already fused. Any error a loader raises comes back naming the parameter and the checkpoint tensor.
+    """
     loader = getattr(param, 'weight_loader', default_weight_loader)
-    loader(param, loaded_weight, **kwargs)
+    try:
+        loader(param, loaded_weight, **kwargs)
+    except WeightLoadError:
+        raise
+    except (TypeError, ValueError, RuntimeError, IndexError) as e:
+        shard = f" (shard {kwargs['shard_id']!r})" if kwargs.get('shard_id') is not None else ''
+        raise WeightLoadError(f'loading {describe_param(param)}{shard} from a tensor of shape '
+                              f'{tuple(loaded_weight.shape)} failed in {getattr(loader, "__qualname__", loader)}: '
+                              f'{type(e).__name__}: {e}') from e
     # a user's own loader may not report itself; count it as loaded anyway (experts by (expert_id, shard_id);
     # an all-experts tensor, expert_id=None, is left to its loader, which alone knows how many experts it held)
     if 'expert_id' not in kwargs:
