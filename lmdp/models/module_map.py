@@ -13,3 +13,7 @@ MODULE_MAP.update({
     'GemmaForCausalLM': f'{LMDP_PYTORCH_MODEL_PATH}.gemma.GemmaForCausalLM',
     'Gemma2ForCausalLM': f'{LMDP_PYTORCH_MODEL_PATH}.gemma.GemmaForCausalLM',
 })
+
+MODULE_MAP.update({
+    'MixtralForCausalLM': f'{LMDP_PYTORCH_MODEL_PATH}.mixtral.MixtralForCausalLM',
+})
