@@ -62,7 +62,12 @@ class MoeWeightsMixin:
 
     def init_expert_mapping(self, num_experts: int):
         """`expert_params_mapping` (lmdeploy's list; it also names the tensor a missing expert shard expects)."""
-        self.expert_params_mapping = expert_params_mapping(num_experts, '.experts', self.expert_checkpoint_names)
+        # in the checkpoint's own names (hints for missing experts name tensors that exist)
+        ckpt_prefix = '.mlp.experts'
+        for old, new in self.checkpoint_renames:
+            ckpt_prefix = ckpt_prefix.replace(new, old)
+        self.expert_params_mapping = expert_params_mapping(num_experts, '.mlp.experts', self.expert_checkpoint_names,
+                                                           ckpt_prefix)
         gate, up, down = (re.escape(n) for n in self.expert_checkpoint_names)
         self._expert_re = re.compile(rf'^(.*\.experts)\.(\d+)\.({gate}|{up}|{down})\.weight$')
         self._shard_of = dict(zip(self.expert_checkpoint_names, ('gate', 'up', 'down')))

@@ -218,14 +218,16 @@ def build_shared_expert_gate(hidden_size: int, dtype=None, device=None, quant_co
 
 
 def expert_params_mapping(num_experts: int, param_prefix: str = '.experts',
-                          checkpoint_names: Sequence[str] = ('gate_proj', 'up_proj', 'down_proj')):
+                          checkpoint_names: Sequence[str] = ('gate_proj', 'up_proj', 'down_proj'),
+                          checkpoint_prefix: Optional[str] = None):
     """`(param fragment, checkpoint fragment, expert_id, shard_id)` for every expert's three projections, as
     lmdeploy's ports build it: `('.experts.gate_up', '.experts.3.gate_proj', 3, 'gate')`. Mixtral's checkpoints
-    name them `('w1', 'w3', 'w2')`."""
+    name them `('w1', 'w3', 'w2')` under another block name (`checkpoint_prefix='.block_sparse_moe.experts'`)."""
     gate, up, down = checkpoint_names
+    ckpt = param_prefix if checkpoint_prefix is None else checkpoint_prefix
     out = []
     for e in range(num_experts):
-        out += [(f'{param_prefix}.gate_up', f'{param_prefix}.{e}.{gate}', e, 'gate'),
-                (f'{param_prefix}.gate_up', f'{param_prefix}.{e}.{up}', e, 'up'),
-                (f'{param_prefix}.down', f'{param_prefix}.{e}.{down}', e, 'down')]
+        out += [(f'{param_prefix}.gate_up', f'{ckpt}.{e}.{gate}', e, 'gate'),
+                (f'{param_prefix}.gate_up', f'{ckpt}.{e}.{up}', e, 'up'),
+                (f'{param_prefix}.down', f'{ckpt}.{e}.{down}', e, 'down')]
     return out
