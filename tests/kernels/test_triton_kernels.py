@@ -498,6 +498,19 @@ def test_rms_norm_float32_weight_and_strided_rows():
     torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
 
 
+@cpu_only
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_rms_norm_per_head_on_a_fused_qkv_view(dtype):
+    """q/k norms (Qwen3) read each head of a `[T, H, D]` view of the fused qkv output in place."""
+    torch.manual_seed(2)
+    qkv = torch.randn(5, (4 + 2 + 2) * 16).to(dtype)
+    k = qkv[:, 64:96].unflatten(-1, (2, 16))       # strides (128, 16, 1): no [rows, D] view exists
+    w = (torch.rand(16) + 0.5).to(dtype)
+    out = tk.rms_norm(k, w, 1e-6)
+    assert out.shape == k.shape
+    torch.testing.assert_close(out, ref_norm.rms_norm(k, w, 1e-6), atol=2e-3, rtol=2e-3)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # rotary
 
