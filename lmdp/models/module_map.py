@@ -13,3 +13,10 @@ MODULE_MAP.update({
     'GemmaForCausalLM': f'{LMDP_PYTORCH_MODEL_PATH}.gemma.GemmaForCausalLM',
     'Gemma2ForCausalLM': f'{LMDP_PYTORCH_MODEL_PATH}.gemma.GemmaForCausalLM',
 })
+
+MODULE_MAP.update({
+    'Qwen2ForCausalLM': f'{LMDP_PYTORCH_MODEL_PATH}.qwen2.Qwen2ForCausalLM',
+    'Qwen3ForCausalLM': f'{LMDP_PYTORCH_MODEL_PATH}.qwen3.Qwen3ForCausalLM',
+    'Phi3ForCausalLM': f'{LMDP_PYTORCH_MODEL_PATH}.phi3.Phi3ForCausalLM',
+    'Gemma3ForCausalLM': f'{LMDP_PYTORCH_MODEL_PATH}.gemma3.Gemma3ForCausalLM',
+})
