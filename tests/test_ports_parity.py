@@ -230,3 +230,15 @@ def test_phi3_crossing_longrope_switch_while_decoding(tiny):
     # prompt + continuation would pick the long factors for the prompt too)
     report = parity.compare(path, prompts=prompts, decode_steps=5, device='cpu')
     assert report.passed, report.summary()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('prompts', [1, 3])
+@pytest.mark.parametrize('family', sorted(PORTS))
+def test_bf16_parity_on_cuda(tiny, family, prompts):
+    """bfloat16 on the Triton kernels (one prompt: batch-1 decode, the GEMV and fused activation; three: cuBLAS),
+    CUDA-graph replay against eager included."""
+    path, _ = tiny(family)
+    report = parity.compare(path, dtype='bfloat16', device='cuda', prompts=prompts)
+    assert report.passed, report.summary()
