@@ -51,8 +51,26 @@ TINY_FAMILIES: dict[str, dict] = {
     ),
     # qkv bias; sliding window on layers >= max_window_layers (HF's semantics).
     'qwen2': dict(tie_word_embeddings=False, use_sliding_window=True, sliding_window=32, max_window_layers=1),
-    # q_norm/k_norm per head; head_dim 32 != 64/4.
-    'qwen3': dict(head_dim=32, tie_word_embeddings=False),
+    # q_norm/k_norm per head; head_dim 32 != 64/4; tied embeddings (as the 0.6B-4B sizes).
+    'qwen3': dict(head_dim=32, tie_word_embeddings=True),
+    # q/k/v and gate/up stored fused (qkv_proj, gate_up_proj); partial rotary (3/4 of head_dim 16, as Phi-4-mini);
+    # LongRoPE switching to its long factors past 48 tokens, so the default parity prompts (5, 17, 64) straddle
+    # it in one packed prefill; a 32-token window on every layer.
+    'phi3': dict(tie_word_embeddings=False, sliding_window=32, original_max_position_embeddings=48,
+                 rope_parameters=dict(rope_type='longrope', rope_theta=10000.0, partial_rotary_factor=0.75,
+                                      short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                                      long_factor=[1.0, 1.9, 3.7, 6.4, 10.0, 15.0])),
+    # q_norm/k_norm; sandwich norms; sliding layers with rope base 1e4 beside a global layer with base 1e6 and
+    # linear scaling 8 (as Gemma 3 4B+); query scale from query_pre_attn_scalar; tied embeddings.
+    'gemma3_text': dict(
+        head_dim=32,
+        query_pre_attn_scalar=16,
+        sliding_window=32,
+        sliding_window_pattern=2,   # every 2nd layer global: sliding, full, sliding, ... for any layer count
+        rope_parameters={'sliding_attention': dict(rope_type='default', rope_theta=10000.0),
+                         'full_attention': dict(rope_type='linear', factor=8.0, rope_theta=1000000.0)},
+        tie_word_embeddings=True,
+    ),
 }
 
 # Mixtures of experts: few experts of a small intermediate size, so that routing is visible at tiny scale.

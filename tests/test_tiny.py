@@ -78,7 +78,9 @@ SHAPES = {
     'gemma': (4, 1, 32, True),   # MQA, head_dim != hidden/heads
     'gemma2': (4, 2, 32, True),
     'qwen2': (4, 2, 16, False),
-    'qwen3': (4, 2, 32, False),
+    'qwen3': (4, 2, 32, True),
+    'phi3': (4, 2, 16, False),
+    'gemma3_text': (4, 2, 32, True),
     'mixtral': (4, 2, 16, False),
     'qwen2_moe': (4, 2, 16, False),
     'qwen3_moe': (4, 2, 32, False),
@@ -91,8 +93,11 @@ def test_attention_shapes_and_tying(mt, ckpt_dirs, models):
     cfg, attn = models[mt].config, models[mt].model.layers[0].self_attn
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, getattr(cfg, 'head_dim', None) or 64 // heads) == (
         heads, kv, hd)
-    assert attn.q_proj.weight.shape == (heads * hd, 64)
-    assert attn.k_proj.weight.shape == (kv * hd, 64)
+    if mt == 'phi3':   # q, k and v in one fused tensor
+        assert attn.qkv_proj.weight.shape == ((heads + 2 * kv) * hd, 64)
+    else:
+        assert attn.q_proj.weight.shape == (heads * hd, 64)
+        assert attn.k_proj.weight.shape == (kv * hd, 64)
     assert cfg.tie_word_embeddings is tied
     # A tied checkpoint has no lm_head tensor on disk; an untied one does.
     assert ('lm_head.weight' in read_tensors(ckpt_dirs[mt])) is (not tied)
@@ -110,6 +115,16 @@ def test_family_specific_quirks(models):
     assert q2.config.sliding_window == 32 and 'sliding_attention' in q2.config.layer_types
     assert q2.model.layers[0].self_attn.q_proj.bias is not None
     assert hasattr(models['qwen3'].model.layers[0].self_attn, 'q_norm')
+    p3 = models['phi3'].config
+    rope = p3.rope_parameters
+    assert rope['rope_type'] == 'longrope' and rope['partial_rotary_factor'] == 0.75
+    assert len(rope['short_factor']) == len(rope['long_factor']) == int(16 * 0.75) // 2
+    assert p3.sliding_window == 32 and hasattr(models['phi3'].model.layers[0].mlp, 'gate_up_proj')
+    g3 = models['gemma3_text'].config
+    assert g3.layer_types == ['sliding_attention', 'full_attention', 'sliding_attention']
+    bases = {t: g3.rope_parameters[t]['rope_theta'] for t in g3.layer_types}
+    assert bases['sliding_attention'] != bases['full_attention']
+    assert hasattr(models['gemma3_text'].model.layers[0].self_attn, 'k_norm')
 
 
 def test_moe_quirks(ckpt_dirs, models):
@@ -157,7 +172,10 @@ def test_quirks_bite(ckpt_dirs, models, tok):
                     ('gemma2', dict(final_logit_softcapping=None)),
                     ('mistral', dict(sliding_window=None)),
                     ('qwen3_moe', dict(norm_topk_prob=False)),
-                    ('qwen2_moe', dict(norm_topk_prob=True))]:
+                    ('qwen2_moe', dict(norm_topk_prob=True)),
+                    ('phi3', dict(sliding_window=None)),
+                    ('qwen2', dict(sliding_window=4096)),
+                    ('gemma3_text', dict(sliding_window=4096))]:
         plain = AutoModelForCausalLM.from_pretrained(ckpt_dirs[mt], dtype=torch.float32, **off)
         with torch.no_grad():
             diff = (models[mt](ids).logits - plain(ids).logits).abs().max().item()
