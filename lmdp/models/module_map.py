@@ -23,4 +23,6 @@ MODULE_MAP.update({
 
 MODULE_MAP.update({
     'MixtralForCausalLM': f'{LMDP_PYTORCH_MODEL_PATH}.mixtral.MixtralForCausalLM',
+    'Qwen2MoeForCausalLM': f'{LMDP_PYTORCH_MODEL_PATH}.qwen2_moe.Qwen2MoeForCausalLM',
+    'Qwen3MoeForCausalLM': f'{LMDP_PYTORCH_MODEL_PATH}.qwen3_moe.Qwen3MoeForCausalLM',
 })
