@@ -2,7 +2,8 @@
 # Mixture of experts on the GPU, in stages that each fit one device call (<= 10 minutes), logs under $OUT:
 #
 #   bash scripts/moe_gpu_check.sh kernels   # tests marked gpu for the MoE kernels and ports (bf16; experts 8/64/128,
-#                                           # top-k 2/8, 1-4096 tokens; CUDA graphs), then the kernel micro-bench
+#                                           # top-k 2/8, 1-4096 tokens; CUDA graphs; each tiny MoE port's bf16 parity
+#                                           # with graph replay and routing), then the kernel micro-bench
 #                                           # on Qwen3-30B-A3B's layer (GEMV vs grouped GEMM by batch)   ~4 min
 #   bash scripts/moe_gpu_check.sh parity    # bf16 parity + routing agreement of Mixtral, Qwen2-MoE, Qwen3-MoE on
 #                                           # their tiny presets and on 2-layer real-shaped checkpoints     ~5 min
@@ -33,7 +34,7 @@ step() {
 case "${1:-}" in
 kernels)
     step moe_gpu_tests python -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_fused_moe.py \
-        tests/test_moe_layers.py tests/test_moe_reference.py
+        tests/test_moe_ports.py tests/kernels/test_triton_kernels.py -k 'moe or rms_norm or bf16_parity'
     TAIL=20 step moe_kernel_bench python -m lmdp.kernels.triton.bench_moe --paths --json "$out/bench_moe.json"
     ;;
 parity)

@@ -511,6 +511,15 @@ def test_rms_norm_per_head_on_a_fused_qkv_view(dtype):
     torch.testing.assert_close(out, ref_norm.rms_norm(k, w, 1e-6), atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_gpu_rms_norm_per_head_on_a_fused_qkv_view():
+    qkv = torch.randn(33, (32 + 4 + 4) * 128, device='cuda', dtype=torch.bfloat16)
+    q = qkv[:, :32 * 128].unflatten(-1, (32, 128))
+    w = (torch.rand(128, device='cuda') + 0.5).to(torch.bfloat16)
+    torch.testing.assert_close(tk.rms_norm(q, w, 1e-6), ref_norm.rms_norm(q, w, 1e-6), atol=2e-2, rtol=2e-2)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # rotary
 
