@@ -9,6 +9,8 @@
 #                                           # their tiny presets and on 2-layer real-shaped checkpoints     ~5 min
 #   bash scripts/moe_gpu_check.sh bench     # `lmdp bench moe` (Qwen3-30B-A3B shape, 24 layers, ~31 GB written to
 #                                           # /tmp) and lmdeploy 0.18 on the same checkpoint, same call      ~9 min
+#                                           # (`lmdp` or `lmdeploy` instead of `bench`: one engine, if the pair
+#                                           # does not fit one call)
 #   bash scripts/moe_gpu_check.sh sweep     # the grouped GEMM's 64 tilings at 64/256/4096 tokens (tuning)
 #
 # From the repository root on the GPU machine. The bench stage needs the lmdeploy bundle in .carry/lmdeploy
@@ -40,9 +42,16 @@ kernels)
 parity)
     TAIL=12 step moe_parity python scripts/moe_parity.py --json "$out/moe_parity.json"
     ;;
-bench)
-    TAIL=8 step lmdp_bench_moe python -m lmdp.bench moe --no-hf --json "$out/lmdp_bench_moe.json"
-    if [ -f .carry/lmdeploy/install.sh ] && [ -f .carry/lmdeploy/lmdeploy_bench.py ]; then
+bench|lmdp|lmdeploy)
+    # the checkpoint both engines read (written once; ~1 minute)
+    step moe_checkpoint python -c 'from lmdp.bench.checkpoint import ensure_checkpoint; from lmdp.bench.shapes \
+import SHAPES; print(ensure_checkpoint(SHAPES["moe"], "/tmp"))'
+    if [ "$1" != lmdeploy ]; then
+        TAIL=8 step lmdp_bench_moe python -m lmdp.bench moe --no-hf --json "$out/lmdp_bench_moe.json"
+    fi
+    if [ "$1" = lmdp ]; then
+        :
+    elif [ -f .carry/lmdeploy/install.sh ] && [ -f .carry/lmdeploy/lmdeploy_bench.py ]; then
         TAIL=6 step lmdeploy_bench_moe bash -c '. .carry/lmdeploy/install.sh || exit 1; \
             python3 .carry/lmdeploy/lmdeploy_bench.py /tmp/lmd_random_qwen3moe_moe'
     else
@@ -54,7 +63,7 @@ sweep)
         --json "$out/bench_moe_sweep.json"
     ;;
 *)
-    echo "usage: bash scripts/moe_gpu_check.sh kernels|parity|bench|sweep" >&2
+    echo "usage: bash scripts/moe_gpu_check.sh kernels|parity|bench|lmdp|lmdeploy|sweep" >&2
     exit 2
     ;;
 esac
