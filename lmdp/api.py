@@ -236,9 +236,19 @@ class Pipeline:
         finally:
             if not request.done:
                 self._drop(request)
+                # its blocks are freed at the next step: someone must run it, even if no other request waits
+                if not loop.is_closed() and (self._driver is None or self._driver.done()):
+                    self._driver = loop.create_task(self._drive())
+
+    def abort_all(self):
+        """Stop every request in flight (a server shutting down): each caller's last Response has finish_reason
+        'abort', and the engine frees their blocks at its next step."""
+        for seq_id in list(self._active):
+            self.engine.abort(seq_id)
 
     async def _drive(self):
-        while self._active:
+        # until every request has its output and every abort has been carried out
+        while self._active or self.engine.has_unfinished():
             await asyncio.to_thread(self._step)
 
     # -- prompt logits ----------------------------------------------------------------------------------------

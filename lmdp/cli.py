@@ -1,4 +1,4 @@
-"""The `lmdp` command line: check, make-tiny, compare, generate, bench."""
+"""The `lmdp` command line: check, make-tiny, compare, parity, generate, bench, serve."""
 import argparse
 import logging
 import sys
@@ -30,6 +30,12 @@ def cmd_make_tiny(args) -> int:
 
 def cmd_compare(args) -> int:
     from parity import compare_logits
+    from parity.options import check_options
+    check_options(model_path=args.model_path, dtype=args.dtype, device=args.device, decode_steps=args.decode_steps,
+                  block_size=args.block_size, custom_module_map=args.custom_module_map)
+    if not args.prompt_lengths or min(args.prompt_lengths) < 1:
+        raise ValueError(f'--prompt-lengths {",".join(map(str, args.prompt_lengths))}: give one or more lengths, '
+                         'each 1 or more (e.g. 5,17,64)')
     with tempfile.TemporaryDirectory(prefix='lmdp-tiny-') as tmp:
         model_path = args.model_path
         if model_path is None:
@@ -41,6 +47,34 @@ def cmd_compare(args) -> int:
                                 custom_module_map=args.custom_module_map)
         print(report.summary())
     return 0 if report.passed else 1
+
+
+def cmd_parity(args) -> int:
+    """The pytest parity suite: same options, output and exit status as `pytest parity --model PATH ...`;
+    arguments after `--` go to pytest itself (-x, -k layers.0, -v, ...)."""
+    import os
+    import subprocess
+
+    import parity
+    from parity.options import OPTIONS
+    if args.model is not None and args.model_path is not None and args.model != args.model_path:
+        raise ValueError(f'two checkpoints given ({args.model} and --model {args.model_path}); pass one')
+    args.model_path = args.model_path or args.model
+    # a fresh interpreter: pytest must import lmdp and parity itself to load its plugin cleanly
+    argv = [sys.executable, '-m', 'pytest', os.path.dirname(os.path.abspath(parity.__file__)), '-p',
+            'no:cacheprovider']
+    for option in OPTIONS:
+        value = getattr(args, option.keyword, option.default)
+        if option.flag and value:
+            argv.append(option.flags[0])
+        elif not option.flag and value is not option.default:    # given on the command line
+            argv += [option.flags[0], value]
+    return subprocess.call(argv + list(args.pytest_args))
+
+
+def _module_map_option(p):
+    p.add_argument('--custom-module-map', '--module-map', dest='custom_module_map', metavar='FILE',
+                   help='a .py file defining MODULE_MAP entries to add or override (the port to use)')
 
 
 def cmd_generate(args) -> int:
@@ -77,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('check', help='can lmdp load this checkpoint? (no weights are read)')
     p.add_argument('model_path')
     p.add_argument('--trust-remote-code', action='store_true')
-    p.add_argument('--custom-module-map', help='a .py file defining MODULE_MAP entries to add or override')
+    _module_map_option(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser('make-tiny', help='write a tiny random-weight checkpoint with transformers')
@@ -96,8 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--prompt-lengths', type=_int_list, default=[5, 17, 64], help='comma-separated')
     p.add_argument('--decode-steps', type=int, default=8)
     p.add_argument('--block-size', type=int, default=16)
-    p.add_argument('--custom-module-map')
+    _module_map_option(p)
     p.set_defaults(func=cmd_compare)
+
+    from parity.options import add_options
+    p = sub.add_parser('parity', help='the layer-by-layer parity suite (pytest parity) on a checkpoint; '
+                       'arguments after -- go to pytest', description='Runs `pytest parity` (in a fresh process): '
+                       'one item per tap and phase, a table, the first divergence; exit status as pytest\'s.',
+                       epilog='arguments after -- go to pytest: lmdp parity ./llama -- -x -k layers.0')
+    p.add_argument('model', nargs='?', metavar='MODEL', help='checkpoint folder, as --model (default: a fresh tiny '
+                   'llama)')
+    add_options(p.add_argument, typed=False)   # pytest converts and checks them
+    p.set_defaults(func=cmd_parity, pytest_args=[])
 
     p = sub.add_parser('generate', help='continue a prompt with the engine, printing the text as it comes')
     p.add_argument('model_path')
@@ -112,13 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--dtype', default='auto')
     p.add_argument('--device', default='auto', choices=['auto', 'cuda', 'cpu'])
     p.add_argument('--session-len', type=int)
-    p.add_argument('--custom-module-map')
+    _module_map_option(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser('bench', help='speed on real shapes vs the HBM roofline and transformers (GPU); '
                        'arguments as for python -m lmdp.bench', add_help=False)
     p.add_argument('bench_args', nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
+
+    from .serve.cli import add_parser as add_serve_parser
+    add_serve_parser(sub)
     return parser
 
 
@@ -127,11 +174,23 @@ def main(argv=None) -> int:
     if argv[:1] == ['bench']:                      # its own parser: `lmdp bench --help` lists its options
         from .bench.__main__ import main as bench_main
         return bench_main(argv[1:])
+    pytest_args = []
+    if '--' in argv and 'parity' in argv[:argv.index('--')]:    # the rest is pytest's own command line
+        cut = argv.index('--')
+        argv, pytest_args = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    if pytest_args:
+        args.pytest_args = pytest_args
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format='%(levelname)s %(message)s')
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    except ValueError as e:
+        message = str(e)
+        if hasattr(e, 'command_line'):   # parity.options.OptionError: name the flag, not the API keyword
+            message = e.command_line() if e.keyword != 'model_path' else f'{e.value}: {e.problem}'
+        print(f'lmdp {args.command}: error: {message}', file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotImplementedError) as e:
         print(f'lmdp {args.command}: error: {e}', file=sys.stderr)
         return 2
 

@@ -144,14 +144,17 @@ def reinit_weights(model: nn.Module, seed: int = 0) -> None:
     embeddings ~ N(0, 1) as seen by layer 0, norm weights = identity +
     N(0, NORM_NOISE), biases ~ N(0, BIAS_STD). With tied embeddings the final
     norm's gain is N(0, 1) instead (see below).
+    The generator lives on the model's device (a 1B-shaped model inits in seconds on a GPU; the numbers then
+    differ from a CPU init of the same seed).
     """
-    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
     done: set[int] = set()
 
     def fill(p: torch.Tensor, std: float, mean: torch.Tensor | float = 0.0) -> None:
         if id(p) in done:  # tied weights keep their first (embedding) init
             return
-        p.copy_(mean + std * torch.randn(p.shape, generator=g, dtype=torch.float32))
+        p.copy_(mean + std * torch.randn(p.shape, generator=g, dtype=torch.float32, device=device))
         done.add(id(p))
 
     # Embedding first so a tied lm_head inherits it. Gemma multiplies the

@@ -7,11 +7,18 @@ packed prefill and in paged decode steps.
 
 The same run is a pytest suite: `pytest parity --model ./llama` (see parity/plugin.py).
 """
-from .logits import LogitsReport, compare_logits
-from .metrics import Metrics
-from .report import CheckResult, ParityReport, TapResult
-from .run import References, compare, run_references
-from .taps import TAP_OVERRIDES, Tap, tap_list
+# Loaded on first use: the pytest plugin (parity.plugin, a pytest11 entry point, so imported by every pytest run
+# wherever lmdp is installed) must not pull torch into test sessions that never run the harness.
+from lmdp._lazy import lazy_getattr
 
-__all__ = ['CheckResult', 'LogitsReport', 'Metrics', 'ParityReport', 'References', 'TAP_OVERRIDES', 'Tap',
-           'TapResult', 'compare', 'compare_logits', 'run_references', 'tap_list']
+_LAZY = {
+    'LogitsReport': 'parity.logits', 'compare_logits': 'parity.logits',
+    'Metrics': 'parity.metrics',
+    'CheckResult': 'parity.report', 'ParityReport': 'parity.report', 'TapResult': 'parity.report',
+    'References': 'parity.run', 'compare': 'parity.run', 'run_references': 'parity.run',
+    'TAP_OVERRIDES': 'parity.taps', 'Tap': 'parity.taps', 'tap_list': 'parity.taps',
+}
+
+__all__ = sorted(_LAZY)
+
+__getattr__ = lazy_getattr(globals(), _LAZY)

@@ -18,6 +18,7 @@ class CaptureSet:
     missing: Dict[str, str] = field(default_factory=dict)                          # tap -> why it has no capture
     seconds: float = 0.0
     graph_replay: Optional[object] = None   # the port on CUDA: parity.graph_replay.GraphReplay
+    sampled_tokens: Optional[List[List[int]]] = None   # the port: the engine sampler's greedy pick at each step
 
     def get(self, phase: str, tap: str):
         return self.taps.get(phase, {}).get(tap)

@@ -1,16 +1,19 @@
-"""The console table of a ParityReport: one row per tap, one column group per phase, then the whole-model checks."""
+"""The console table of a ParityReport: one row per tap, one column group per phase (the layer-local error, its
+floor, tolerance and verdict, then the accumulated error for comparison), then the whole-model checks."""
 
 _MARK = {'passed': 'ok', 'failed': 'FAIL', 'skipped': 'skip'}
 
 
-def _cell(result) -> str:
+def _cell(result, accumulated=None) -> str:
+    acc = f'{accumulated.port.rel_l2:9.2e}' if accumulated is not None and accumulated.port is not None else \
+        f"{'-':>9}"
     if result is None:
-        return f"{'':>9} {'':>8} {'':>8} {'':4}"
+        return f"{'':>9} {'':>8} {'':>8} {'':4} {'':>9}"
     if result.error:
-        return f"{'n/a':>9} {'':>8} {'':>8} {'FAIL':4}"
+        return f"{'n/a':>9} {'':>8} {'':>8} {'FAIL':4} {acc}"
     floor = f'{result.floor.rel_l2:8.1e}' if result.floor is not None else f"{'-':>8}"
-    verdict = 'ok' if result.passed else 'FAIL'
-    return f'{result.port.rel_l2:9.2e} {floor} {result.tolerance:8.1e} {verdict:4}'
+    verdict = 'ok' if result.passed else ('FAIL' if result.failed_rule != 'gain' else 'SCAL')
+    return f'{result.port.rel_l2:9.2e} {floor} {result.tolerance:8.1e} {verdict:4} {acc}'
 
 
 def format_report(report) -> str:
@@ -26,17 +29,18 @@ def format_report(report) -> str:
     header = f"{'tap':<{width}}"
     sub = f"{'':<{width}}"
     for phase in phases:
-        header += f' | {phase:^32}'
-        sub += f" | {'rel err':>9} {'floor':>8} {'tol':>8} {'':4}"
+        header += f' | {phase:^42}'
+        sub += f" | {'local err':>9} {'floor':>8} {'tol':>8} {'':4} {'accum err':>9}"
     lines += [header, sub]
     for name in names:
         row = f'{name:<{width}}'
         for phase in phases:
-            row += ' | ' + _cell(report.tap(phase, name))
+            row += ' | ' + _cell(report.tap(phase, name), report.tap(phase, name, 'accumulated'))
         if first is not None and name == first.tap:
             row += f'  <- first divergence ({first.phase})'
         lines.append(row)
-    lines.append('')
+    lines.append('(SCAL: within the error tolerance, but a scale the floor does not have; the description of the '
+                 'tap says how large)' if any(t.failed_rule == 'gain' for t in report.main_taps) else '')
     for check in report.checks:
         phase = f' ({check.phase})' if check.phase else ''
         lines.append(f'[{_MARK[check.status]:>4}] {check.name}{phase}: {check.detail}')

@@ -87,16 +87,17 @@ def _replay(runner, inputs, eager: torch.Tensor, bucket: int) -> ReplayDiff:
             diff.reason, diff.fix = result.reason, result.fix
             return diff
         diff.captured = True
-        if not graphs.can_run(inputs):
+        if not runner.runner.can_replay(inputs):
             diff.reason = f'the graph runner refuses this step (batch {diff.batch}, bucket {bucket})'
             return diff
-        replay = graphs.decode(inputs).clone()
+        replay = runner.runner.replay(inputs).clone()     # the engine's replay path
         _sync(replay)
         _compare(replay, eager, diff)
     except Exception as e:  # noqa: BLE001 - a failure is the check's finding, not the run's end
         diff.reason, diff.fix = explain_capture_error(e)
     finally:
         del graphs
+        runner.runner.graphs = None
     return diff
 
 
@@ -111,8 +112,7 @@ def replay_vs_eager(runner, seq_ids: Sequence[int], tokens: Sequence[int]) -> Gr
 def _replay_vs_eager(runner, seq_ids: Sequence[int], tokens: Sequence[int]) -> GraphReplay:
     try:
         inputs = runner.decode_inputs(seq_ids, tokens)
-        agent = runner.agent
-        eager = agent.get_logits(agent.forward(inputs, runner.cache.kv_caches)).clone()
+        eager = runner.runner.logits(runner.runner.forward(inputs)).clone()
         _sync(eager)
         n = len(seq_ids)
         return GraphReplay(exact=_replay(runner, inputs, eager, n), padded=_replay(runner, inputs, eager,

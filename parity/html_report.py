@@ -62,7 +62,7 @@ def _plot(report) -> str:
         out.append(f'<line x1="{lx}" x2="{lx + 24}" y1="{_H - 8}" y2="{_H - 8}" stroke="{color}" stroke-width="2" '
                    f'stroke-dasharray="{dash}"/><text x="{lx + 28}" y="{_H - 4}">{text}</text>')
     out.append(f'<text x="14" y="{_PAD_T + 120}" transform="rotate(-90 14 {_PAD_T + 120})">relative L2 error vs '
-               'transformers float32</text></svg>')
+               'the truth (layer-local view)</text></svg>')
     return '\n'.join(out)
 
 
@@ -74,14 +74,19 @@ def _tap_rows(report) -> str:
     rows = []
     for t in report.main_taps:
         cls = 'fail' if not t.passed else ''
+        acc = report.tap(t.phase, t.tap, 'accumulated')
+        acc_err = _fmt(acc.port.rel_l2) if acc is not None and acc.port is not None else '-'
         if t.port is None:
             rows.append(f'<tr class="fail"><td>{t.phase}</td><td>{html.escape(t.tap)}</td>'
-                        f'<td colspan="6">not compared: {html.escape(t.error or "")}</td><td>FAIL</td></tr>')
+                        f'<td colspan="7">not compared: {html.escape(t.error or "")}</td><td>{acc_err}</td>'
+                        '<td>FAIL</td></tr>')
             continue
+        scale = t.port.gain - t.floor.gain if t.floor is not None else None
         rows.append(f'<tr class="{cls}"><td>{t.phase}</td><td>{html.escape(t.tap)}</td>'
                     f'<td>{_fmt(t.port.rel_l2)}</td><td>{_fmt(t.floor.rel_l2 if t.floor else None)}</td>'
-                    f'<td>{_fmt(t.tolerance)}</td><td>{_fmt(t.port.max_abs, ".3e")}</td>'
-                    f'<td>{tuple(t.port.where)}</td><td>{_fmt(t.port.cosine, ".6f")}</td>'
+                    f'<td>{_fmt(t.tolerance)}</td><td>{_fmt(scale, "+.2e")}</td>'
+                    f'<td>{_fmt(t.port.max_abs, ".3e")}</td><td>{tuple(t.port.where)}</td>'
+                    f'<td>{_fmt(t.port.cosine, ".6f")}</td><td>{acc_err}</td>'
                     f'<td>{"ok" if t.passed else "FAIL"}</td></tr>')
     return '\n'.join(rows)
 
@@ -112,8 +117,10 @@ li.failed {{ color: #a00; }} li.skipped {{ color: #777; }}
 {_plot(report)}
 <h2>Whole-model checks</h2><ul>{checks}</ul>
 <h2>Taps</h2>
-<table><tr><th>phase</th><th>tap</th><th>rel L2 err</th><th>floor</th><th>tolerance</th><th>max |a-b|</th>
-<th>at (seq, token, channel)</th><th>worst cosine</th><th></th></tr>
+<p>Errors are the layer-local view's (each layer fed the reference's own input), which the verdicts come from;
+the accumulated column is the port run end to end.</p>
+<table><tr><th>phase</th><th>tap</th><th>local rel L2 err</th><th>floor</th><th>tolerance</th><th>scale error</th>
+<th>max |a-b|</th><th>at (seq, token, channel)</th><th>worst cosine</th><th>accumulated err</th><th></th></tr>
 {_tap_rows(report)}
 </table>
 <p>Time: {html.escape(timings)}</p>

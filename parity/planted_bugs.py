@@ -97,20 +97,26 @@ class PlantedBug:
     port_class: type
     phase: str           # where the harness must first see it
     tap: str
+    architectures: tuple = ('LlamaForCausalLM', 'MistralForCausalLM')
 
     @property
     def description(self) -> str:
         return (self.port_class.__doc__ or '').strip().splitlines()[0]
 
-    def module_map(self, architectures=('LlamaForCausalLM', 'MistralForCausalLM')) -> Dict[str, type]:
-        """A custom module map that makes lmdp build this buggy copy for llama checkpoints."""
-        return {arch: self.port_class for arch in architectures}
+    def module_map(self, architectures=None) -> Dict[str, type]:
+        """A custom module map that makes lmdp build this buggy copy for its family's checkpoints."""
+        return {arch: self.port_class for arch in (architectures or self.architectures)}
 
 
 PLANTED_BUGS: List[PlantedBug] = [
     PlantedBug('wrong_norm_eps', WrongNormEps, 'prefill', 'layers.0.input_norm'),
-    PlantedBug('rotary_k_halves_swapped', RotaryHalvesSwappedInK, 'prefill', 'layers.0.attn'),
+    PlantedBug('rotary_k_halves_swapped', RotaryHalvesSwappedInK, 'prefill', 'layers.0.k_rot'),
     PlantedBug('mlp_dropped_layer1', MLPDroppedInLayer1, 'prefill', 'layers.1.residual'),
-    PlantedBug('kv_swapped_in_qkv', KVSwappedInQKV, 'prefill', 'layers.0.attn'),
-    PlantedBug('decode_position_off_by_one', DecodePositionOffByOne, 'decode', 'layers.0.attn'),
+    PlantedBug('kv_swapped_in_qkv', KVSwappedInQKV, 'prefill', 'layers.0.k'),
+    PlantedBug('decode_position_off_by_one', DecodePositionOffByOne, 'decode', 'layers.0.q_rot'),
 ]
+
+
+def planted_bugs_for(family: str) -> List[PlantedBug]:
+    """The planted bugs written for a family's port (model_type)."""
+    return {'llama': PLANTED_BUGS, 'mistral': PLANTED_BUGS}.get(family, [])

@@ -4,54 +4,98 @@ The suite is one parity run (`parity.compare`), made once per session, and one p
 (`test_tap[prefill-layers.3.attn]`) plus one per whole-model check, so the first failing layer shows in pytest's
 own summary. The console table and `first divergence: ...` come at the end of the session.
 
-`parity/conftest.py` imports these hooks, so the plugin is active whenever pytest is pointed at the parity folder
-(`pytest parity`, or `python -m pytest` from the repository root, whose testpaths include it); no install needed.
+This module is a pytest11 entry point named `parity`: once lmdp is installed pytest loads it wherever it
+runs, and `pytest parity` (from a folder with no `parity` of its own, the argument means the installed suite),
+`pytest --pyargs parity` and `lmdp parity` all run the suite. From a checkout that is not installed,
+parity/conftest.py registers it. Every pytest session loads it, so it imports nothing heavy until the suite runs,
+and it adds its options only to sessions that run the suite.
+The options and their checks live in parity/options.py.
 """
 import contextlib
+import os
 import shutil
 import sys
 import tempfile
 
 import pytest
 
-from .capture_set import PHASES
-from .checks import TOP_K
-from .taps import tap_list
+from .options import OPTIONS, OptionError, add_options, check_options
+
+NAME = 'parity'
+SUITE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PREFIX = 'parity_'
 
 _TINY_DIR = pytest.StashKey[str]()
 _REPORT = pytest.StashKey[object]()
 _REPORT_PATHS = pytest.StashKey[dict]()
-
-CHECKS = [('logprob_kl', 'prefill'), (f'top{TOP_K}', 'prefill'), ('logprob_kl', 'decode'), (f'top{TOP_K}', 'decode'),
-          ('greedy', None), ('weight_coverage', None), ('cuda_graph', None),
-          ('cuda_graph_padded', None)]
+_FAILURE = pytest.StashKey[BaseException]()
 
 
-def pytest_addoption(parser):
+def _checks():
+    from .checks import TOP_K
+    return [('logprob_kl', 'prefill'), (f'top{TOP_K}', 'prefill'), ('logprob_kl', 'decode'),
+            (f'top{TOP_K}', 'decode'), ('greedy', None), ('weight_coverage', None), ('cuda_graph', None),
+            ('cuda_graph_padded', None)]
+
+
+def _option(config, keyword):
+    return config.getoption(_PREFIX + keyword)
+
+
+def add_parity_options(parser):
+    """The harness's options, once per session: from the hook below, or from parity/conftest.py when pytest
+    collects the suite's folder."""
     group = parser.getgroup('parity', 'lmdp parity harness (pytest parity --model PATH)')
-    group.addoption('--model', dest='parity_model', default=None, metavar='PATH',
-                    help='checkpoint folder to diff (default: the built-in tiny llama, built in a temporary folder)')
-    group.addoption('--dtype', dest='parity_dtype', default='float32',
-                    choices=['float32', 'bfloat16', 'float16', 'auto'],
-                    help='dtype of the port under test (default float32; others are judged by the noise floor)')
-    group.addoption('--device', dest='parity_device', default='auto',
-                    help='cpu, cuda, cuda:1, ... (default auto: cuda when present)')
-    group.addoption('--prompts', dest='parity_prompts', default='3', metavar='N|FILE',
-                    help='a count of random prompts of different lengths, or a file (JSON or one prompt per line)')
-    group.addoption('--decode-steps', dest='parity_decode_steps', type=int, default=4,
-                    help='decode steps after the packed prefill (default 4)')
-    group.addoption('--report', dest='parity_report', default=None, metavar='DIR',
-                    help='write report.json and report.html into DIR')
-    group.addoption('--module-map', dest='parity_module_map', default=None, metavar='FILE',
-                    help='a .py file defining MODULE_MAP: the port under test, instead of the registered one')
-    group.addoption('--block-size', dest='parity_block_size', type=int, default=16,
-                    help='KV-cache block size of the port (default 16, so prompts span several blocks)')
-    group.addoption('--qkv-taps', dest='parity_qkv_taps', action='store_true',
-                    help='also compare every layer\'s q, k and v projections (before rotary)')
+    if not group.options:
+        add_options(group.addoption, dest_prefix=_PREFIX)
+
+
+def _installed_suite(arg: str, invocation_dir) -> str:
+    """`parity`, `parity/test_parity.py::...`: the installed suite, when the invocation folder has no such path."""
+    path = arg.split('::', 1)[0]
+    if not (path == NAME or path.startswith(NAME + '/')) or os.path.exists(os.path.join(invocation_dir, path)):
+        return arg
+    return SUITE_DIR + arg[len(NAME):]
+
+
+def _targets_suite(early_config) -> bool:
+    namespace = early_config.known_args_namespace
+    invocation_dir = early_config.invocation_params.dir
+    for arg in namespace.file_or_dir or []:
+        path = str(arg).split('::', 1)[0]
+        if namespace.pyargs and (path == NAME or path.startswith(NAME + '.')):
+            return True
+        if _installed_suite(path, invocation_dir) != path:
+            return True
+        full = os.path.realpath(os.path.join(invocation_dir, path))
+        if full == SUITE_DIR or full.startswith(SUITE_DIR + os.sep):
+            return True
+    return False
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config, parser, args):
+    # Every pytest session in an environment with lmdp loads this plugin. Options named --model or --device there
+    # would collide with a project's own conftest options, so they exist only in sessions that run this suite.
+    if _targets_suite(early_config):
+        add_parity_options(parser)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    if not hasattr(config.option, _PREFIX + 'dtype'):     # a session that does not run the suite
+        return
+    if not config.option.pyargs:
+        config.args[:] = [_installed_suite(a, config.invocation_params.dir) for a in config.args]
+    # bad options stop the session here, before collection builds a model or reads a checkpoint
+    try:
+        check_options(**{o.keyword: _option(config, o.keyword) for o in OPTIONS})
+    except OptionError as e:
+        raise pytest.UsageError(f'lmdp parity: {e.command_line()}') from None
 
 
 def _model_path(config) -> str:
-    path = config.getoption('parity_model')
+    path = _option(config, 'model_path')
     if path:
         return path
     if _TINY_DIR not in config.stash:
@@ -68,54 +112,71 @@ def pytest_unconfigure(config):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _num_layers(path: str) -> int:
-    from transformers import AutoConfig
+def _taps(path: str):
+    from .reference import checkpoint_taps
     try:
-        hf_config = AutoConfig.from_pretrained(path)
+        return checkpoint_taps(path)
     except Exception as e:  # noqa: BLE001 - any unreadable config is a usage error here
-        raise pytest.UsageError(f'parity: cannot read the config of --model {path!r}: {e}') from e
-    return int((getattr(hf_config, 'text_config', None) or hf_config).num_hidden_layers)
+        raise pytest.UsageError(f'lmdp parity: cannot read the config of --model {path!r}: {e}') from e
 
 
 def pytest_generate_tests(metafunc):
+    if not {'parity_tap', 'parity_check'} & set(metafunc.fixturenames):
+        return
+    from .capture_set import PHASES
     config = metafunc.config
-    phases = [p for p in PHASES if p == 'prefill' or config.getoption('parity_decode_steps') > 0]
+    phases = [p for p in PHASES if p == 'prefill' or _option(config, 'decode_steps') > 0]
     if 'parity_tap' in metafunc.fixturenames:
-        taps = tap_list(_num_layers(_model_path(config)), qkv=config.getoption('parity_qkv_taps'))
+        taps = _taps(_model_path(config))
         params = [(phase, tap.name) for phase in phases for tap in taps]
         metafunc.parametrize('parity_tap', params, ids=[f'{p}-{n}' for p, n in params])
     if 'parity_check' in metafunc.fixturenames:
-        params = [(n, p) for n, p in CHECKS if p is None or p in phases]
+        params = [(n, p) for n, p in _checks() if p is None or p in phases]
         metafunc.parametrize('parity_check', params, ids=[f'{n}-{p}' if p else n for n, p in params])
 
 
 @pytest.fixture(scope='session')
 def parity_report(request):
-    """The session's one parity run."""
+    """The session's one parity run. If it raises (a port that cannot load, above all), the session stops after
+    the first item and the error is printed once, at the end, with its cause and a FAIL verdict line."""
     from .run import compare
     config = request.config
     capman = config.pluginmanager.getplugin('capturemanager')
     # the progress bar must reach the terminal, so output capture is off while the models load and run
     quiet = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
-    with quiet:
-        report = compare(_model_path(config), dtype=config.getoption('parity_dtype'),
-                         device=config.getoption('parity_device'), prompts=config.getoption('parity_prompts'),
-                         decode_steps=config.getoption('parity_decode_steps'),
-                         custom_module_map=config.getoption('parity_module_map'),
-                         block_size=config.getoption('parity_block_size'),
-                         qkv_taps=config.getoption('parity_qkv_taps'), progress=sys.stderr.isatty())
+    try:
+        with quiet:
+            report = compare(_model_path(config), dtype=_option(config, 'dtype'), device=_option(config, 'device'),
+                             prompts=_option(config, 'prompts'), decode_steps=_option(config, 'decode_steps'),
+                             custom_module_map=_option(config, 'custom_module_map'),
+                             block_size=_option(config, 'block_size'), qkv_taps=_option(config, 'qkv_taps'),
+                             progress=sys.stderr.isatty())
+    except Exception as e:  # noqa: BLE001 - reported once, in full, by pytest_terminal_summary
+        config.stash[_FAILURE] = e
+    if _FAILURE in config.stash:   # outside the except block, so pytest shows no exception chain per item
+        request.session.shouldfail = 'the parity run could not finish'
+        pytest.fail('the parity run could not finish; its error is printed once, under "lmdp parity" below',
+                    pytrace=False)
     config.stash[_REPORT] = report
-    directory = config.getoption('parity_report')
+    directory = _option(config, 'report_dir')
     if directory:
         config.stash[_REPORT_PATHS] = report.save(directory)
     return report
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    failure = config.stash.get(_FAILURE, None)
     report = config.stash.get(_REPORT, None)
-    if report is None:
+    if failure is None and report is None:
         return
     terminalreporter.section('lmdp parity')
+    if failure is not None:
+        from .load_failure import failure_lines
+        lines = failure_lines(failure)
+        for line in lines[:-1]:
+            terminalreporter.write_line(line)
+        terminalreporter.write_line(lines[-1], red=True, bold=True)
+        return
     for line in report.summary().splitlines():
         terminalreporter.write_line(line)
     paths = config.stash.get(_REPORT_PATHS, None)

@@ -1,17 +1,14 @@
-"""Random-weight Llama checkpoints of any size, initialised on the device: seconds for a 1B-shaped model on a GPU.
+"""Random-weight checkpoints of real shapes, initialised on the device: seconds for a 1B-shaped model on a GPU.
 
-`lmdp.tiny.make_tiny` initialises on the CPU, which is right for tiny models and slow for big ones. This builds
-the same config (`lmdp.tiny.tiny_config`) and applies the same order-one init rules (see
-`lmdp.tiny.reinit_weights`: Linear ~ N(0, 1/fan_in), x RESIDUAL_OUT_GAIN on o_proj/down_proj, embeddings ~ N(0, 1),
-norm gains 1 + N(0, NORM_NOISE)) with a generator on `device`. No tokenizer is written: parity prompts are token
-ids.
+`lmdp.tiny.make_tiny` writes tiny models on the CPU. This builds the same family config (`lmdp.tiny.tiny_config`)
+at a real model's layer shape and applies the same order-one init rules (`lmdp.tiny.reinit_weights`) with a
+generator on `device`. No tokenizer is written: parity prompts are token ids.
 """
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from lmdp.tiny import NORM_NOISE, RESIDUAL_OUT_GAIN, tiny_config
+from lmdp.tiny import reinit_weights, tiny_config
 
 # Llama-3.2-1B's shape (untied here, so lm_head is a separate 128256 x 2048 matrix).
 LLAMA_1B_SHAPE = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -24,35 +21,36 @@ LLAMA_1B_SHAPE = dict(hidden_size=2048, num_hidden_layers=16, num_attention_head
 SMALL_SHAPE = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                    intermediate_size=1024, tie_word_embeddings=False)
 
+# One real layer shape per family, for parity at real sizes ('1b' in scripts/parity_sensitivity.py). Layer
+# counts other than Llama's are cut to 4: the layer shape is what kernels and rounding see.
+REAL_SHAPES = {
+    'llama': LLAMA_1B_SHAPE,
+    'mistral': dict(LLAMA_1B_SHAPE, sliding_window=4096, rope_parameters={'rope_type': 'default',
+                                                                          'rope_theta': 1e6}),
+    'gemma': dict(hidden_size=2048, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=1, head_dim=256,
+                  intermediate_size=16384, vocab_size=256000),                                # Gemma-2B
+    'gemma2': dict(hidden_size=2304, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                   head_dim=256, intermediate_size=9216, vocab_size=256000, query_pre_attn_scalar=256,
+                   sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),   # Gemma-2-2B
+    'qwen2': dict(hidden_size=1536, num_hidden_layers=4, num_attention_heads=12, num_key_value_heads=2,
+                  intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),       # Qwen2-1.5B
+    'qwen3': dict(hidden_size=2048, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                  intermediate_size=6144, vocab_size=151936, tie_word_embeddings=True),       # Qwen3-1.7B
+}
+
 _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
 @torch.no_grad()
-def build_random_llama(out_dir, device='cpu', dtype: str = 'bfloat16', seed: int = 0, **config_overrides) -> Path:
-    """Write a random-weight llama checkpoint (config.json + safetensors) into `out_dir`; returns the Path."""
+def build_random(model_type: str, out_dir, device='cpu', dtype: str = 'bfloat16', seed: int = 0,
+                 **config_overrides) -> Path:
+    """Write a random-weight checkpoint (config.json + safetensors) of `model_type` into `out_dir`."""
     from transformers import AutoModelForCausalLM
 
-    cfg = tiny_config('llama', **config_overrides)
-    if cfg.tie_word_embeddings:
-        raise ValueError('build_random_llama writes untied models; use lmdp.tiny.make_tiny for tied ones')
-    try:
-        with torch.device('meta'):   # no allocation, no transformers init: every tensor is written below
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        model = model.to_empty(device=device)
-    except Exception:  # noqa: BLE001 - a transformers that refuses meta init: slower, same result
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).to(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            gain = RESIDUAL_OUT_GAIN if name.rsplit('.', 1)[-1] in ('o_proj', 'down_proj') else 1.0
-            module.weight.normal_(0.0, gain * module.in_features**-0.5, generator=gen)
-            if module.bias is not None:
-                module.bias.normal_(0.0, 0.1, generator=gen)
-        elif isinstance(module, nn.Embedding):
-            module.weight.normal_(0.0, 1.0, generator=gen)
-    for name, param in model.named_parameters():
-        if param.ndim == 1 and 'norm' in name:
-            param.normal_(1.0, NORM_NOISE, generator=gen)
+    cfg = tiny_config(model_type, **config_overrides)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    reinit_weights(model, seed)
     model.to(_DTYPES[dtype])
     model.config.dtype = dtype
     out = Path(out_dir)
@@ -61,3 +59,10 @@ def build_random_llama(out_dir, device='cpu', dtype: str = 'bfloat16', seed: int
     with quiet_transformers():
         model.save_pretrained(out)
     return out
+
+
+def build_random_llama(out_dir, device='cpu', dtype: str = 'bfloat16', seed: int = 0, **config_overrides) -> Path:
+    """`build_random('llama', ...)`, untied."""
+    if config_overrides.get('tie_word_embeddings'):
+        raise ValueError('build_random_llama writes untied models; use build_random for tied ones')
+    return build_random('llama', out_dir, device, dtype, seed, **dict(config_overrides, tie_word_embeddings=False))

@@ -8,19 +8,32 @@ import torch
 
 from lmdp.quiet import quiet_transformers
 
-from .capture import Recorder
+from .capture import Boundary, LocalInputs, Recorder
 from .capture_set import CaptureSet, PhaseRows
-from .taps import Site, TapResolver
+from .local import boundary_taps, call_values
+from .taps import Site, TapResolver, reference_taps
 
 
 def load_reference(model_path: str, dtype: torch.dtype, device) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
-    kwargs = dict(dtype=dtype, attn_implementation='eager')
+    # eager experts too: transformers 5's default MoE path (grouped_mm) has no float64 kernel, and the reference
+    # should be the plain per-expert loop (an older transformers keeps the unknown key on the config, unused)
+    kwargs = dict(dtype=dtype, attn_implementation='eager', experts_implementation='eager')
     if torch.device(device).type == 'cuda' and importlib.util.find_spec('accelerate') is not None:
         kwargs['device_map'] = str(device)   # straight onto the card: no float32 copy of the model in host RAM
     with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     return model.to(device).eval()
+
+
+def checkpoint_taps(model_path: str, overrides=None):
+    """The taps a run of this checkpoint has (its transformers model's structure, built on the meta device: no
+    weights are read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    hf_config = AutoConfig.from_pretrained(model_path)
+    with quiet_transformers(), torch.device('meta'):
+        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation='eager')
+    return reference_taps(model, hf_config, overrides)
 
 
 def _new_cache(model):
@@ -36,40 +49,65 @@ def _cache_kwarg(model) -> str:
     return 'cache' if 'cache' in inspect.signature(model.forward).parameters else 'past_key_values'
 
 
+def recorder_for(model, side: str, hf_config, taps, overrides=None, local: Optional[LocalInputs] = None):
+    """(Recorder, CaptureSet with the taps this model can't give) for one side of a run."""
+    resolver = TapResolver(model, side, hf_config, overrides)
+    sites = resolver.resolve(taps)
+    capture = CaptureSet(missing={t: why for t, why in sites.items() if not isinstance(why, Site)})
+    names = {t.name for t in taps}
+    layers = resolver.layers()
+    boundaries = []
+    if layers is not None:
+        for i in range(resolver.num_layers()):
+            end = resolver.branch_end(f'{layers}.{i}') if f'layers.{i}.mid' in names else None
+            boundaries.append(Boundary(f'{layers}.{i}', end))
+    recorder = Recorder(model, {t: s for t, s in sites.items() if isinstance(s, Site)}, boundaries,
+                        final_norm=resolver._find('final_norm'), local=local)
+    return recorder, capture
+
+
 @torch.inference_mode()
 def run_reference(model, hf_config, prompts: Sequence[Sequence[int]], decode_steps: int, taps,
-                  tokens: Optional[List[List[int]]] = None, overrides=None,
-                  progress=None) -> Tuple[CaptureSet, List[List[int]]]:
+                  tokens: Optional[List[List[int]]] = None, overrides=None, progress=None,
+                  truth: Optional[CaptureSet] = None) -> Tuple[CaptureSet, List[List[int]]]:
     """Captures of every tap, and the tokens fed in decode.
 
     With `tokens` None the model decodes greedily and returns its own `decode_steps + 1` tokens per prompt (the
-    last one is predicted by the last decode step); otherwise it is teacher-forced on `tokens`.
+    last one is predicted by the last decode step); otherwise it is teacher-forced on `tokens`. With `truth` (the
+    truth's captures of the same run), every layer starts from the truth's stream: the layer-local view.
     """
     start = time.perf_counter()
-    sites = TapResolver(model, 'reference', hf_config, overrides).resolve(taps)
-    capture = CaptureSet(missing={t: why for t, why in sites.items() if not isinstance(why, Site)})
+    local = LocalInputs() if truth is not None else None
+    sources = boundary_taps(taps) if truth is not None else {}
+    recorder, capture = recorder_for(model, 'reference', hf_config, taps, overrides, local)
     device = next(model.parameters()).device
     cache_kw = _cache_kwarg(model)
     prefill, decode = PhaseRows(len(prompts)), PhaseRows(len(prompts))
     used: List[List[int]] = []
-    with Recorder(model, {t: s for t, s in sites.items() if isinstance(s, Site)}) as recorder:
+    with recorder:
         for i, prompt in enumerate(prompts):
             cache = _new_cache(model)
             ids = torch.tensor([list(prompt)], device=device)
+            if local is not None:
+                local.set(call_values(truth, sources, 'prefill', [i], device=device))
+            recorder.expect(len(prompt))
             out = model(input_ids=ids, use_cache=True, **{cache_kw: cache})
             for tap, rows in recorder.take().items():
                 prefill.add(tap, i, rows)
-            logits = out.logits[0].float().clone()
+            logits = out.logits[0].float().clone() if out.logits.dtype != torch.float64 else out.logits[0].clone()
             prefill.add('logits', i, logits)
             seq_tokens = [int(logits[-1].argmax())] if tokens is None else list(tokens[i])
             if progress:
                 progress.update(1)
             for step in range(decode_steps):
                 ids = torch.tensor([[seq_tokens[step]]], device=device)
+                if local is not None:
+                    local.set(call_values(truth, sources, 'decode', [i], step, device=device))
+                recorder.expect(1)
                 out = model(input_ids=ids, use_cache=True, **{cache_kw: cache})
                 for tap, rows in recorder.take().items():
                     decode.add(tap, i, rows)
-                row = out.logits[0].float().clone()
+                row = out.logits[0].clone() if out.logits.dtype == torch.float64 else out.logits[0].float().clone()
                 decode.add('logits', i, row)
                 if tokens is None:
                     seq_tokens.append(int(row[-1].argmax()))

@@ -24,6 +24,9 @@ class TapResult:
     tolerance: float                   # the largest port.rel_l2 that passes
     passed: bool
     error: Optional[str] = None        # why the tap could not be compared (then port is None)
+    view: str = 'local'                # 'local': every layer fed the truth's input; 'accumulated': end to end
+    gain_tolerance: Optional[float] = None   # the largest |port.gain - floor.gain| that passes
+    failed_rule: Optional[str] = None  # 'error' | 'gain' | None
 
     @property
     def ratio(self) -> float:
@@ -33,14 +36,20 @@ class TapResult:
         return self.port.rel_l2 / self.tolerance
 
     def describe(self) -> str:
+        where = f'{self.phase} {self.tap} ({self.view})'
         if self.error:
-            return f'{self.phase} {self.tap}: not compared: {self.error}'
+            return f'{where}: not compared: {self.error}'
         m = self.port
         floor = f', floor {self.floor.rel_l2:.2e}' if self.floor is not None else ''
-        verdict = 'within' if self.passed else 'OVER'
-        return (f'{self.phase} {self.tap}: relative L2 error {m.rel_l2:.2e} {verdict} tolerance '
-                f'{self.tolerance:.2e}{floor}; max |a-b| {m.max_abs:.3e} at (sequence, token, channel) {m.where}; '
-                f'worst token cosine {m.cosine:.6f}')
+        verdict = 'OVER' if self.failed_rule == 'error' else 'within'
+        text = (f'{where}: relative L2 error {m.rel_l2:.2e} {verdict} tolerance {self.tolerance:.2e}{floor}; '
+                f'max |a-b| {m.max_abs:.3e} at (sequence, token, channel) {m.where}; worst token cosine '
+                f'{m.cosine:.6f}')
+        if self.gain_tolerance is not None and self.floor is not None:
+            scale = m.gain - self.floor.gain
+            text += (f'; scale error {scale:+.2e} ({"OVER" if self.failed_rule == "gain" else "within"} '
+                     f'{self.gain_tolerance:.1e}: the port is {1 + scale:.5f}x transformers here)')
+        return text
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -94,16 +103,21 @@ class ParityReport:
 
     @property
     def main_taps(self) -> List[TapResult]:
-        """The taps that carry the verdict: 'prefill' and 'decode' (not the per-step 'decode.k' views)."""
-        return [t for t in self.taps if '.' not in t.phase]
+        """The taps that carry the verdict: the local view of 'prefill' and 'decode' (not the per-step 'decode.k'
+        views, not the accumulated view)."""
+        return [t for t in self.taps if '.' not in t.phase and t.view == 'local']
 
-    def phase_results(self, phase: str) -> List[TapResult]:
-        return [t for t in self.taps if t.phase == phase]
+    def phase_results(self, phase: str, view: str = 'local') -> List[TapResult]:
+        return [t for t in self.taps if t.phase == phase and t.view == view]
 
-    def tap(self, phase: str, name: str) -> Optional[TapResult]:
-        return next((t for t in self.taps if t.phase == phase and t.tap == name), None)
+    def tap(self, phase: str, name: str, view: str = 'local') -> Optional[TapResult]:
+        return next((t for t in self.taps if t.phase == phase and t.tap == name and t.view == view), None)
 
-    def per_layer(self, phase: str, kind: str, what: str = 'port') -> List[Optional[float]]:
+    @property
+    def views(self) -> List[str]:
+        return list(dict.fromkeys(t.view for t in self.taps))
+
+    def per_layer(self, phase: str, kind: str, what: str = 'port', view: str = 'local') -> List[Optional[float]]:
         """One tap kind's relative L2 error layer by layer ('port', 'floor' or 'tolerance'), for plots."""
 
         def value(t: Optional[TapResult]) -> Optional[float]:
@@ -114,15 +128,16 @@ class ParityReport:
             metrics = getattr(t, what)
             return None if metrics is None else metrics.rel_l2
 
-        found = {t.layer: t for t in self.phase_results(phase) if t.kind == kind and t.layer is not None}
+        found = {t.layer: t for t in self.phase_results(phase, view) if t.kind == kind and t.layer is not None}
         return [value(found.get(i)) for i in range(max(found) + 1 if found else 0)]
 
     def check(self, name: str, phase: Optional[str] = None) -> Optional[CheckResult]:
         return next((c for c in self.checks if c.name == name and c.phase == phase), None)
 
-    def first_divergence_in(self, phase: str) -> Optional[TapResult]:
-        """The first tap of `phase`, in forward order, whose error is over its tolerance."""
-        return next((t for t in self.phase_results(phase) if not t.passed and t.error is None), None)
+    def first_divergence_in(self, phase: str, view: str = 'local') -> Optional[TapResult]:
+        """The first tap of `phase`, in forward order, that fails: over its tolerance, or a module the reference
+        has and the port does not run."""
+        return next((t for t in self.phase_results(phase, view) if not t.passed), None)
 
     @property
     def first_divergence(self) -> Optional[TapResult]:
@@ -144,6 +159,12 @@ class ParityReport:
         if t is None:
             return 'first divergence: none'
         where = f'layer {t.layer}, {t.kind}' if t.layer is not None else t.tap
+        if t.error:
+            return f'first divergence: {where} ({t.phase}: {t.error})'
+        if t.failed_rule == 'gain':
+            scale = t.port.gain - t.floor.gain
+            return (f'first divergence: {where} ({t.phase}: scale error {scale:+.2e} > {t.gain_tolerance:.1e}, '
+                    f'the port is {1 + scale:.5f}x transformers)')
         return (f'first divergence: {where} ({t.phase}: relative L2 error {t.port.rel_l2:.2e} > tolerance '
                 f'{t.tolerance:.2e})')
 

@@ -33,7 +33,7 @@ Rows = Union[torch.Tensor, Sequence[torch.Tensor]]     # [tokens, experts], or o
 FLOAT32_TIE = 1e-5
 # a flip is near a tie when the reference's margin is within this many times the run's logit noise at that token:
 # the harness's own allowance for a correct port's rounding against the floor (parity.noise_floor.MULTIPLE)
-NOISE_MARGIN = MULTIPLE
+NOISE_MARGIN = MULTIPLE[torch.bfloat16]
 
 
 def router_taps(num_layers: int) -> List[Tap]:

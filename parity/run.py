@@ -1,10 +1,14 @@
 """`compare(model_path, ...)`: one parity run, from checkpoint folder to ParityReport.
 
-1. transformers float32 runs each prompt alone (prefill, then greedy decode through its own cache): the truth,
-   and the tokens every model is fed in decode.
-2. In a low-precision run, transformers in the test dtype runs the same tokens: the noise floor.
-3. The lmdp port prefills all prompts packed in one step and decodes them together through the paged cache.
-4. Every tap of every phase is diffed against (1) and judged by `noise_floor`; then the whole-model checks.
+1. transformers in the truth's dtype (float32 for a bfloat16/float16 run, float64 for a float32 run) runs each
+   prompt alone (prefill, then greedy decode through its own cache): the truth, and the tokens every model is fed
+   in decode.
+2. transformers in the test dtype runs the same tokens twice: end to end, and layer-local (every layer, and the
+   MLP half of every layer, starts from the truth's stream). These are the noise floors of the two views.
+3. The lmdp port prefills all prompts packed in one step and decodes them together through the paged cache, with
+   the engine's own step path; also twice, end to end and layer-local.
+4. Every tap of every phase is diffed against (1) in both views and judged by `noise_floor` against the floor of
+   its view; the local view decides pass/fail and the first divergence. Then the whole-model checks.
 
 Models are loaded one at a time and freed before the next, so a run needs memory for one model plus the
 captured activations. `run_references` does steps 1-2 alone; pass its result as `references=` to compare several
@@ -21,13 +25,15 @@ import torch
 from . import checks
 from .capture_set import PHASES, CaptureSet
 from .metrics import diff
-from .noise_floor import rule_text, tolerance
+from .load_failure import port_loaded
+from .noise_floor import judge, rule_text, tolerance
+from .options import check_compare
 from .port import load_port, run_port
 from .progress import Progress
 from .prompts import PromptSpec, make_prompts
 from .reference import load_reference, run_reference
 from .report import ParityReport, TapResult
-from .taps import Tap, tap_list
+from .taps import Tap, reference_taps
 
 
 def resolve_device(device: str = 'auto') -> str:
@@ -52,9 +58,14 @@ def _num_layers(hf_config) -> int:
     return int(cfg.num_hidden_layers)
 
 
+def truth_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The reference the test dtype is judged against: float64 for float32, float32 for the 16-bit types."""
+    return torch.float64 if dtype == torch.float32 else torch.float32
+
+
 @dataclass
 class References:
-    """The transformers side of a run, reusable across ports: float32 captures, test-dtype captures, tokens."""
+    """The transformers side of a run, reusable across ports: the truth, the test-dtype floors, the tokens."""
     model_path: str
     hf_config: object
     dtype: torch.dtype
@@ -62,16 +73,22 @@ class References:
     prompts: List[List[int]]
     decode_steps: int
     taps: List[Tap]
-    ref32: CaptureSet
-    ref_dt: Optional[CaptureSet]
-    tokens: List[List[int]]            # float32 greedy tokens per prompt, decode_steps + 1 of them
+    truth: CaptureSet                  # transformers in truth_dtype(dtype), end to end
+    floor: CaptureSet                  # transformers in dtype, end to end
+    floor_local: CaptureSet            # transformers in dtype, every layer fed the truth's input
+    tokens: List[List[int]]            # the truth's greedy tokens per prompt, decode_steps + 1 of them
     timings: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ref32(self) -> CaptureSet:     # the name the whole-model checks know the truth by
+        return self.truth
 
 
 def run_references(model_path: str, dtype='float32', device='auto', prompts: PromptSpec = 3, decode_steps: int = 4,
-                   qkv_taps: bool = False, tap_overrides: Optional[dict] = None, seed: int = 0,
+                   qkv_taps: bool = True, tap_overrides: Optional[dict] = None, seed: int = 0,
                    progress=None) -> References:
-    """Steps 1-2 of `compare` (see the module docstring)."""
+    """Steps 1-2 of `compare` (see the module docstring). q/k/v taps are always on; `qkv_taps` is kept for old
+    callers."""
     from transformers import AutoConfig
     model_path = str(model_path)
     device = resolve_device(device)
@@ -79,57 +96,71 @@ def run_references(model_path: str, dtype='float32', device='auto', prompts: Pro
     torch_dtype = _dtype(dtype, hf_config)
     vocab = (getattr(hf_config, 'text_config', None) or hf_config).vocab_size
     prompt_ids = make_prompts(prompts, vocab, model_path, seed)
-    taps = tap_list(_num_layers(hf_config), qkv=qkv_taps)
     timings = {}
-    passes = [torch.float32] + ([torch_dtype] if torch_dtype != torch.float32 else [])
-    runs, tokens = [], None
-    for run_dtype in passes:
+
+    def load(run_dtype):
         name = str(run_dtype).replace('torch.', '')
         if progress:
             progress.stage(f'loading transformers {name}')
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         model = load_reference(model_path, run_dtype, device)
-        timings[f'load_reference_{name}'] = time.perf_counter() - start
+        timings[f'load_reference_{name}'] = time.perf_counter() - t0
         if progress:
             progress.update(1)
             progress.stage(f'running transformers {name}')
-        capture, used = run_reference(model, hf_config, prompt_ids, decode_steps, taps, tokens=tokens,
-                                      overrides=tap_overrides, progress=progress)
-        timings[f'run_reference_{name}'] = capture.seconds
-        tokens = tokens or used
-        runs.append(capture)
-        del model
-        _free(device)
-    return References(model_path, hf_config, torch_dtype, device, prompt_ids, decode_steps, taps, runs[0],
-                      runs[1] if len(runs) > 1 else None, tokens, timings)
+        return model, name
+
+    model, name = load(truth_dtype(torch_dtype))
+    taps = reference_taps(model, hf_config, tap_overrides)
+    truth, tokens = run_reference(model, hf_config, prompt_ids, decode_steps, taps, overrides=tap_overrides,
+                                  progress=progress)
+    timings[f'run_reference_{name}'] = truth.seconds
+    del model
+    _free(device)
+    model, name = load(torch_dtype)
+    floor, _ = run_reference(model, hf_config, prompt_ids, decode_steps, taps, tokens=tokens, overrides=tap_overrides,
+                             progress=progress)
+    floor_local, _ = run_reference(model, hf_config, prompt_ids, decode_steps, taps, tokens=tokens,
+                                   overrides=tap_overrides, progress=progress, truth=truth)
+    timings[f'run_reference_{name}'] = floor.seconds + floor_local.seconds
+    del model
+    _free(device)
+    return References(model_path, hf_config, torch_dtype, device, prompt_ids, decode_steps, taps, truth, floor,
+                      floor_local, tokens, timings)
 
 
-def _compare_taps(refs: References, port: CaptureSet) -> List[TapResult]:
-    """Every tap in 'prefill' and 'decode' (all steps pooled), then each decode step alone ('decode.0', ...):
-    the per-step phases are a finer view for the notebooks' phase selector; verdicts come from the pooled ones."""
+VIEWS = ('local', 'accumulated')
+
+
+def _compare_taps(refs: References, port: CaptureSet, port_local: CaptureSet) -> List[TapResult]:
+    """Every tap in 'prefill' and 'decode' (all steps pooled), then each decode step alone ('decode.0', ...), in
+    both views: the per-step phases are a finer view for the notebooks' phase selector; verdicts come from the
+    pooled phases' local view."""
     lengths = [len(p) for p in refs.prompts]
-    results = _compare_phase(refs, port, 'prefill', [0] * len(lengths))
-    if refs.decode_steps:
-        results += _compare_phase(refs, port, 'decode', lengths)
-    if refs.decode_steps > 1:
-        for k in range(refs.decode_steps):
-            step = lambda rows, k=k: None if rows is None else [x[k:k + 1] for x in rows]  # noqa: E731
-            results += _compare_phase(refs, port, f'decode.{k}', [n + k for n in lengths], source='decode',
-                                      select=step)
+    results = []
+    for view, ours, floor in (('local', port_local, refs.floor_local), ('accumulated', port, refs.floor)):
+        results += _compare_phase(refs, ours, floor, view, 'prefill', [0] * len(lengths))
+        if refs.decode_steps:
+            results += _compare_phase(refs, ours, floor, view, 'decode', lengths)
+        if refs.decode_steps > 1:
+            for k in range(refs.decode_steps):
+                step = lambda rows, k=k: None if rows is None else [x[k:k + 1] for x in rows]  # noqa: E731
+                results += _compare_phase(refs, ours, floor, view, f'decode.{k}', [n + k for n in lengths],
+                                          source='decode', select=step)
     return results
 
 
-def _compare_phase(refs: References, port: CaptureSet, phase: str, starts, source: str = None,
-                   select=lambda rows: rows) -> List[TapResult]:
+def _compare_phase(refs: References, port: CaptureSet, floor: CaptureSet, view: str, phase: str, starts,
+                   source: str = None, select=lambda rows: rows) -> List[TapResult]:
     results = []
     source = source or phase
     for tap in refs.taps:
-        r, p = select(refs.ref32.get(source, tap.name)), select(port.get(source, tap.name))
-        d = select(refs.ref_dt.get(source, tap.name)) if refs.ref_dt is not None else None
-        base = dict(phase=phase, tap=tap.name, kind=tap.kind, layer=tap.layer)
-        if r is None or p is None or (refs.ref_dt is not None and d is None):
-            why = (refs.ref32.missing.get(tap.name) or port.missing.get(tap.name)
-                   or f'no capture for {tap.name} in {phase}')
+        r, p = select(refs.truth.get(source, tap.name)), select(port.get(source, tap.name))
+        d = select(floor.get(source, tap.name))
+        base = dict(phase=phase, tap=tap.name, kind=tap.kind, layer=tap.layer, view=view)
+        if r is None or p is None or d is None:
+            why = (refs.truth.missing.get(tap.name) or port.missing.get(tap.name) or floor.missing.get(tap.name)
+                   or f'the port never ran the module of tap {tap.name} in {phase}')
             results.append(TapResult(**base, port=None, floor=None, tolerance=tolerance(refs.dtype, None),
                                      passed=False, error=why))
             continue
@@ -141,10 +172,8 @@ def _compare_phase(refs: References, port: CaptureSet, phase: str, starts, sourc
             results.append(TapResult(**base, port=None, floor=None, tolerance=tolerance(refs.dtype, None),
                                      passed=False, error=f'the port and transformers disagree on shape: {e}'))
             continue
-        floor_m = diff(d, r, starts) if d is not None else None
-        tol = tolerance(refs.dtype, floor_m.rel_l2 if floor_m else None)
-        results.append(TapResult(**base, port=port_m, floor=floor_m, tolerance=tol,
-                                 passed=bool(port_m.rel_l2 <= tol)))
+        floor_m = diff(d, r, starts)
+        results.append(judge(refs.dtype, port_m, floor_m, **base))
     return results
 
 
@@ -156,11 +185,13 @@ def compare(model_path: str, dtype='float32', device='auto', prompts: PromptSpec
 
     dtype: float32 | bfloat16 | float16 | auto (the checkpoint's). prompts: a count of random prompts, a file, or
     token-id lists. custom_module_map: a dict {architecture: class or dotted path} or a .py file defining
-    MODULE_MAP (the port under test). qkv_taps: also compare q/k/v projections. tap_overrides:
+    MODULE_MAP (the port under test). qkv_taps: kept for old callers (q/k/v are always compared). tap_overrides:
     {'reference' | 'port': {kind: module name}}. report_dir: write report.json and report.html there.
     references: a `run_references` result to reuse; it fixes dtype, device, prompts, decode steps and taps.
     """
     start = time.perf_counter()
+    check_compare(model_path, dtype=dtype, device=device, prompts=prompts, decode_steps=decode_steps,
+                  block_size=block_size, report_dir=report_dir, custom_module_map=custom_module_map, qkv_taps=qkv_taps)
     if references is not None and os.path.realpath(str(model_path)) != os.path.realpath(references.model_path):
         raise ValueError(f'references= were run on {references.model_path}, not on {model_path}')
     device = resolve_device(device if references is None else references.device)
@@ -169,8 +200,9 @@ def compare(model_path: str, dtype='float32', device='auto', prompts: PromptSpec
     else:
         n_prompts = int(prompts) if str(prompts).isdigit() else len(prompts) if isinstance(prompts, list) else 8
     steps = references.decode_steps if references else decode_steps
-    passes = 0 if references else (1 if str(dtype) in ('float32', 'torch.float32') else 2)
-    bar = Progress(passes * (1 + n_prompts * (1 + steps)) + 3 + steps, enabled=progress)
+    # references: two loads and three runs of every prompt; the port: a load, two runs, the diff
+    reference_work = 0 if references else 2 + 3 * n_prompts * (1 + steps)
+    bar = Progress(reference_work + 3 + 2 * (1 + steps), enabled=progress)
     try:
         if references is None:
             references = run_references(model_path, dtype, device, prompts, decode_steps, qkv_taps, tap_overrides,
@@ -179,13 +211,15 @@ def compare(model_path: str, dtype='float32', device='auto', prompts: PromptSpec
         timings = dict(refs.timings)
         bar.stage('loading the lmdp port')
         t0 = time.perf_counter()
-        agent, coverage = load_port(refs.model_path, refs.dtype, device, custom_module_map)
+        agent, coverage = port_loaded(load_port, refs.model_path, refs.dtype, device, custom_module_map)
         timings['load_port'] = time.perf_counter() - t0
         bar.update(1)
         bar.stage('running the lmdp port')
         port = run_port(agent, refs.hf_config, refs.prompts, refs.tokens, refs.decode_steps, refs.taps, block_size,
                         tap_overrides, progress=bar)
-        timings['run_port'] = port.seconds
+        port_local = run_port(agent, refs.hf_config, refs.prompts, refs.tokens, refs.decode_steps, refs.taps,
+                              block_size, tap_overrides, progress=bar, truth=refs.truth, graph_check=False)
+        timings['run_port'] = port.seconds + port_local.seconds
         if port.graph_replay is not None:
             timings['cuda_graph'] = port.graph_replay.seconds
         port_class = type(agent.model).__module__ + '.' + type(agent.model).__qualname__
@@ -193,7 +227,7 @@ def compare(model_path: str, dtype='float32', device='auto', prompts: PromptSpec
         _free(device)
         bar.stage('diffing')
         t0 = time.perf_counter()
-        report = _build_report(refs, port, coverage, port_class, device)
+        report = _build_report(refs, port, port_local, coverage, port_class, device)
         timings['diff'] = time.perf_counter() - t0
         bar.update(1)
     finally:
@@ -205,17 +239,18 @@ def compare(model_path: str, dtype='float32', device='auto', prompts: PromptSpec
     return report
 
 
-def _build_report(refs: References, port: CaptureSet, coverage, port_class: str, device: str) -> ParityReport:
+def _build_report(refs: References, port: CaptureSet, port_local: CaptureSet, coverage, port_class: str,
+                  device: str) -> ParityReport:
     arch = (getattr(refs.hf_config, 'architectures', None) or ['?'])[0]
     report = ParityReport(model_path=refs.model_path, architecture=arch, port_class=port_class,
                           dtype=str(refs.dtype).replace('torch.', ''), device=device,
                           prompt_lengths=[len(p) for p in refs.prompts], decode_steps=refs.decode_steps,
                           rule=rule_text(refs.dtype), reference_tokens=refs.tokens)
-    report.taps = _compare_taps(refs, port)
+    report.taps = _compare_taps(refs, port, port_local)
     for phase in PHASES:
-        if port.get(phase, 'logits') is not None and refs.ref32.get(phase, 'logits') is not None:
-            report.checks += checks.logprob_checks(refs.ref32, port, refs.ref_dt, refs.dtype, phase)
-    greedy = checks.greedy_check(refs.ref32, port, refs.ref_dt, refs.dtype, refs.tokens)
+        if port.get(phase, 'logits') is not None and refs.truth.get(phase, 'logits') is not None:
+            report.checks += checks.logprob_checks(refs.truth, port, refs.floor, refs.dtype, phase)
+    greedy = checks.greedy_check(refs.truth, port, refs.floor, refs.dtype, refs.tokens)
     report.port_tokens = greedy.data['port_tokens']
     report.checks += [greedy, checks.coverage_check(coverage)]
     # a padded replay may differ from eager by rounding alone: as much as the port may differ from float32

@@ -3,6 +3,8 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lmdp.config import ModelConfig
 from lmdp.engine import StepRunner
@@ -154,3 +156,98 @@ def test_builder_imported_by_the_map_file_is_asked_first(tiny_llama, tmp_path):
     finally:
         AutoModelConfigBuilder._sub_classes[:] = [b for b in AutoModelConfigBuilder._sub_classes
                                                   if b.__name__ != 'MarkedLlamaBuilder']
+
+
+# --- a map is read afresh each time: version 2 of a port runs version 2's code in the same interpreter ---
+
+PORT_VERSION = '''
+from lmdp.models.llama import LlamaForCausalLM
+
+class Port(LlamaForCausalLM):
+    VERSION = {version}
+'''
+
+
+def _write_port(folder, version, map_imports_class=False):
+    folder.mkdir(exist_ok=True)
+    (folder / 'versioned_port.py').write_text(PORT_VERSION.format(version=version))
+    if map_imports_class:   # the map file imports the class itself, as notebooks often do
+        (folder / 'module_map.py').write_text('from versioned_port import Port\n'
+                                              "MODULE_MAP = {'LlamaForCausalLM': Port}\n")
+    else:
+        (folder / 'module_map.py').write_text("MODULE_MAP = {'LlamaForCausalLM': 'versioned_port.Port'}\n")
+    return str(folder / 'module_map.py')
+
+
+@pytest.fixture()
+def own_sys_path(monkeypatch):
+    """Each map load puts its folder first on sys.path; these tests give the session's sys.path back after."""
+    import sys
+    monkeypatch.setattr(sys, 'path', list(sys.path))
+
+
+def _llama_config():
+    from types import SimpleNamespace
+    return SimpleNamespace(architectures=['LlamaForCausalLM'])
+
+
+def test_second_version_of_a_port_in_another_folder_runs_its_own_code(tiny_llama, tmp_path, own_sys_path):
+    from lmdp.engine import ModelAgent
+    v1, v2 = _write_port(tmp_path / 'v1', 1), _write_port(tmp_path / 'v2', 2)
+    assert type(ModelAgent.from_pretrained(tiny_llama, custom_module_map=v1).model).VERSION == 1
+    assert type(ModelAgent.from_pretrained(tiny_llama, custom_module_map=v2).model).VERSION == 2
+    assert type(ModelAgent.from_pretrained(tiny_llama, custom_module_map=v1).model).VERSION == 1
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.tuples(st.booleans(), st.integers(1, 9), st.booleans()), min_size=1, max_size=5))
+def test_the_last_written_version_is_the_one_resolved(tmp_path, monkeypatch, own_sys_path, steps):
+    """Any sequence of edits in place (same file size, same second) and new folders, with the class named by a
+    dotted path or imported by the map file: the class resolved is the version last written."""
+    import sys
+    monkeypatch.setattr(sys, 'dont_write_bytecode', False)   # as in a user's kernel: bytecode caches get written
+    base = tmp_path / f'run{len(list(tmp_path.iterdir()))}'
+    base.mkdir()
+    folder = base / 'f0'
+    for i, (new_folder, version, map_imports_class) in enumerate(steps):
+        if new_folder:
+            folder = base / f'f{i + 1}'
+        path = _write_port(folder, version, map_imports_class)
+        assert get_model_class(_llama_config(), path).VERSION == version, steps[:i + 1]
+
+
+def test_a_bare_class_name_is_the_class_in_the_map_file(tmp_path, own_sys_path):
+    (tmp_path / 'bare_map.py').write_text(textwrap.dedent('''
+        from lmdp.models.llama import LlamaForCausalLM
+
+        class MyLlama(LlamaForCausalLM):
+            pass
+
+        MODULE_MAP = {'LlamaForCausalLM': 'MyLlama'}
+    '''))
+    cls = get_model_class(_llama_config(), str(tmp_path / 'bare_map.py'))
+    assert cls.__name__ == 'MyLlama' and cls.__module__.startswith('lmdp_custom_module_map_')
+
+
+def test_a_bare_name_the_map_file_does_not_define(tmp_path, own_sys_path):
+    (tmp_path / 'bare_map.py').write_text("MODULE_MAP = {'LlamaForCausalLM': 'Missing'}\n")
+    with pytest.raises(ArchitectureError, match=r"'Missing' in .*bare_map.py: a bare name must be a class"):
+        get_model_class(_llama_config(), str(tmp_path / 'bare_map.py'))
+    with pytest.raises(ArchitectureError, match="'Missing' is a bare name; give the class itself or a dotted"):
+        get_model_class(_llama_config(), {'LlamaForCausalLM': 'Missing'})
+
+
+def test_installed_and_lmdp_modules_are_never_reloaded(tmp_path, own_sys_path):
+    """A map beside files named like the standard library or lmdp (a map in a checkout's root) leaves those
+    modules as they are: reloading them would split class identities across the program."""
+    import textwrap as textwrap_module
+
+    import lmdp.models.registry as registry_module
+    (tmp_path / 'textwrap.py').write_text('BROKEN = True\n')
+    (tmp_path / 'lmdp').mkdir()
+    (tmp_path / 'lmdp' / '__init__.py').write_text('BROKEN = True\n')
+    (tmp_path / 'module_map.py').write_text("MODULE_MAP = {'LlamaForCausalLM': 'lmdp.models.llama.LlamaForCausalLM'}\n")
+    import sys
+    get_model_class(_llama_config(), str(tmp_path / 'module_map.py'))
+    assert sys.modules['textwrap'] is textwrap_module
+    assert sys.modules['lmdp.models.registry'] is registry_module

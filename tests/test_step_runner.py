@@ -44,13 +44,13 @@ def test_release_returns_every_block_and_chunked_prefill_matches(tiny_llama):
     prompt = list(range(3, 43))
     whole = runner.prefill([prompt])
     runner.release()
-    assert runner.allocator.num_free == 16 and not runner.sequences
+    assert runner.block_manager.num_free == 16 and not runner.sequences
     # the same prompt in two chunks: the second is a prefill step with history
     first = runner.prefill([prompt[:23]])
     chunked = runner.step(first.seq_ids, [prompt[23:]], is_decoding=False)
     torch.testing.assert_close(chunked.logits, whole.logits, rtol=1e-5, atol=1e-5)
     runner.release()
-    assert runner.allocator.num_free == 16
+    assert runner.block_manager.num_free == 16
 
 
 def test_out_of_blocks_is_a_clear_error(tiny_llama):

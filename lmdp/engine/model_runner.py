@@ -55,14 +55,14 @@ class ModelRunner:
         self._stage = _Staging(self.device)
         self.graphs = None
 
-    def capture_cuda_graphs(self, scratch_block: int, max_batch_size: int, batch_sizes=None):
+    def capture_cuda_graphs(self, scratch_block: int, max_batch_size: int, batch_sizes=None, progress: bool = True):
         """Capture decode graphs for every batch-size bucket (CUDA only); see lmdp.backends.cuda."""
         from ..backends.cuda import CUDAGraphRunner
         agent = self.agent
         self.graphs = CUDAGraphRunner(agent.model, agent.ctx_mgr, agent.model_config, self.cache.kv_caches,
                                       max_blocks_per_seq=self.max_blocks_per_seq, scratch_block=scratch_block,
                                       capture_batch_sizes=batch_sizes, max_batch_size=max_batch_size)
-        self.graphs.capture_all(progress=True)
+        self.graphs.capture_all(progress=progress)
         return self.graphs.results
 
     def can_replay(self, inputs: ModelInputs) -> bool:
@@ -93,6 +93,10 @@ class ModelRunner:
         history = [s.num_cached + ahead for s in seqs]
         meta[B:2 * B] = history
         offsets = meta[2 * B:].reshape(B, width)
+        longest = max(len(s.blocks) for s in seqs)
+        if longest > width:
+            raise ValueError(f'a sequence holds {longest} KV blocks but a decode step\'s block table has room for '
+                             f'{width} (max_blocks_per_seq); raise session_len / max_blocks_per_seq')
         for row, seq in zip(offsets, seqs):
             row[:len(seq.blocks)] = seq.blocks
         meta_dev = self._stage(meta, 'meta')

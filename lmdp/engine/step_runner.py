@@ -1,25 +1,27 @@
-"""A step runner over token ids: prefill sequences packed in one step, then decode them through the paged cache.
+"""A step driver over token ids for tests, notebooks and the parity harness: the engine's own step path without its
+scheduler.
 
-This is the seed the engine grows from: it owns the KV cache, the block allocator and each sequence's block
-table, and drives `ModelAgent` one packed step at a time. It does no scheduling and no sampling beyond greedy.
+Each call packs a step with `ModelRunner.prepare_inputs` (the packer `pipeline()` uses), runs it with
+`ModelRunner.forward`/`logits`, and draws the greedy token with the engine's `Sampler`; blocks come from the
+engine's `BlockManager` (optionally handed out shuffled, so block tables are not contiguous) and sequences are the
+engine's `Sequence` records. CUDA graphs are the model runner's (`ModelRunner.capture_cuda_graphs` / `replay`).
+What this adds is only the choice of tokens: the caller says which tokens each step feeds (teacher forcing).
 """
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence as Seq
 
 import torch
 
 from ..model_inputs import ModelInputs
-from ..paging import BlockAllocator
+from ..paging import BlockManager, OutOfBlocks
 from .cache_engine import CacheEngine
 from .model_agent import ModelAgent
+from .model_runner import ModelRunner
+from .sampler import Sampler
+from .scheduler import ScheduledBatch
+from .sequence import SamplingParams, Sequence, SequenceStatus
 
-
-@dataclass
-class SequenceState:
-    seq_id: int
-    token_ids: List[int] = field(default_factory=list)   # every token the cache holds or is about to hold
-    num_cached: int = 0                                   # tokens already written to the KV cache
-    blocks: List[int] = field(default_factory=list)
+GREEDY = SamplingParams(max_new_tokens=1 << 30)
 
 
 @dataclass
@@ -27,20 +29,23 @@ class StepOutput:
     seq_ids: List[int]
     logits: torch.Tensor                                  # [B, vocab] float32, each sequence's last token
     all_logits: Optional[List[torch.Tensor]] = None       # per sequence [q_len, vocab], when asked for
+    tokens: Optional[List[int]] = None                    # the engine sampler's greedy pick from `logits`
 
 
 class StepRunner:
-    """Prefill/decode driver for tests, the parity harness and (later) the engine."""
+    """Prefill/decode driver: `prefill(prompts)`, then `decode(seq_ids, tokens)` or any `step(...)`."""
 
     def __init__(self, agent: ModelAgent, num_blocks: int = 256, block_size: int = 64,
-                 shuffle_blocks_seed: Optional[int] = None):
+                 shuffle_blocks_seed: Optional[int] = None, max_blocks_per_seq: Optional[int] = None):
         self.agent = agent
         self.block_size = block_size
-        self.cache = CacheEngine(agent.model_config, num_blocks, block_size, agent.device)
-        self.allocator = BlockAllocator(num_blocks, shuffle_seed=shuffle_blocks_seed)
-        self.sequences: Dict[int, SequenceState] = {}
+        # one block past the pool takes the padding slots of CUDA-graph replays, as in the engine
+        self.cache = CacheEngine(agent.model_config, num_blocks + 1, block_size, agent.device)
+        self.block_manager = BlockManager(num_blocks, block_size, shuffle_seed=shuffle_blocks_seed)
+        self.runner = ModelRunner(agent, self.cache, max_blocks_per_seq or num_blocks)
+        self.sampler = Sampler(agent.model_config.vocab_size, agent.device)
+        self.sequences: Dict[int, Sequence] = {}
         self._next_id = 0
-        self._scratch_block: Optional[int] = None   # the CUDA-graph padding slots' block (capture_cuda_graphs)
 
     @classmethod
     def from_pretrained(cls, model_path: str, dtype='auto', device='cpu', num_blocks: int = 256,
@@ -53,93 +58,111 @@ class StepRunner:
     def model(self):
         return self.agent.model
 
-    def _reserve(self, seq: SequenceState, num_tokens: int):
-        needed = -(-num_tokens // self.block_size) - len(seq.blocks)
-        if needed > 0:
-            seq.blocks.extend(self.allocator.allocate(needed))
+    @property
+    def scratch_block(self) -> int:
+        return self.block_manager.num_blocks
 
-    def _inputs(self, seqs: List[SequenceState], new_tokens: Sequence[Sequence[int]],
-                is_decoding: bool) -> ModelInputs:
-        """Reserve the blocks `new_tokens` need and pack the step (the sequences do not advance)."""
+    def _reserve(self, seq: Sequence, num_tokens: int):
+        if not self.block_manager.allocate(seq, num_tokens):
+            need = self.block_manager.blocks_for(num_tokens) - len(seq.blocks)
+            raise OutOfBlocks(f'need {need} KV-cache blocks, {self.block_manager.num_free} free of '
+                              f'{self.block_manager.num_blocks}')
+
+    def _batch(self, seqs: List[Sequence], new_tokens: Seq[Seq[int]], is_decoding: bool) -> ScheduledBatch:
+        """Append the tokens, reserve their blocks, and say how many each sequence adds (nothing is run)."""
+        for seq, tokens in zip(seqs, new_tokens):
+            if not tokens:
+                raise ValueError(f'sequence {seq.seq_id}: every sequence in a step needs at least one new token')
+            if is_decoding and len(tokens) != 1:
+                raise ValueError(f'sequence {seq.seq_id}: a decode step takes exactly one new token per sequence')
         for seq, tokens in zip(seqs, new_tokens):
             self._reserve(seq, seq.num_cached + len(tokens))
-        return ModelInputs.make([list(t) for t in new_tokens], [s.num_cached for s in seqs],
-                                [s.blocks for s in seqs], is_decoding, device=self.agent.device)
+        for seq, tokens in zip(seqs, new_tokens):
+            seq.token_ids.extend(int(t) for t in tokens)
+        return ScheduledBatch(seqs, [len(t) for t in new_tokens], is_decoding)
 
-    def decode_inputs(self, seq_ids: Sequence[int], tokens: Sequence[int]) -> ModelInputs:
+    def decode_inputs(self, seq_ids: Seq[int], tokens: Seq[int]) -> ModelInputs:
         """The inputs of a decode step feeding `tokens[i]` to sequence `seq_ids[i]`, blocks reserved.
 
         The sequences do not advance: running these inputs (eagerly or by CUDA-graph replay) writes K/V at
         each sequence's next position, which the next `step`/`decode` overwrites. For comparing ways of running
         one step on the same state."""
-        return self._inputs([self.sequences[i] for i in seq_ids], [[t] for t in tokens], is_decoding=True)
+        seqs = [self.sequences[i] for i in seq_ids]
+        batch = self._batch(seqs, [[t] for t in tokens], is_decoding=True)
+        try:
+            return self.runner.prepare_inputs(batch)
+        finally:
+            for seq in seqs:
+                seq.token_ids.pop()
 
-    def step(self, seq_ids: Sequence[int], new_tokens: Sequence[Sequence[int]], all_logits: bool = False,
-             is_decoding: Optional[bool] = None) -> StepOutput:
-        """Append `new_tokens[i]` to sequence `seq_ids[i]` in one packed step and run the model."""
+    def step(self, seq_ids: Seq[int], new_tokens: Seq[Seq[int]], all_logits: bool = False,
+             is_decoding: Optional[bool] = None, replay: bool = False) -> StepOutput:
+        """Append `new_tokens[i]` to sequence `seq_ids[i]` in one packed step and run the model.
+
+        replay: run a decode step by CUDA-graph replay when a captured graph fits (as the engine does)."""
         seqs = [self.sequences[i] for i in seq_ids]
         if is_decoding is None:
             is_decoding = all(len(t) == 1 for t in new_tokens) and all(s.num_cached > 0 for s in seqs)
-        inputs = self._inputs(seqs, new_tokens, is_decoding)
-        output = self.agent.forward(inputs, self.cache.kv_caches)
-        ends = torch.cumsum(inputs.seq_length.long(), 0)
+        batch = self._batch(seqs, new_tokens, is_decoding)
+        inputs = self.runner.prepare_inputs(batch)
+        ends = torch.cumsum(torch.tensor(batch.num_new), 0)
         per_seq = None
-        if all_logits:   # lm_head once over every row; each sequence's last row is taken from it
-            every = self.agent.get_logits(output)
-            per_seq = list(every.split(inputs.seq_length.tolist()))
-            logits = every[ends - 1]
+        if replay and self.runner.can_replay(inputs):
+            logits = self.runner.replay(inputs).clone()
         else:
-            logits = self.agent.get_logits(output[ends - 1])
-        for seq, tokens in zip(seqs, new_tokens):
-            seq.token_ids.extend(tokens)
-            seq.num_cached += len(tokens)
-        return StepOutput(list(seq_ids), logits, per_seq)
+            hidden = self.runner.forward(inputs)
+            if all_logits:   # lm_head once over every row; each sequence's last row is taken from it
+                every = self.runner.logits(hidden)
+                per_seq = list(every.split(batch.num_new))
+                logits = every[(ends - 1).to(every.device)]
+            else:
+                logits = self.runner.logits(hidden, (ends - 1).tolist())
+        for seq, n in zip(seqs, batch.num_new):
+            seq.num_cached += n
+            seq.status = SequenceStatus.RUNNING
+        tokens, _ = self.sampler(logits, self.sampler.prepare(seqs))
+        return StepOutput(list(seq_ids), logits, per_seq, tokens.tolist())
 
-    def prefill(self, prompts: Sequence[Sequence[int]], all_logits: bool = False) -> StepOutput:
+    def prefill(self, prompts: Seq[Seq[int]], all_logits: bool = False) -> StepOutput:
         """Start one sequence per prompt and prefill them all in one packed step."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError('prefill needs at least one prompt, and no prompt may be empty')
         ids = []
-        for _ in prompts:
-            self.sequences[self._next_id] = SequenceState(self._next_id)
+        for prompt in prompts:
+            self.sequences[self._next_id] = Sequence(self._next_id, [], len(prompt), GREEDY)
             ids.append(self._next_id)
             self._next_id += 1
         return self.step(ids, prompts, all_logits=all_logits, is_decoding=False)
 
-    def decode(self, seq_ids: Sequence[int], next_tokens: Sequence[int]) -> StepOutput:
+    def decode(self, seq_ids: Seq[int], next_tokens: Seq[int], replay: bool = False) -> StepOutput:
         """One decode step: one new token per sequence."""
-        return self.step(seq_ids, [[t] for t in next_tokens], is_decoding=True)
+        return self.step(seq_ids, [[t] for t in next_tokens], is_decoding=True, replay=replay)
 
-    def generate_greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int):
+    def generate_greedy(self, prompts: Seq[Seq[int]], max_new_tokens: int):
         """Greedy continuation of each prompt: (tokens per prompt, logits of every step `[B, vocab]`)."""
         out = self.prefill(prompts)
         step_logits = [out.logits]
-        generated = [[t] for t in out.logits.argmax(-1).tolist()]
+        generated = [[t] for t in out.tokens]
         for _ in range(max_new_tokens - 1):
             out = self.decode(out.seq_ids, [g[-1] for g in generated])
             step_logits.append(out.logits)
-            for g, t in zip(generated, out.logits.argmax(-1).tolist()):
+            for g, t in zip(generated, out.tokens):
                 g.append(t)
         return generated, step_logits
 
-    def capture_cuda_graphs(self, batch_sizes: Sequence[int], max_blocks_per_seq: Optional[int] = None):
-        """A `CUDAGraphRunner` over this runner's KV cache with one decode graph per batch size, captured.
-
-        The padding slots of a replay write their K/V to a scratch block taken from the allocator once (shared by
-        every runner this returns; never handed to a sequence). max_blocks_per_seq: the longest block table a
-        replay accepts (default: the whole cache). Buckets that failed to capture say why in `.results`."""
-        from ..backends.cuda import CUDAGraphRunner
+    def capture_cuda_graphs(self, batch_sizes: Seq[int], max_blocks_per_seq: Optional[int] = None):
+        """The model runner's `CUDAGraphRunner` with one decode graph per batch size, captured over this runner's
+        KV cache. Padding slots write the block past the pool. max_blocks_per_seq: the longest block table a step
+        may have from now on (default: as constructed). Buckets that failed to capture say why in `.results`."""
         if self.agent.device.type != 'cuda':
             raise RuntimeError(f'CUDA graphs need a CUDA device; this runner is on {self.agent.device}')
-        if self._scratch_block is None:
-            self._scratch_block = self.allocator.allocate(1)[0]
-        graphs = CUDAGraphRunner(self.agent.model, self.agent.ctx_mgr, self.agent.model_config, self.cache.kv_caches,
-                                 max_blocks_per_seq=max_blocks_per_seq or self.allocator.num_blocks,
-                                 scratch_block=self._scratch_block, capture_batch_sizes=list(batch_sizes))
-        graphs.capture_all()
-        return graphs
+        if max_blocks_per_seq is not None:
+            self.runner.max_blocks_per_seq = max_blocks_per_seq
+        self.runner.capture_cuda_graphs(self.scratch_block, max(batch_sizes), batch_sizes=list(batch_sizes),
+                                        progress=False)
+        return self.runner.graphs
 
-    def release(self, seq_ids: Optional[Sequence[int]] = None):
+    def release(self, seq_ids: Optional[Seq[int]] = None):
         """Free the blocks of the given sequences (all when None)."""
         for i in list(self.sequences if seq_ids is None else seq_ids):
-            self.allocator.free(self.sequences.pop(i).blocks)
+            self.block_manager.free(self.sequences.pop(i))

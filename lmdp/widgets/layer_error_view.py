@@ -3,7 +3,7 @@ from typing import Optional
 
 from ._html import callout, cell, esc, fmt, page, table
 from ._ipywidgets import View, require
-from .layer_errors import METRICS, LayerErrorTable, layer_error_table
+from .layer_errors import METRICS, VIEW_LABELS, LayerErrorTable, layer_error_table
 from .log_plot import render_svg
 
 HEADERS = ['#', 'tap', 'value', 'floor', 'bound', 'status', 'largest difference at (seq, token, channel)']
@@ -23,10 +23,12 @@ def render_html(t: LayerErrorTable) -> str:
     bound_note = '' if t.metric.bound else (' This metric has no tolerance of its own; the colours are the '
                                             "tap's verdict on relative L2 error.")
     rows = table(HEADERS, (_tr(i, r) for i, r in enumerate(t.rows)), 'lmdp-layer-errors',
-                 f'data-phase="{esc(t.phase)}" data-rows="{len(t.rows)}"')
+                 f'data-phase="{esc(t.phase)}" data-view="{esc(t.view)}" data-rows="{len(t.rows)}"')
+    verdicts = '' if t.view == 'local' else (' Verdicts come from the layer-local view; this view shows how errors '
+                                             'carry through the model.')
     return page(callout(esc(t.callout()), 'bad' if t.first_divergence or not t.passed else 'good'),
-                f'<div>{esc(t.phase_label)}; {esc(t.metric.label)}. Rule: {esc(t.rule)}.{esc(bound_note)}</div>',
-                render_svg(t), rows)
+                f'<div>{esc(t.phase_label)}; {esc(VIEW_LABELS.get(t.view, t.view))}; {esc(t.metric.label)}. '
+                f'Rule: {esc(t.rule)}.{esc(bound_note)}{esc(verdicts)}</div>', render_svg(t), rows)
 
 
 def render_header(report) -> str:
@@ -41,34 +43,42 @@ def render_header(report) -> str:
 class ParityView(View):
     """`parity_view(report)`: displays as the widget; `.table` is what it shows now."""
 
-    def __init__(self, report, phase: Optional[str] = None, metric: str = 'rel_l2'):
+    def __init__(self, report, phase: Optional[str] = None, metric: str = 'rel_l2', view: str = 'local'):
         w = require()
         self.report = report
-        self.table = layer_error_table(report, phase, metric)
+        self.table = layer_error_table(report, phase, metric, view)
         self.phase = w.Dropdown(options=[(label, p) for p, label in self.table.phase_labels.items()],
                                 value=self.table.phase, description='phase',
                                 layout=w.Layout(width='460px'), style={'description_width': 'initial'})
         self.metric = w.Dropdown(options=[(m.label, k) for k, m in METRICS.items()], value=metric,
                                  description='metric', layout=w.Layout(width='300px'),
                                  style={'description_width': 'initial'})
+        self.view = w.Dropdown(options=[(VIEW_LABELS.get(v, v).split(' (')[0], v) for v in self.table.views],
+                               value=view, description='view', layout=w.Layout(width='260px'),
+                               style={'description_width': 'initial'})
         self.body = w.HTML(render_html(self.table))
-        self.phase.observe(self._update, names='value')
-        self.metric.observe(self._update, names='value')
-        self.widget = w.VBox([w.HTML(render_header(report)), w.HBox([self.phase, self.metric]), self.body])
+        for selector in (self.phase, self.metric, self.view):
+            selector.observe(self._update, names='value')
+        self.widget = w.VBox([w.HTML(render_header(report)), w.HBox([self.phase, self.view, self.metric]),
+                              self.body])
 
     def _update(self, _change=None):
-        self.table = layer_error_table(self.report, self.phase.value, self.metric.value)
+        self.table = layer_error_table(self.report, self.phase.value, self.metric.value, self.view.value)
         self.body.value = render_html(self.table)
 
-    def select(self, phase: Optional[str] = None, metric: Optional[str] = None) -> 'ParityView':
+    def select(self, phase: Optional[str] = None, metric: Optional[str] = None,
+               view: Optional[str] = None) -> 'ParityView':
         """Change the selectors from code (what a click does)."""
         if phase is not None:
             self.phase.value = phase
         if metric is not None:
             self.metric.value = metric
+        if view is not None:
+            self.view.value = view
         return self
 
 
-def parity_view(report, phase: Optional[str] = None, metric: str = 'rel_l2') -> ParityView:
-    """The per-layer error view of a parity.ParityReport (needs ipywidgets)."""
-    return ParityView(report, phase, metric)
+def parity_view(report, phase: Optional[str] = None, metric: str = 'rel_l2', view: str = 'local') -> ParityView:
+    """The per-layer error view of a parity.ParityReport (needs ipywidgets): phase, view (layer-local or
+    accumulated) and metric selectors."""
+    return ParityView(report, phase, metric, view)

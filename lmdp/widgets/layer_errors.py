@@ -37,6 +37,7 @@ METRICS: Dict[str, Metric] = {m.key: m for m in (
     Metric('rel_l2', 'relative L2 error', lambda m: m.rel_l2, lambda t: t.tolerance),
     Metric('ratio', 'error / tolerance', lambda m: m.rel_l2, lambda t: 1.0),   # divided by the tolerance below
     Metric('max_abs', 'max |port - reference|', lambda m: m.max_abs, None),
+    Metric('gain', 'scale error (gain over the truth)', lambda m: m.gain, None),
     Metric('cosine_distance', '1 - worst token cosine', lambda m: 1.0 - m.cosine, None),
 )}
 
@@ -72,6 +73,8 @@ class LayerErrorTable:
     rule: str
     first_divergence: Optional[LayerErrorRow] = None
     phase_labels: Dict[str, str] = field(default_factory=dict)
+    view: str = 'local'
+    views: List[str] = field(default_factory=lambda: ['local'])
 
     @property
     def passed(self) -> bool:
@@ -89,6 +92,9 @@ class LayerErrorTable:
                 return f'{len(bad)} tap(s) of {self.phase} could not be compared: {bad[0].note}'
             return f'no divergence in {self.phase}: all {len(self.rows)} taps within tolerance'
         where = f'layer {first.layer}, {first.kind}' if first.layer is not None else first.tap
+        if first.value is None:
+            return (f'first divergence in {self.phase}: {where} (tap {first.tap}) could not be compared: '
+                    f'{first.note}. Suspect {SUSPECTS.get(first.kind, "the module behind this tap")}.')
         over = ''
         if first.value is not None and self.metric.key in ('rel_l2', 'ratio'):
             ratio = first.value if self.metric.key == 'ratio' else first.value / first.bound
@@ -127,8 +133,14 @@ def _row(t, metric: Metric) -> LayerErrorRow:
     return LayerErrorRow(**base, value=value, floor=floor, bound=bound, where=where)
 
 
-def layer_error_table(report, phase: Optional[str] = None, metric: str = 'rel_l2') -> LayerErrorTable:
-    """The per-layer view of `report` (a parity.ParityReport) for `phase` (default: the first) and `metric`."""
+VIEW_LABELS = {'local': 'layer-local (each layer fed the reference\'s input: its own error)',
+               'accumulated': 'accumulated (the port end to end: errors carried from earlier layers)'}
+
+
+def layer_error_table(report, phase: Optional[str] = None, metric: str = 'rel_l2',
+                      view: str = 'local') -> LayerErrorTable:
+    """The per-layer view of `report` (a parity.ParityReport) for `phase` (default: the first), `metric` and `view`
+    ('local': every layer run on the reference's own input, what verdicts come from; 'accumulated': end to end)."""
     labels = phase_labels(report)
     phases = list(labels)
     if not phases:
@@ -138,11 +150,14 @@ def layer_error_table(report, phase: Optional[str] = None, metric: str = 'rel_l2
         raise ValueError(f'phase {phase!r} is not in the report; it has {phases}')
     if metric not in METRICS:
         raise ValueError(f'metric {metric!r} is not one of {list(METRICS)}')
+    views = list(dict.fromkeys(getattr(t, 'view', 'local') for t in report.taps))
+    if view not in views:
+        raise ValueError(f'view {view!r} is not in the report; it has {views}')
     m = METRICS[metric]
-    rows = [_row(t, m) for t in report.taps if t.phase == phase]
-    first = report.first_divergence_in(phase)
+    rows = [_row(t, m) for t in report.taps if t.phase == phase and getattr(t, 'view', 'local') == view]
+    first = report.first_divergence_in(phase, view)
     first_row = None
     if first is not None:
         first_row = next(r for r in rows if r.tap == first.tap)
         first_row.first_divergence = True
-    return LayerErrorTable(phase, labels[phase], m, rows, phases, report.rule, first_row, labels)
+    return LayerErrorTable(phase, labels[phase], m, rows, phases, report.rule, first_row, labels, view, views)

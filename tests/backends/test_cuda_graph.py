@@ -32,7 +32,8 @@ def test_decode_inputs_reserve_blocks_and_leave_the_sequences_as_they_were(tiny_
     assert [s.num_cached for s in seqs] == [16, 7] and [len(s.blocks) for s in seqs] == [2, 1]
     assert inputs.is_decoding and inputs.input_ids.tolist() == [[1, 2]]
     assert inputs.history_lengths.tolist() == [16, 7]
-    assert inputs.block_offsets[0].tolist() == seqs[0].blocks
+    # the engine's decode layout: block tables padded to a fixed width (max_blocks_per_seq), so graphs fit
+    assert inputs.block_offsets.shape == (2, 16) and inputs.block_offsets[0, :2].tolist() == seqs[0].blocks
     eager = runner.agent.get_logits(runner.agent.forward(inputs, runner.cache.kv_caches))
     # the step those inputs describe is the step decode then runs
     assert torch.equal(runner.decode(out.seq_ids, [1, 2]).logits, eager)
@@ -57,7 +58,7 @@ def test_replay_equals_eager(tmp_path, batch):
     prompts = [list(range(3 + i, 20 + 7 * i)) for i in range(batch)]
     out = runner.prefill(prompts)
     graphs = runner.capture_cuda_graphs([1, 2, 4, 8], max_blocks_per_seq=8)
-    assert isinstance(graphs, CUDAGraphRunner) and graphs.scratch_block == runner._scratch_block
+    assert isinstance(graphs, CUDAGraphRunner) and graphs.scratch_block == runner.scratch_block
     results = graphs.results.values()
     assert all(r.captured for r in results), [(r.batch_size, r.reason) for r in results]
 
@@ -107,7 +108,7 @@ def test_host_sync_in_forward_is_refused_with_a_reason(tmp_path):
         return hidden
     model.forward = syncing_forward
     graphs = CUDAGraphRunner(model, runner.agent.ctx_mgr, runner.agent.model_config, runner.cache.kv_caches,
-                             max_blocks_per_seq=4, scratch_block=runner.allocator.allocate(1)[0],
+                             max_blocks_per_seq=4, scratch_block=runner.scratch_block,
                              capture_batch_sizes=[1])
     result = graphs.capture(1)
     assert not result.captured

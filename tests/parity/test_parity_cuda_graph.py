@@ -80,12 +80,11 @@ class _EagerReplay(CUDAGraphRunner):
 
 def _fake_capture(runner):
     def capture(batch_sizes, max_blocks_per_seq=None):
-        if runner._scratch_block is None:
-            runner._scratch_block = runner.allocator.allocate(1)[0]
         graphs = _EagerReplay(runner.model, runner.agent.ctx_mgr, runner.agent.model_config, runner.cache.kv_caches,
-                              max_blocks_per_seq=max_blocks_per_seq or runner.allocator.num_blocks,
-                              scratch_block=runner._scratch_block, capture_batch_sizes=list(batch_sizes))
+                              max_blocks_per_seq=runner.runner.max_blocks_per_seq,
+                              scratch_block=runner.scratch_block, capture_batch_sizes=list(batch_sizes))
         graphs.capture_all()
+        runner.runner.graphs = graphs       # the model runner replays through it, as in the engine
         return graphs
     return capture
 
@@ -112,7 +111,7 @@ def test_replay_vs_eager_on_the_cpu_stand_in(tiny_llama, monkeypatch):
     # the sequences did not advance, and outside the scratch block only their next slots were written
     assert [s.num_cached for s in runner.sequences.values()] == cached
     untouched = torch.ones(k_before[0].shape[:2], dtype=torch.bool)
-    untouched[runner._scratch_block] = False
+    untouched[runner.scratch_block] = False
     for s in runner.sequences.values():
         untouched[s.blocks[s.num_cached // 16], s.num_cached % 16] = False
     for (k, _), kb in zip(runner.cache.kv_caches, k_before):

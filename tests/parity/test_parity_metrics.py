@@ -5,8 +5,11 @@ import sys
 import pytest
 import torch
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from parity.metrics import diff
-from parity.noise_floor import EPS, MULTIPLE, kl_bound, noise_margin, tolerance
+from parity.noise_floor import EPS, GAIN, MULTIPLE, judge, kl_bound, noise_margin, tolerance
 from parity.progress import Progress
 from parity.prompts import make_prompts, random_prompts
 
@@ -38,17 +41,54 @@ def test_diff_flags_nan_and_shape_mismatch():
         diff([torch.ones(2, 4)], ref, [0])
 
 
-def test_tolerance_is_a_multiple_of_the_floor_plus_one_roundoff():
-    assert tolerance(torch.float32, None) == EPS[torch.float32] == 1e-5
-    assert tolerance(torch.bfloat16, 0.01) == pytest.approx(MULTIPLE * 0.01 + 2.0**-8)
-    assert tolerance(torch.bfloat16, 0.0) < tolerance(torch.bfloat16, 0.001)
-    assert kl_bound(torch.bfloat16, 1e-3) == pytest.approx(MULTIPLE**2 * 1e-3 + 1e-4)
+def test_tolerance_is_a_multiple_of_the_floor_plus_eps():
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert tolerance(f32, None) == EPS[f32] < 1e-7          # float32 is judged against its own floor, not 1e-5
+    assert tolerance(bf16, 0.01) == pytest.approx(MULTIPLE[bf16] * 0.01 + EPS[bf16])
+    assert tolerance(bf16, 0.0) < tolerance(bf16, 0.001)
+    assert kl_bound(bf16, 1e-3) == pytest.approx(MULTIPLE[bf16]**2 * 1e-3 + 1e-4)
 
 
 def test_noise_margin_grows_with_the_floor():
     row = torch.tensor([3.0, 1.0, -2.0])
-    assert noise_margin(torch.float32, row, None) == pytest.approx(3e-5)
-    assert noise_margin(torch.bfloat16, row, row + 0.1) == pytest.approx(MULTIPLE * 0.1 + 3 * 2.0**-8, rel=1e-5)
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert noise_margin(f32, row, None) == pytest.approx(3 * EPS[f32])
+    assert noise_margin(bf16, row, row + 0.1) == pytest.approx(MULTIPLE[bf16] * 0.1 + 3 * EPS[bf16], rel=1e-5)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), delta=st.floats(-0.05, 0.05), noise=st.floats(0.0, 0.02),
+       rows=st.integers(1, 40), cols=st.integers(4, 96))
+def test_gain_reads_a_planted_scale_through_noise(seed, delta, noise, rows, cols):
+    """A port (1 + delta) times the truth, plus independent noise: the gain is delta, within its standard error."""
+    truth = torch.randn(rows, cols, generator=_gen(seed), dtype=torch.float64)
+    port = truth * (1 + delta) + noise * torch.randn(rows, cols, generator=_gen(seed + 1), dtype=torch.float64)
+    m = diff([port], [truth], [0])
+    assert abs(m.gain - delta) <= 6 * m.gain_se + 1e-12
+    assert m.gain_se <= 3 * noise / (rows * cols) ** 0.5 + 1e-12
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+       delta=st.sampled_from([0.0, 5e-3, -5e-3]))
+def test_rounding_alone_passes_and_a_half_percent_scale_fails(seed, dtype, delta):
+    """The rule on one tap: a port that rounds like the floor passes; the same port 0.5% too large fails on its
+    scale, whatever the noise around it."""
+    truth = [torch.randn(64, 256, generator=_gen(seed), dtype=torch.float64)]
+    floor = [(truth[0].float() * 1.0).to(dtype).double()]
+    jitter = 1 + 2.0**-12 * torch.randn(64, 256, generator=_gen(seed + 7), dtype=torch.float64)
+    port = [((truth[0] * jitter * (1 + delta)).float()).to(dtype).double()]   # rounds elsewhere, like a kernel
+    result = judge(dtype, diff(port, truth, [0]), diff(floor, truth, [0]), phase='prefill', tap='t', kind='t',
+                   layer=None)
+    assert result.passed == (delta == 0.0), result.describe()
+    if delta:
+        assert abs(result.port.gain - delta) < GAIN[dtype]
+        # in bfloat16 the error itself hides in the rounding noise: the scale is what gives it away
+        assert result.failed_rule == ('gain' if dtype == torch.bfloat16 else 'error')
 
 
 def test_random_prompts_have_different_lengths_and_are_seeded():
@@ -78,3 +118,16 @@ def test_progress_without_tqdm_is_silent(monkeypatch, capsys):
     bar.update(2)
     bar.close()
     assert capsys.readouterr() == ('', '')
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), channels=st.integers(8, 64))
+def test_a_fixed_error_per_channel_widens_the_scale_band_instead_of_reading_as_a_scale(seed, channels):
+    """A weight rounded once (a folded norm gain in bfloat16) gives every token of a channel the same relative
+    error: the gain's standard error must count channels, not elements, or a correct port reads as 'scaled'."""
+    truth = torch.randn(200, channels, generator=_gen(seed), dtype=torch.float64)
+    per_channel = 2.0**-9 * torch.empty(channels, dtype=torch.float64).uniform_(-1, 1, generator=_gen(seed + 1))
+    m = diff([truth * (1 + per_channel)], [truth], [0])
+    # the per-element estimate would be ~sqrt(200) times smaller; the gain stays within 5 of the widened errors
+    assert abs(m.gain) <= 5 * m.gain_se
+    assert m.gain_se >= 0.2 * per_channel.std().item() / channels ** 0.5

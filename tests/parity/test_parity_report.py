@@ -43,10 +43,10 @@ def test_console_table_has_a_row_per_tap_and_marks_the_first_divergence(tiny_lla
                      custom_module_map=_bug('decode_position_off_by_one').module_map())
     text = report.summary()
     rows = [line for line in text.splitlines() if line.startswith(('embed', 'layers.', 'final_norm', 'logits'))]
-    assert len(rows) == 15
+    assert len(rows) == 12 * 3 + 3
     marked = [r for r in rows if '<- first divergence (decode)' in r]
-    assert len(marked) == 1 and marked[0].startswith('layers.0.attn ')
-    assert text.splitlines()[-2].startswith('first divergence: layer 0, attn (decode')
+    assert len(marked) == 1 and marked[0].startswith('layers.0.q_rot ')
+    assert text.splitlines()[-2].startswith('first divergence: layer 0, q_rot (decode')
     assert text.splitlines()[-1].startswith('FAIL')
 
 

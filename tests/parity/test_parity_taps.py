@@ -81,10 +81,11 @@ def test_a_tap_that_cannot_be_read_fails_with_the_reason(tiny_llama, references)
     report = compare(tiny_llama, references=references('float32'), tap_overrides={'port': {'mlp': None}})
     broken = [t for t in report.taps if t.error]
     assert {t.tap for t in broken} == {f'layers.{i}.mlp' for i in range(3)}
-    assert all(not t.passed and 'port' in t.error for t in broken)
+    assert all(not t.passed and 'the port has no module' in t.error for t in broken)
     assert not report.passed
-    assert report.first_divergence is None      # not a divergence: nothing was compared there
-    assert 'not compared' in report.summary()
+    # a module the reference runs and the port lacks is where the two part: it is named as the divergence
+    assert report.first_divergence.tap == 'layers.0.mlp' and report.first_divergence.error
+    assert report.divergence_line().startswith('first divergence: layer 0, mlp (prefill: the port has no module')
 
 
 def test_another_family_maps_with_no_configuration(tmp_path):

@@ -50,13 +50,14 @@ def test_metrics_read_the_value_floor_and_bound_in_their_own_unit(report_factory
     assert cos.value == pytest.approx(1.6e-3) and cos.floor == pytest.approx(1e-5)
 
 
-def test_a_tap_that_could_not_be_compared_is_shown_but_is_not_the_divergence(report_factory):
+def test_a_tap_that_could_not_be_compared_is_shown_and_is_the_divergence(report_factory):
     report = report_factory(missing={('prefill', 'layers.1.mlp')})
     table = layer_error_table(report, 'prefill')
     row = table.row('layers.1.mlp')
     assert row.value is None and row.status == 'not compared' and row.note == 'no module for it'
-    assert table.first_divergence is None and not table.passed
-    assert 'could not be compared: no module for it' in table.callout()
+    assert table.first_divergence is row and not table.passed
+    assert table.callout().startswith('first divergence in prefill: layer 1, mlp (tap layers.1.mlp) could not be '
+                                      'compared: no module for it')
 
 
 def test_float32_reports_have_no_floor(report_factory):

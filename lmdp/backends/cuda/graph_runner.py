@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ...model_inputs import AttentionMetadata, ModelInputs, StepContext
+from ...model_inputs import ModelInputs, StepContext
 from .capture_errors import explain_capture_error
 
 logger = logging.getLogger('lmdp')
@@ -58,13 +58,13 @@ class CUDAGraphRunner:
         self.outputs: Dict[int, torch.Tensor] = {}
         self.results: Dict[int, CaptureResult] = {}
         n, dev = self.batch_sizes[-1], self.device
-        # static inputs, sized for the largest bucket; smaller buckets use leading slices
+        # Static inputs, sized for the largest bucket; smaller buckets use leading slices. A replay copies a step's
+        # token ids, history lengths and block table in; everything derived from them (positions, kv_seqlens,
+        # q_start_loc) is computed inside the graph by StepContext.new, the same code an eager step runs.
         self.input_ids = torch.zeros(1, n, dtype=torch.long, device=dev)
-        self.position_ids = torch.zeros(1, n, dtype=torch.long, device=dev)
+        self.history_lengths = torch.zeros(n, dtype=torch.int32, device=dev)
         self.block_offsets = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=dev)
-        self.kv_seqlens = torch.ones(n, dtype=torch.int32, device=dev)
         self.q_seqlens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.q_start_loc = torch.arange(n, dtype=torch.int32, device=dev)
 
     @property
     def max_batch_size(self) -> int:
@@ -73,17 +73,15 @@ class CUDAGraphRunner:
     def bucket(self, batch: int) -> Optional[int]:
         return next((b for b in self.batch_sizes if b >= batch), None)
 
-    def _context(self, bs: int) -> StepContext:
+    def static_inputs(self, bs: int) -> ModelInputs:
+        """The graph's inputs for bucket `bs`: views of the static buffers a replay copies a step into."""
         max_kv = self.max_blocks_per_seq * self.block_size    # grids sized for the longest sequence that fits
-        meta = AttentionMetadata(is_decoding=True, block_offsets=self.block_offsets[:bs],
-                                 q_start_loc=self.q_start_loc[:bs], q_seqlens=self.q_seqlens[:bs],
-                                 kv_seqlens=self.kv_seqlens[:bs], max_q_seqlen=1, max_kv_seqlen=max_kv)
-        return StepContext(input_ids=self.input_ids[:, :bs], position_ids=self.position_ids[:, :bs],
-                           q_seqlens=self.q_seqlens[:bs], kv_seqlens=self.kv_seqlens[:bs],
-                           q_start_loc=self.q_start_loc[:bs], block_offsets=self.block_offsets[:bs],
-                           history_lengths=self.kv_seqlens[:bs] - 1, is_decoding=True, max_q_seqlen=1,
-                           max_kv_seqlen=max_kv, sum_kv_seqlen=bs * max_kv, kv_caches=self.kv_caches,
-                           attn_metadata=meta, model_config=self.model_config)
+        return ModelInputs(input_ids=self.input_ids[:, :bs], seq_length=self.q_seqlens[:bs],
+                           history_lengths=self.history_lengths[:bs], block_offsets=self.block_offsets[:bs],
+                           is_decoding=True, max_q_seqlen=1, max_kv_seqlen=max_kv, sum_kv_seqlen=bs * max_kv)
+
+    def _context(self, bs: int) -> StepContext:
+        return StepContext.new(self.static_inputs(bs), self.model_config, self.kv_caches)
 
     def _run(self, bs: int) -> torch.Tensor:
         ctx = self._context(bs)
@@ -154,8 +152,7 @@ class CUDAGraphRunner:
     def _reset_padding(self, start: int, end: int):
         if end > start:
             self.input_ids[:, start:end].zero_()
-            self.position_ids[:, start:end].zero_()
-            self.kv_seqlens[start:end].fill_(1)
+            self.history_lengths[start:end].zero_()
             self.block_offsets[start:end].fill_(self.scratch_block)
 
     @torch.inference_mode()
@@ -165,8 +162,7 @@ class CUDAGraphRunner:
         bs = self.bucket(n)
         width = inputs.block_offsets.size(1)
         self.input_ids[:, :n].copy_(inputs.input_ids, non_blocking=True)
-        self.position_ids[0, :n].copy_(inputs.history_lengths, non_blocking=True)
-        self.kv_seqlens[:n].copy_(inputs.history_lengths + 1, non_blocking=True)
+        self.history_lengths[:n].copy_(inputs.history_lengths, non_blocking=True)
         self.block_offsets[:n, :width].copy_(inputs.block_offsets, non_blocking=True)
         self._reset_padding(n, bs)
         self.graphs[bs].replay()
