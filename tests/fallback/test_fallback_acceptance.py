@@ -121,9 +121,11 @@ REFUSED = {
     'gpt_oss': (dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                      num_local_experts=4, vocab_size=512), 'attention sinks'),
     'bloom': (dict(hidden_size=32, n_layer=2, n_head=4, vocab_size=512), "not through transformers' attention"),
-    'phi3': (dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=512,
-                  rope_scaling={'rope_type': 'longrope', 'short_factor': [1.0] * 4, 'long_factor': [2.0] * 4,
-                                'original_max_position_embeddings': 64}), 'LongRoPE'),
+    # LongRoPE without a port (Phi-3 has one now: lmdp.models.phi3)
+    'phimoe': (dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=512,
+                    rope_scaling={'rope_type': 'longrope', 'short_factor': [1.0] * 4, 'long_factor': [2.0] * 4,
+                                  'short_mscale': 1.0, 'long_mscale': 1.0, 'original_max_position_embeddings': 64}),
+               'LongRoPE'),
 }
 
 
