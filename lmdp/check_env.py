@@ -6,6 +6,9 @@ from typing import List, Optional
 from .errors import ConfigError
 
 
+_IMPL_NAMES = {'lmdp': 'lmdp port', 'transformers': 'transformers fallback', 'hybrid': 'partial port (hybrid)'}
+
+
 @dataclass
 class ModelCheck:
     """The answer of `check_model`: what was found, and every problem in words a person can act on."""
@@ -15,6 +18,8 @@ class ModelCheck:
     architecture: Optional[str] = None
     builder: Optional[str] = None
     model_class: Optional[str] = None
+    model_impl: Optional[str] = None          # 'lmdp' (a port), 'transformers' (the fallback) or 'hybrid'
+    model_impl_reason: Optional[str] = None   # why that path, in a sentence
     model_config: object = None
     weight_files: List[str] = field(default_factory=list)
     problems: List[str] = field(default_factory=list)
@@ -32,6 +37,8 @@ class ModelCheck:
                  f'architecture   {yes(self.architecture)}',
                  f'config builder {yes(self.builder)}',
                  f'model class    {yes(self.model_class)}',
+                 f'runs as        {yes(_IMPL_NAMES.get(self.model_impl))}'
+                 + (f': {self.model_impl_reason}' if self.model_impl_reason else ''),
                  f'weights        {len(self.weight_files)} file(s)']
         if self.model_config is not None:
             c = self.model_config
@@ -44,13 +51,17 @@ class ModelCheck:
         return '\n'.join(lines)
 
 
-def check_model(model_path: str, trust_remote_code: bool = False, dtype='auto', custom_module_map=None) -> ModelCheck:
-    """Check a checkpoint folder without loading its weights; never raises for a bad checkpoint."""
+def check_model(model_path: str, trust_remote_code: bool = False, dtype='auto', custom_module_map=None,
+                model_impl: str = 'auto') -> ModelCheck:
+    """Check a checkpoint folder without loading its weights; never raises for a bad checkpoint. model_impl as
+    in PytorchEngineConfig: the report says which path the checkpoint takes (its port or the transformers
+    fallback) and why."""
     from .configurations import AutoModelConfigBuilder
     from .configurations.default import BUILTIN_BUILDERS, unset_required_fields
     from .config import ModelConfig
     from .hf_config import load_hf_config, read_config_dict
-    from .models.registry import get_model_class, merged_module_map
+    from .fallback import choose_model_class, cuda_graph_refusal
+    from .models.registry import merged_module_map
     from .weight_loader import checkpoint_files
 
     report = ModelCheck(str(model_path))
@@ -85,8 +96,13 @@ def check_model(model_path: str, trust_remote_code: bool = False, dtype='auto', 
         report.problems.append(f'{report.builder or "config builder"}: {e}')
 
     try:
-        model_cls = get_model_class(hf_config, custom_module_map)
+        choice = choose_model_class(hf_config, custom_module_map, model_impl)
+        model_cls = choice.model_class
         report.model_class = f'{model_cls.__module__}.{model_cls.__qualname__}'
+        report.model_impl, report.model_impl_reason = choice.impl, choice.reason
+        if choice.impl != 'lmdp':
+            report.notes.append('CUDA graphs for decode: ' + (cuda_graph_refusal(hf_config) or 'yes, the model\'s '
+                                                              'transformers code allows them'))
         for attr in ('forward', 'prepare_inputs_for_generation', 'load_weights'):
             if not callable(getattr(model_cls, attr, None)):
                 report.problems.append(f'{model_cls.__name__} has no {attr}(); the engine calls it on every '

@@ -12,7 +12,7 @@ def _int_list(text: str):
 def cmd_check(args) -> int:
     from .check_env import check_model
     report = check_model(args.model_path, trust_remote_code=args.trust_remote_code,
-                         custom_module_map=args.custom_module_map)
+                         custom_module_map=args.custom_module_map, model_impl=args.model_impl)
     print(report)
     return 0 if report.ok else 1
 
@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('model_path')
     p.add_argument('--trust-remote-code', action='store_true')
     _module_map_option(p)
+    p.add_argument('--model-impl', default='auto', choices=['auto', 'lmdp', 'transformers'],
+                   help='auto: the lmdp port if registered, else the transformers fallback')
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser('make-tiny', help='write a tiny random-weight checkpoint with transformers')

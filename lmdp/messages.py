@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, fields
 from typing import Dict, List, Literal, Optional, Union
 
 FinishReason = Literal['stop', 'length', 'abort', 'error']
+#: how an architecture is served: its lmdp port, its transformers code on the paged engine, or whichever applies
+MODEL_IMPLS = ('auto', 'lmdp', 'transformers')
 
 
 def _check(ok: bool, message: str):
@@ -27,6 +29,8 @@ class PytorchEngineConfig:
     num_gpu_blocks: the KV pool's size in blocks; overrides cache_max_entry_count when > 0.
     max_prefill_token_num: token budget of one prefill step (longer prompts are prefilled in chunks).
     device_type: 'auto' (CUDA when there is one), 'cuda' or 'cpu'.
+    model_impl: 'auto' (the lmdp port when the architecture has one, else its transformers modeling code on lmdp's
+    paged attention: the transformers fallback), 'lmdp' (a port or an error) or 'transformers' (the fallback).
     """
     dtype: str = 'auto'
     tp: int = 1
@@ -42,6 +46,7 @@ class PytorchEngineConfig:
     enable_prefix_caching: bool = False
     cudagraph_capture_batch_sizes: Optional[List[int]] = None
     trust_remote_code: bool = False
+    model_impl: str = 'auto'
 
     def __post_init__(self):
         _check(self.tp == 1, f'tp={self.tp}: tensor parallelism is not wired into the engine yet; use tp=1')
@@ -59,6 +64,8 @@ class PytorchEngineConfig:
                f'max_prefill_token_num must be positive, got {self.max_prefill_token_num}')
         _check(self.device_type in ('auto', 'cuda', 'cpu'),
                f"device_type must be 'auto', 'cuda' or 'cpu', got {self.device_type!r}")
+        _check(self.model_impl in MODEL_IMPLS,
+               f"model_impl must be one of {', '.join(map(repr, MODEL_IMPLS))}, got {self.model_impl!r}")
         # fail here, at the line that names the file, rather than after the tokenizer and config have loaded
         if isinstance(self.custom_module_map, (str, os.PathLike)) and not os.path.isfile(self.custom_module_map):
             raise FileNotFoundError(f'custom_module_map {os.fspath(self.custom_module_map)!r} does not exist; pass '

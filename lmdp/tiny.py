@@ -88,6 +88,23 @@ TINY_FAMILIES.update({
                       moe_intermediate_size=32, norm_topk_prob=True),
 })
 
+# Families lmdp has no port for: they run on the transformers fallback (lmdp.fallback). Kept apart from
+# TINY_FAMILIES, whose members are the ported families the port tests sweep. Each keeps its quirks: partial
+# rotary, parallel residuals, LayerNorm with biases, qk norms, multipliers and logit scales, mixtures of experts.
+FALLBACK_FAMILIES: dict[str, dict] = {
+    'olmo2': dict(tie_word_embeddings=False),
+    'granite': dict(tie_word_embeddings=False, embedding_multiplier=2.0, attention_multiplier=0.1,
+                    residual_multiplier=0.7, logits_scaling=2.0),
+    'stablelm': dict(tie_word_embeddings=False, use_qkv_bias=True, qk_layernorm=True),
+    'cohere': dict(logit_scale=0.5),   # tied, LayerNorm without bias, parallel attention + MLP
+    'gpt_neox': dict(tie_word_embeddings=False),
+    'phi': dict(tie_word_embeddings=False),
+    'starcoder2': dict(sliding_window=32),   # tied
+    'olmoe': dict(tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2),
+    'granitemoe': dict(tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2,
+                       embedding_multiplier=2.0, logits_scaling=2.0),
+}
+
 # Accepted in overrides although absent from config.to_dict(): transformers 5
 # folds these legacy names into `rope_parameters`.
 _LEGACY_KEYS = {'rope_theta', 'rope_scaling'}
@@ -103,16 +120,18 @@ BIAS_STD = 0.1
 # stream keeps each layer's contribution order one, so outputs depend on
 # context and not mostly on the current token's embedding.
 RESIDUAL_OUT_GAIN = 2.0
-_RESIDUAL_OUT = {'o_proj', 'down_proj'}
+_RESIDUAL_OUT = {'o_proj', 'down_proj', 'dense', 'dense_4h_to_h', 'fc2', 'c_proj'}
+_FINAL_NORMS = ('norm', 'final_layer_norm', 'final_layernorm', 'ln_f')
 
 
 def tiny_config(model_type: str, **config_overrides):
     """The `transformers` config `make_tiny` would use (no files written)."""
     from transformers import AutoConfig
 
-    if model_type not in TINY_FAMILIES:
+    families = {**FALLBACK_FAMILIES, **TINY_FAMILIES}
+    if model_type not in families:
         raise ValueError(
-            f'make_tiny: unsupported model_type {model_type!r}; supported: {", ".join(sorted(TINY_FAMILIES))}'
+            f'make_tiny: unsupported model_type {model_type!r}; supported: {", ".join(sorted(families))}'
         )
     # Catch typos: config classes silently store unknown kwargs as attributes.
     default = AutoConfig.for_model(model_type)
@@ -124,7 +143,7 @@ def tiny_config(model_type: str, **config_overrides):
     ids = tiny_tokenizer.SPECIAL_IDS
     kwargs = dict(
         _BASE,
-        **TINY_FAMILIES[model_type],
+        **families[model_type],
         vocab_size=tiny_tokenizer.VOCAB_SIZE,
         bos_token_id=ids[tiny_tokenizer.BOS],
         eos_token_id=ids[tiny_tokenizer.EOS],
@@ -140,7 +159,8 @@ def tiny_config(model_type: str, **config_overrides):
 def reinit_weights(model: nn.Module, seed: int = 0) -> None:
     """Seeded order-one init, in place.
 
-    Linear ~ N(0, 1/fan_in) (x RESIDUAL_OUT_GAIN for o_proj/down_proj),
+    Linear ~ N(0, 1/fan_in) (x RESIDUAL_OUT_GAIN for o_proj/down_proj; other
+    matrices, such as routers and stacked experts, alike),
     embeddings ~ N(0, 1) as seen by layer 0, norm weights = identity +
     N(0, NORM_NOISE), biases ~ N(0, BIAS_STD). With tied embeddings the final
     norm's gain is N(0, 1) instead (see below).
@@ -170,8 +190,8 @@ def reinit_weights(model: nn.Module, seed: int = 0) -> None:
     # HF's init left norms at their identity value (1 for w*x, 0 for gemma's
     # (1+w)*x), so `identity - 1 + N(0,1)` is a N(0,1) gain in both styles.
     if getattr(model.config, 'tie_word_embeddings', False):
-        final_norm = model.base_model.norm.weight
-        fill(final_norm, 1.0, mean=final_norm.detach().float() - 1.0)
+        norm = next(getattr(model.base_model, n) for n in _FINAL_NORMS if hasattr(model.base_model, n))
+        fill(norm.weight, 1.0, mean=norm.weight.detach().float() - 1.0)
 
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -191,6 +211,10 @@ def reinit_weights(model: nn.Module, seed: int = 0) -> None:
         elif p.ndim == 2 and name.endswith('gate.weight'):
             # a router kept as a bare parameter (transformers 5): logits of order one, so routing is decisive
             fill(p, p.shape[-1] ** -0.5)
+
+        elif p.ndim >= 2:  # a weight outside nn.Linear (a router, stacked experts [E, out, in]): as a Linear
+            gain = RESIDUAL_OUT_GAIN if name.rsplit('.', 1)[-1] in _RESIDUAL_OUT else 1.0
+            fill(p, gain * p.shape[-1]**-0.5)
         else:
             raise RuntimeError(f'reinit_weights: no init rule for parameter {name} {tuple(p.shape)}')
 

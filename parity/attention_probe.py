@@ -1,10 +1,11 @@
 """q and k as transformers' attention consumes them: after their norms and rotary.
 
-transformers' attention modules call the attention function of their own modeling file through
-`ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)`, which looks `eager_attention_forward` up
-when it is called. Swapping that module-level function for a wrapper while the reference runs (eager attention, as
-the harness loads it) shows the wrapper every query, key and value exactly as attention uses them, with no change to
-the modeling code.
+transformers' attention modules call their attention function through
+`ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)`: with eager attention
+(the harness's reference) that is the `eager_attention_forward` of their own modeling file, looked up when it is
+called; otherwise the function registered under that name (lmdp's transformers fallback registers its paged
+attention there). Swapping that function for a wrapper while a model runs shows the wrapper every query, key and
+value exactly as attention uses them, with no change to the modeling code.
 
 In a float64 reference (the truth of a float32 run) the wrapper also lifts the eager function's float32 softmax to
 float64, so the truth's attention is not rounded to float32 precision, the very precision under test.
@@ -20,9 +21,20 @@ def _modeling(attn_module):
     return sys.modules.get(type(attn_module).__module__)
 
 
+def _impl(attn_module) -> str:
+    config = getattr(attn_module, 'config', None)
+    return getattr(config, '_attn_implementation', None) or 'eager'
+
+
 def has_eager_attention(attn_module) -> bool:
-    """Whether this transformers attention module's file has an eager attention function to wrap."""
-    return callable(getattr(_modeling(attn_module), 'eager_attention_forward', None))
+    """Whether this is a transformers attention module whose attention function can be wrapped."""
+    if not callable(getattr(_modeling(attn_module), 'eager_attention_forward', None)):
+        return False
+    impl = _impl(attn_module)
+    if impl == 'eager':
+        return True
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    return impl in ALL_ATTENTION_FUNCTIONS
 
 
 @contextlib.contextmanager
@@ -49,11 +61,18 @@ def _softmax_in(dtype: torch.dtype):
 def attention_probe(modules: Dict[int, object], on_call: Callable):
     """While inside, `on_call(module, query, key, value)` runs whenever one of `modules` (id -> attention module)
     calls its eager attention function; query `[B, Hq, Tq, D]`, key/value `[B, Hk, S, D]` (S: cached + new)."""
-    files = {}
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    files, registered = {}, {}
     for module in modules.values():
-        mod = _modeling(module)
-        if mod is not None and has_eager_attention(module):
+        if not has_eager_attention(module):
+            continue
+        impl = _impl(module)
+        if impl == 'eager':
+            mod = _modeling(module)
             files[mod.__name__] = mod
+        else:
+            registered[impl] = ALL_ATTENTION_FUNCTIONS[impl]
     originals = {name: mod.eager_attention_forward for name, mod in files.items()}
 
     def wrap(original):
@@ -67,11 +86,15 @@ def attention_probe(modules: Dict[int, object], on_call: Callable):
 
     for name, mod in files.items():
         mod.eager_attention_forward = wrap(originals[name])
+    for impl, fn in registered.items():
+        AttentionInterface.register(impl, wrap(fn))
     try:
         yield
     finally:
         for name, mod in files.items():
             mod.eager_attention_forward = originals[name]
+        for impl, fn in registered.items():
+            AttentionInterface.register(impl, fn)
 
 
 def query_rows(query: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,9 @@ from .taps import Site
 def as_rows(tensor: torch.Tensor, num_tokens: Optional[int], tap: str) -> torch.Tensor:
     """`tensor` as `[num_tokens, features]`: the leading dims that make up the step's tokens are merged."""
     tensor = tensor.detach()
+    if (num_tokens is not None and tensor.dim() == 4 and tensor.size(0) == 1 and tensor.size(2) == num_tokens
+            and tensor.size(1) != num_tokens):
+        tensor = tensor.transpose(1, 2)     # transformers' heads-first [1, H, T, D] (StableLM's per-head norms)
     if num_tokens is None:
         rows = tensor.reshape(-1, tensor.shape[-1])
     else:

@@ -16,13 +16,21 @@ from .taps import Site, TapResolver, reference_taps
 
 def load_reference(model_path: str, dtype: torch.dtype, device) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
-    # eager experts too: transformers 5's default MoE path (grouped_mm) has no float64 kernel, and the reference
-    # should be the plain per-expert loop (an older transformers keeps the unknown key on the config, unused)
-    kwargs = dict(dtype=dtype, attn_implementation='eager', experts_implementation='eager')
+    kwargs = dict(dtype=dtype, attn_implementation='eager')
     if torch.device(device).type == 'cuda' and importlib.util.find_spec('accelerate') is not None:
         kwargs['device_map'] = str(device)   # straight onto the card: no float32 copy of the model in host RAM
+    if dtype == torch.float64:
+        # mixture-of-experts layers default to grouped matmuls that have no float64 kernel; the plain loop over
+        # experts is the reference anyway
+        kwargs['experts_implementation'] = 'eager'
     with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+        except (TypeError, ValueError) as e:     # a transformers without experts_implementation
+            if 'experts_implementation' not in kwargs or 'experts' not in str(e):
+                raise
+            kwargs.pop('experts_implementation')
+            model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     return model.to(device).eval()
 
 

@@ -100,6 +100,9 @@ class ParityReport:
     reference_tokens: List[List[int]] = field(default_factory=list)   # transformers float32 greedy tokens
     port_tokens: List[List[int]] = field(default_factory=list)        # the port's argmax on the same prefixes
     timings: Dict[str, float] = field(default_factory=dict)
+    # a port on the transformers fallback (lmdp.fallback): per tap, whether the module behind it is 'native' (an
+    # lmdp module swapped in), 'mixed' or 'fallback' (transformers' code); None for a port native throughout
+    module_impls: Optional[Dict[str, Optional[str]]] = None
 
     @property
     def main_taps(self) -> List[TapResult]:

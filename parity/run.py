@@ -219,6 +219,8 @@ def compare(model_path: str, dtype='float32', device='auto', prompts: PromptSpec
                         tap_overrides, progress=bar)
         port_local = run_port(agent, refs.hf_config, refs.prompts, refs.tokens, refs.decode_steps, refs.taps,
                               block_size, tap_overrides, progress=bar, truth=refs.truth, graph_check=False)
+        from lmdp.fallback.hybrid import tap_impls
+        impls = tap_impls(agent.model, refs.hf_config, refs.taps, tap_overrides)
         timings['run_port'] = port.seconds + port_local.seconds
         if port.graph_replay is not None:
             timings['cuda_graph'] = port.graph_replay.seconds
@@ -228,6 +230,7 @@ def compare(model_path: str, dtype='float32', device='auto', prompts: PromptSpec
         bar.stage('diffing')
         t0 = time.perf_counter()
         report = _build_report(refs, port, port_local, coverage, port_class, device)
+        report.module_impls = impls
         timings['diff'] = time.perf_counter() - t0
         bar.update(1)
     finally:

@@ -36,8 +36,8 @@ QKV_KINDS = ('q', 'k', 'v')
 PER_LAYER = ('input_norm', 'q', 'k', 'v', 'q_norm', 'k_norm', 'q_rot', 'k_rot', 'attn_core', 'attn',
              'attn_post_norm', 'mid', 'mlp_norm', 'mlp', 'mlp_post_norm', 'residual')
 # per-layer kinds a run has only where the reference model has their module
-OPTIONAL = ('q', 'k', 'v', 'q_norm', 'k_norm', 'q_rot', 'k_rot', 'attn_core', 'attn_post_norm', 'mid', 'mlp_norm',
-            'mlp_post_norm')
+OPTIONAL = ('input_norm', 'q', 'k', 'v', 'q_norm', 'k_norm', 'q_rot', 'k_rot', 'attn_core', 'attn_post_norm', 'mid',
+            'mlp_norm', 'mlp_post_norm')
 SIDES = ('reference', 'port')
 
 
@@ -64,11 +64,10 @@ CANDIDATES: Dict[str, Sequence[str]] = {
     'layers': ('model.layers', 'model.language_model.layers', 'model.decoder.layers', 'transformer.h',
                'transformer.layers', 'gpt_neox.layers'),
     'final_norm': ('model.norm', 'model.language_model.norm', 'model.decoder.final_layer_norm', 'transformer.ln_f',
-                   'transformer.norm', 'gpt_neox.final_layer_norm'),
+                   'transformer.norm', 'gpt_neox.final_layer_norm', 'model.final_layernorm'),
     'input_norm': ('input_layernorm', 'ln_1', 'attention_norm', 'ln_attn'),
     'attn': ('self_attn', 'attn', 'attention', 'self_attention'),
-    # the norm in front of the MLP: Gemma 2/3 name it pre_feedforward_layernorm (their post_attention_layernorm
-    # norms the attention output instead)
+    # the norm in front of the MLP (see TapResolver._find for layers that norm their blocks' outputs)
     'mlp_norm': ('pre_feedforward_layernorm', 'post_attention_layernorm', 'ln_2', 'ffn_norm'),
     'attn_post_norm': ('post_attention_layernorm', ),     # only where pre_feedforward_layernorm exists
     'mlp_post_norm': ('post_feedforward_layernorm', ),
@@ -175,8 +174,14 @@ class TapResolver:
             full = f'{prefix}.{name}'.strip('.') if prefix else name
             return full if full in self.modules else None
         names = CANDIDATES.get(kind, ())
-        if kind == 'attn_post_norm' and self._find('mlp_norm', prefix) == f'{prefix}.post_attention_layernorm':
-            return None            # no sandwich: post_attention_layernorm is the MLP's norm
+        # Where a layer norms its blocks' outputs (post_feedforward_layernorm: Gemma 2/3's sandwich, OLMo 2's
+        # post-norm), post_attention_layernorm norms the attention output, and only pre_feedforward_layernorm (if
+        # any) is the MLP's input norm; otherwise post_attention_layernorm is the MLP's input norm.
+        post_norms = f'{prefix}.post_feedforward_layernorm' in self.modules
+        if kind == 'attn_post_norm' and not post_norms:
+            return None
+        if kind == 'mlp_norm' and post_norms:
+            names = ('pre_feedforward_layernorm', )
         for name in names:
             full = f'{prefix}.{name}'.strip('.') if prefix else name
             if full in self.modules:
@@ -241,7 +246,7 @@ class TapResolver:
             return Site(name, read_hidden_input, how='input') if name else self._why('o_proj', prefix)
         if kind == 'mid':
             end = self.branch_end(prefix)
-            if end is None or self._find('mlp_norm', prefix) is None:
+            if end is None or self._find('mlp', prefix) is None:
                 return self._why('attn', prefix)
             return Site(end, read_first, how='mid', layer_module=prefix)
         name = self._find(kind, prefix)
@@ -255,13 +260,14 @@ class TapResolver:
         attn = self._find('attn', prefix)
         if attn is None:
             return self._why('attn', prefix)
-        if self.side == 'reference':
-            from .attention_probe import has_eager_attention
-            if not has_eager_attention(self.modules[attn]):
-                return (f"the reference's attention module {attn} does not call transformers' eager attention "
-                        'function, so q/k after rotary cannot be read from it')
-            return Site(attn, read_first, how='attention')
+        from .attention_probe import has_eager_attention
         inner = [n for n, m in self.modules.items() if n.startswith(attn + '.') and _is_lmdp_attention(m)]
+        if self.side == 'reference' or (not inner and has_eager_attention(self.modules[attn])):
+            # a transformers attention module (the reference, or a port on the transformers fallback)
+            if not has_eager_attention(self.modules[attn]):
+                return (f"the {self.side}'s attention module {attn} does not call transformers' attention "
+                        'functions, so q/k after rotary cannot be read from it')
+            return Site(attn, read_first, how='attention')
         if len(inner) != 1:
             return (f'the port has {len(inner)} lmdp.nn.Attention modules under {attn} (want one): q/k after '
                     "rotary are read from its query/key arguments; map 'q_rot'/'k_rot' with TAP_OVERRIDES")
@@ -272,8 +278,10 @@ class TapResolver:
         name = self._find(kind, prefix)
         if name is not None:
             return Site(name, read_first)
+        # a fused projection is cut only where its layout is known: lmdp's qkv_proj is [q | k | v]; transformers'
+        # fused ones differ by family (GPT-NeoX interleaves per head), so a reference with one has no q/k/v taps
         fused = self._find('qkv', prefix)
-        if fused is None:
+        if fused is None or not hasattr(self.modules[fused], 'split_qkv'):
             return self._why(kind, prefix)
         return Site(fused, read_split(QKV_KINDS.index(kind), qkv_sizes(self.hf_config)))
 

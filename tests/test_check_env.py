@@ -45,11 +45,16 @@ def test_config_missing_num_attention_heads(tiny_llama, tmp_path):
 
 def test_unregistered_architecture(tiny_llama, tmp_path):
     path = _copy(tiny_llama, tmp_path, edit=lambda c: c.update(architectures=['FancyNewForCausalLM']))
-    report = check_model(path)
+    # model_impl='lmdp' wants a port: none is registered, and the problem says what is
+    report = check_model(path, model_impl='lmdp')
     assert not report.ok
     problem = ' '.join(report.problems)
     assert "'FancyNewForCausalLM' is not registered" in problem
     assert 'LlamaForCausalLM' in problem and 'custom_module_map' in problem
+    # by default it runs on its transformers code (model_type llama), and the report says so
+    report = check_model(path)
+    assert report.ok and report.model_impl == 'transformers'
+    assert 'FancyNewForCausalLM has no lmdp port' in report.model_impl_reason
 
 
 def test_missing_folder_and_missing_weights(tiny_llama, tmp_path):

@@ -171,8 +171,8 @@ def test_missing_expert_shards_are_named_by_expert():
         load_model_weights(m, weights=_names(_expert_tensors(), drop={(3, 'up_proj'), (4, 'up_proj'),
                                                                       (1, 'down_proj')}))
     text = str(err.value)
-    assert "experts.gate_up.weight [shard 'up' of 2 expert(s): 3-4]" in text
-    assert "experts.down.weight [shard 'down' of 1 expert(s): 1]" in text
+    assert "experts.gate_up.weight [shard 'up' of 2 experts: 3-4]" in text
+    assert "experts.down.weight [shard (1, 'down')]" in text
     assert "'gate'" not in text
 
 

@@ -166,7 +166,7 @@ def test_a_missing_expert_names_its_checkpoint_tensor(tiny_moe, tmp_path):
     with pytest.raises(WeightLoadError) as err:
         ModelAgent.from_pretrained(str(dst), dtype='float32')
     text = str(err.value)
-    assert "model.layers.1.mlp.experts.gate_up.weight [shard 'up' of 1 expert(s): 2]" in text
+    assert "model.layers.1.mlp.experts.gate_up.weight [shard (2, 'up')]" in text
     assert "checkpoint tensor 'model.layers.1.block_sparse_moe.experts.2.w3.weight'" in text
 
 

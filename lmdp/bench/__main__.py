@@ -27,13 +27,36 @@ def run(args) -> dict:
         roofline = bandwidth / shape.decode_weight_bytes()
         fig = {'roofline_tok_s': round(roofline, 1),
                'decode_weight_GB': round(shape.decode_weight_bytes() / 1e9, 2)}
-        fig.update(lmdp_figures(path, throughput=not args.no_throughput, eager_mode=args.eager))
-        fig['bs1_roofline_fraction'] = round(fig['bs1_decode_tok_s'] / roofline, 3)
-        print(name, fig, flush=True)
+        impls = ['lmdp', 'transformers'] if args.model_impl == 'both' else [args.model_impl]
+        for impl in impls:
+            figures = lmdp_figures(path, throughput=not args.no_throughput, eager_mode=args.eager, model_impl=impl)
+            figures['bs1_roofline_fraction'] = round(figures['bs1_decode_tok_s'] / roofline, 3)
+            if impl == impls[0]:
+                fig.update(figures)          # the first implementation's figures are the shape's headline
+            if len(impls) > 1:
+                fig.setdefault('by_model_impl', {})[impl] = figures
+            print(name, impl, figures, flush=True)
         if not args.no_hf:
             fig['hf_bs1_decode_tok_s'] = round(hf_batch1_decode(path, args.hf_new_tokens), 1)
+        if len(impls) > 1:
+            fig['fallback_vs_port'] = fallback_ratios(fig)
         results['shapes'][name] = fig
     return results
+
+
+#: issue 14's acceptance: the transformers fallback against the native port and transformers' eager generate
+FALLBACK_TARGETS = {'bs1_vs_port': 0.6, 'throughput_vs_port': 0.8, 'bs1_vs_hf_eager': 5.0}
+
+
+def fallback_ratios(fig: dict) -> dict:
+    port, fallback = fig['by_model_impl']['lmdp'], fig['by_model_impl']['transformers']
+    ratios = {'bs1_vs_port': fallback['bs1_decode_tok_s'] / port['bs1_decode_tok_s']}
+    if 'tp_out_tok_s' in port and 'tp_out_tok_s' in fallback:
+        ratios['throughput_vs_port'] = fallback['tp_out_tok_s'] / port['tp_out_tok_s']
+    if fig.get('hf_bs1_decode_tok_s'):
+        ratios['bs1_vs_hf_eager'] = fallback['bs1_decode_tok_s'] / fig['hf_bs1_decode_tok_s']
+    return {k: {'ratio': round(v, 3), 'target': FALLBACK_TARGETS[k], 'met': v >= FALLBACK_TARGETS[k]}
+            for k, v in ratios.items()}
 
 
 def table(results: dict) -> str:
@@ -43,6 +66,10 @@ def table(results: dict) -> str:
         lines.append(f"{name:>5} {f['bs1_decode_tok_s']:>10.1f} {f['roofline_tok_s']:>9.1f} "
                      f"{f['bs1_roofline_fraction']:>9.1%} {f.get('hf_bs1_decode_tok_s', float('nan')):>7.1f} "
                      f"{f.get('tp_out_tok_s', float('nan')):>18.1f}")
+    for name, f in results['shapes'].items():
+        for key, r in f.get('fallback_vs_port', {}).items():
+            lines.append(f"{name:>5} transformers fallback {key}: {r['ratio']:.3f}x (target >= {r['target']}x) "
+                         f"{'met' if r['met'] else 'NOT MET'}")
     return '\n'.join(lines)
 
 
@@ -54,6 +81,10 @@ def main(argv=None) -> int:
     parser.add_argument('--no-hf', action='store_true', help='skip the transformers baseline')
     parser.add_argument('--hf-new-tokens', type=int, default=256)
     parser.add_argument('--eager', action='store_true', help='eager_mode=True (no CUDA graphs)')
+    parser.add_argument('--model-impl', default='auto', choices=['auto', 'lmdp', 'transformers', 'both'],
+                        help="which implementation serves the checkpoint: its lmdp port, the transformers fallback "
+                             "(model_impl='transformers'), or both in one call with the fallback's ratios to the "
+                             'port and to transformers\' eager generate')
     parser.add_argument('--json', default=os.path.join(os.environ.get('OUT', '.'), 'lmdp_bench.json'))
     args = parser.parse_args(argv)
     results = run(args)

@@ -67,13 +67,14 @@ def throughput_workload(num_requests: int = 256, seed: int = 0):
     return prompts, outs
 
 
-def lmdp_figures(model_path: str, throughput: bool = True, eager_mode: bool = False) -> Dict:
+def lmdp_figures(model_path: str, throughput: bool = True, eager_mode: bool = False, model_impl: str = 'auto') -> Dict:
     from lmdp import GenerationConfig, PytorchEngineConfig, pipeline
     config = PytorchEngineConfig(session_len=4096, max_batch_size=256, cache_max_entry_count=0.8,
-                                 eager_mode=eager_mode)
+                                 eager_mode=eager_mode, model_impl=model_impl)
     start = time.perf_counter()
     pipe = pipeline(model_path, backend_config=config)
-    out = {'build_s': round(time.perf_counter() - start, 1)}
+    out = {'build_s': round(time.perf_counter() - start, 1), 'model_class': type(pipe.engine.agent.model).__name__}
+    out.update(_engine_notes(pipe.engine))
 
     def generate_one(prompt, n):
         gen = GenerationConfig(max_new_tokens=n, min_new_tokens=n, ignore_eos=True, do_sample=False)
@@ -89,9 +90,28 @@ def lmdp_figures(model_path: str, throughput: bool = True, eager_mode: bool = Fa
                    tp_out_tok_s=round(generated / seconds, 1))
     pipe.close()
     del pipe
+    import gc
+    gc.collect()      # the next pipeline of the same call gets the memory back for its KV pool
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return out
+
+
+def _engine_notes(engine) -> Dict:
+    """What the engine runs: the CUDA-graph buckets captured (and why not where not), the fallback's kernels."""
+    notes = {}
+    graphs = getattr(engine.runner, 'graphs', None)
+    if graphs is not None:
+        results = graphs.results.values()
+        notes['cuda_graphs_captured'] = sum(r.captured for r in results)
+        notes['cuda_graphs_buckets'] = len(graphs.results)
+        reasons = sorted({r.reason for r in results if not r.captured and r.reason})
+        if reasons:
+            notes['cuda_graphs_not_captured'] = reasons
+    fast = getattr(engine.agent.model, 'fast_paths', None)
+    if fast is not None:
+        notes['fallback_fast_paths'] = fast
+    return notes
 
 
 def hf_batch1_decode(model_path: str, new_tokens: int = 256) -> float:

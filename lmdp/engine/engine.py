@@ -62,7 +62,8 @@ class Engine:
         device = config.resolved_device()
         self.agent = ModelAgent.from_pretrained(model_path, dtype=config.dtype, device=device,
                                                 custom_module_map=config.custom_module_map,
-                                                trust_remote_code=config.trust_remote_code)
+                                                trust_remote_code=config.trust_remote_code,
+                                                model_impl=config.model_impl)
         model_config = self.model_config = self.agent.model_config
         self.max_batch_size = config.max_batch_size or (256 if device == 'cuda' else 32)
         session_len = config.session_len or model_config.max_position_embeddings or 4096

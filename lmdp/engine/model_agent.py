@@ -8,7 +8,7 @@ import torch
 
 from ..config import ModelConfig
 from ..model_inputs import ModelInputs, StepContext, StepContextManager
-from ..models.registry import CustomModuleMap, get_model_class, merged_module_map
+from ..models.registry import CustomModuleMap, merged_module_map
 from ..weight_loader import checkpoint_files, iter_checkpoint, load_model_weights
 
 logger = logging.getLogger('lmdp')
@@ -34,11 +34,21 @@ def load_weights_with_report(model, model_path: str, strict: bool = True) -> Loa
 
 
 def build_model(model_config: ModelConfig, model_path: Optional[str] = None, device='cpu',
-                custom_module_map: CustomModuleMap = None, load_weights: bool = True, strict: bool = True):
-    """Instantiate the registered class for the config's architecture and (optionally) load its weights."""
-    model_cls = get_model_class(model_config.hf_config, custom_module_map)
+                custom_module_map: CustomModuleMap = None, load_weights: bool = True, strict: bool = True,
+                model_impl: str = 'auto'):
+    """Instantiate the class that serves the config's architecture (its port, or the transformers fallback: see
+    `model_impl`) and (optionally) load its weights."""
+    from ..fallback import choose_model_class
+    choice = choose_model_class(model_config.hf_config, custom_module_map, model_impl)
+    if choice.fell_back:
+        logger.warning(choice.reason)
+    elif choice.impl != 'lmdp':
+        logger.info(choice.reason)
+    model_cls = choice.model_class
     ctx_mgr = StepContextManager()
     model = model_cls(model_config.hf_config, ctx_mgr, dtype=model_config.dtype, device=torch.device(device))
+    if hasattr(model, 'adjust_model_config'):   # a model that sizes its KV cache its own way (the fallback)
+        model.adjust_model_config(model_config)
     # a port written without dtype/device plumbing (plain nn.Linear) still ends up where asked
     for param in model.parameters():
         if param.is_floating_point() and (param.dtype != model_config.dtype or param.device != torch.device(device)):
@@ -82,15 +92,22 @@ class ModelAgent:
 
     @classmethod
     def from_pretrained(cls, model_path: str, dtype='auto', device='cpu', custom_module_map: CustomModuleMap = None,
-                        trust_remote_code: bool = False, strict: bool = True) -> 'ModelAgent':
+                        trust_remote_code: bool = False, strict: bool = True, model_impl: str = 'auto') -> 'ModelAgent':
         """strict=False: parameters the checkpoint never filled are listed in `agent.load_report.missing`
-        (their values are garbage) instead of raising WeightLoadError."""
+        (their values are garbage) instead of raising WeightLoadError. model_impl: 'auto' (the port when there is
+        one, else the transformers fallback), 'lmdp' or 'transformers'."""
         start = time.perf_counter()
         if custom_module_map is not None:
             # read the user's map first: a ConfigBuilder it imports must be registered before the config is built
             custom_module_map = merged_module_map(custom_module_map)
+        from ..fallback import choose_model_class
+        from ..hf_config import load_hf_config
+        # which class serves it (or why nothing can) is said before the config is read as a ModelConfig, whose
+        # errors would be about fields a model that can't run anyway does not have
+        choose_model_class(load_hf_config(model_path, trust_remote_code), custom_module_map, model_impl)
         model_config = ModelConfig.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
-        model, ctx_mgr = build_model(model_config, model_path, device, custom_module_map, load_weights=False)
+        model, ctx_mgr = build_model(model_config, model_path, device, custom_module_map, load_weights=False,
+                                     model_impl=model_impl)
         report = load_weights_with_report(model, model_path, strict=strict)
         if report.missing:   # only reached when not strict
             logger.warning('%d parameter(s) were never loaded from %s (their values are garbage): %s',

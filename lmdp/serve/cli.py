@@ -26,7 +26,8 @@ def add_parser(sub):
     p.add_argument('--port', type=int, default=23333)
     p.add_argument('--api-key', help='refuse requests without "Authorization: Bearer KEY"')
     p.add_argument('--served-model-name', help='the model name clients send (default: model_path as given)')
-    p.add_argument('--custom-module-map', help='a .py file defining MODULE_MAP entries to add or override')
+    p.add_argument('--custom-module-map', '--module-map', dest='custom_module_map', metavar='FILE',
+                   help='a .py file defining MODULE_MAP entries to add or override')
     p.add_argument('--shutdown-timeout', type=float, default=10.0,
                    help='seconds in-flight requests may run on after SIGINT/SIGTERM before they are aborted')
     p.add_argument('--log-level', default='info', choices=['critical', 'error', 'warning', 'info', 'debug'])

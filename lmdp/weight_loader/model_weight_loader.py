@@ -60,28 +60,31 @@ def expected_checkpoint_name(model, entry: str) -> Optional[str]:
 
 def describe_missing(model, missing) -> list:
     """One line per missing parameter or shard, each with the checkpoint tensor that should have filled it; the
-    shards of stacked experts fold into one line per (parameter, shard) that lists the experts."""
+    same shard of several stacked experts folds into one line per (parameter, shard) that lists the experts."""
     lines = []
     experts = {}    # (param, shard) -> [expert ids], in the order first seen
     for entry in missing:
         name, _, shard = entry.partition(' [shard ')
         expert_shard = _expert_shard(shard.rstrip(']'))
+        hint = expected_checkpoint_name(model, entry)
         if expert_shard is None:
-            hint = expected_checkpoint_name(model, entry)
             lines.append(entry + (f" (checkpoint tensor '{hint}')" if hint else ''))
             continue
         expert_id, shard_id = expert_shard
         if (name, shard_id) not in experts:
             experts[(name, shard_id)] = []
-            lines.append((name, shard_id, expected_checkpoint_name(model, entry)))
+            lines.append((name, shard_id, entry, hint))
         experts[(name, shard_id)].append(expert_id)
     out = []
     for line in lines:
         if isinstance(line, tuple):
-            name, shard_id, hint = line
+            name, shard_id, entry, hint = line
             ids = experts[(name, shard_id)]
-            line = (f'{name} [shard {shard_id!r} of {len(ids)} expert(s): {_ranges(ids)}]'
-                    + (f" (first: checkpoint tensor '{hint}')" if hint else ''))
+            if len(ids) == 1:
+                line = entry + (f" (checkpoint tensor '{hint}')" if hint else '')
+            else:
+                line = (f'{name} [shard {shard_id!r} of {len(ids)} experts: {_ranges(ids)}]'
+                        + (f" (the first: checkpoint tensor '{hint}')" if hint else ''))
         out.append(line)
     return out
 

@@ -25,6 +25,8 @@ STYLE = """<style>
 .lmdp-view .lmdp-callout.lmdp-good { border-color: #2e7d32; background: #eaf5ea; }
 .lmdp-view .lmdp-callout.lmdp-info { border-color: #1f6fb4; background: #eaf1f8; }
 .lmdp-view code { background: #f3f3f3; padding: 0 2px; }
+.lmdp-view td.lmdp-impl-native { color: #2e7d32; }
+.lmdp-view td.lmdp-impl-fallback { color: #8a6d00; }
 </style>"""
 
 

@@ -173,6 +173,14 @@ def graph_eligibility(target, custom_module_map=None, batch_sizes: Sequence[int]
         notes.append(f'no CUDA device ({dev}): capture and replay-versus-eager need one. Shown instead: what '
                      'support_cuda_graph answers for each bucket, and a scan of the port\'s source for what '
                      'breaks capture.')
+    refusal = getattr(model, 'cuda_graph_refusal', None)    # the transformers fallback says why per model
+    if refusal:
+        for row in rows:
+            if row.supported is False:
+                row.reason = refusal
+                row.fix = ('port the modules whose code breaks capture (progressive porting: lmdp.fallback.hybrid), '
+                           'or serve the model eagerly')
+        notes.append(f'transformers fallback: {refusal}')
     for check in getattr(report, 'checks', None) or []:
         if check.name.startswith('cuda_graph'):
             notes.append(f'parity {check.id}: {check.status}: {check.detail}')

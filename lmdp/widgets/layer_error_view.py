@@ -9,11 +9,13 @@ from .log_plot import render_svg
 HEADERS = ['#', 'tap', 'value', 'floor', 'bound', 'status', 'largest difference at (seq, token, channel)']
 
 
-def _tr(i: int, r) -> str:
+def _tr(i: int, r, impl_column: bool = False) -> str:
     cls = 'lmdp-tap-row ' + ('lmdp-first' if r.first_divergence else 'lmdp-ok' if r.passed else 'lmdp-fail')
     where = '' if r.where is None else esc(r.where)
     note = f' {esc(r.note)}' if r.note else ''
-    return (f'<tr class="{cls}" data-tap="{esc(r.tap)}">{cell(i)}{cell(esc(r.tap), text=True)}{cell(fmt(r.value))}'
+    impl = cell(esc(r.impl or '-'), text=True, cls=f'lmdp-impl-{r.impl or "none"}') if impl_column else ''
+    return (f'<tr class="{cls}" data-tap="{esc(r.tap)}" data-impl="{esc(r.impl or "")}">{cell(i)}'
+            f'{cell(esc(r.tap), text=True)}{impl}{cell(fmt(r.value))}'
             f'{cell(fmt(r.floor))}{cell(fmt(r.bound))}{cell(esc(r.status), cls="lmdp-status")}'
             f'{cell(where + note, text=True)}</tr>')
 
@@ -22,7 +24,10 @@ def render_html(t: LayerErrorTable) -> str:
     """The view's body for one (phase, metric): callout, plot, table."""
     bound_note = '' if t.metric.bound else (' This metric has no tolerance of its own; the colours are the '
                                             "tap's verdict on relative L2 error.")
-    rows = table(HEADERS, (_tr(i, r) for i, r in enumerate(t.rows)), 'lmdp-layer-errors',
+    # a port on the transformers fallback: which module behind each tap is native lmdp, which transformers' code
+    impl_column = any(r.impl for r in t.rows)
+    headers = HEADERS[:2] + ['module'] + HEADERS[2:] if impl_column else HEADERS
+    rows = table(headers, (_tr(i, r, impl_column) for i, r in enumerate(t.rows)), 'lmdp-layer-errors',
                  f'data-phase="{esc(t.phase)}" data-view="{esc(t.view)}" data-rows="{len(t.rows)}"')
     verdicts = '' if t.view == 'local' else (' Verdicts come from the layer-local view; this view shows how errors '
                                              'carry through the model.')

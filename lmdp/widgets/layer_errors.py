@@ -54,6 +54,7 @@ class LayerErrorRow:
     where: Optional[tuple] = None     # (sequence, token, channel) of the largest |port - reference|
     note: str = ''
     first_divergence: bool = False
+    impl: Optional[str] = None    # on the transformers fallback: 'native', 'mixed' or 'fallback' (None: a port)
 
     @property
     def status(self) -> str:
@@ -155,6 +156,9 @@ def layer_error_table(report, phase: Optional[str] = None, metric: str = 'rel_l2
         raise ValueError(f'view {view!r} is not in the report; it has {views}')
     m = METRICS[metric]
     rows = [_row(t, m) for t in report.taps if t.phase == phase and getattr(t, 'view', 'local') == view]
+    impls = getattr(report, 'module_impls', None) or {}
+    for r in rows:
+        r.impl = impls.get(r.tap)
     first = report.first_divergence_in(phase, view)
     first_row = None
     if first is not None:

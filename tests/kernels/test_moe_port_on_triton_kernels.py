@@ -39,5 +39,7 @@ def test_qwen3_moe_on_triton_kernels_passes_parity(tiny_qwen3_moe, monkeypatch, 
     report = parity.compare(tiny_qwen3_moe, dtype=dtype, device='cpu', prompts=1, decode_steps=2)
     assert report.passed, report.summary()
     assert {'softmax_topk', 'fused_moe'} <= used
-    # prefill: 5 tokens x top-4 = 20 pairs, past the GEMV's 16 / 4; decode: 4 pairs
-    assert paths == ['grouped'] * 2 + ['gemv'] * 4
+    # prefill: 5 tokens x top-4 = 20 pairs, past the GEMV's 16 / 4; decode: 4 pairs; once per port run (the
+    # harness runs the port for each of its views)
+    one_run = ['grouped'] * 2 + ['gemv'] * 4
+    assert len(paths) >= len(one_run) and paths == one_run * (len(paths) // len(one_run))

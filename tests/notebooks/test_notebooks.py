@@ -29,7 +29,7 @@ def require(module: str):
 
 
 def test_every_numbered_notebook_is_here():
-    assert [n[:2] for n in NOTEBOOKS] == ['00', '01', '02', '03', '04', '05', '06'], NOTEBOOKS
+    assert [n[:2] for n in NOTEBOOKS] == ['00', '01', '02', '03', '04', '05', '06', '07'], NOTEBOOKS
 
 
 @pytest.mark.parametrize('name', NOTEBOOKS)
