@@ -51,9 +51,42 @@ TINY_FAMILIES: dict[str, dict] = {
     ),
     # qkv bias; sliding window on layers >= max_window_layers (HF's semantics).
     'qwen2': dict(tie_word_embeddings=False, use_sliding_window=True, sliding_window=32, max_window_layers=1),
-    # q_norm/k_norm per head; head_dim 32 != 64/4.
-    'qwen3': dict(head_dim=32, tie_word_embeddings=False),
+    # q_norm/k_norm per head; head_dim 32 != 64/4; tied embeddings (as the 0.6B-4B sizes).
+    'qwen3': dict(head_dim=32, tie_word_embeddings=True),
+    # q/k/v and gate/up stored fused (qkv_proj, gate_up_proj); partial rotary (3/4 of head_dim 16, as Phi-4-mini);
+    # LongRoPE switching to its long factors past 48 tokens, so the default parity prompts (5, 17, 64) straddle
+    # it in one packed prefill; a 32-token window on every layer.
+    'phi3': dict(tie_word_embeddings=False, sliding_window=32, original_max_position_embeddings=48,
+                 rope_parameters=dict(rope_type='longrope', rope_theta=10000.0, partial_rotary_factor=0.75,
+                                      short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                                      long_factor=[1.0, 1.9, 3.7, 6.4, 10.0, 15.0])),
+    # q_norm/k_norm; sandwich norms; sliding layers with rope base 1e4 beside a global layer with base 1e6 and
+    # linear scaling 8 (as Gemma 3 4B+); query scale from query_pre_attn_scalar; tied embeddings.
+    'gemma3_text': dict(
+        head_dim=32,
+        query_pre_attn_scalar=16,
+        sliding_window=32,
+        sliding_window_pattern=2,   # every 2nd layer global: sliding, full, sliding, ... for any layer count
+        rope_parameters={'sliding_attention': dict(rope_type='default', rope_theta=10000.0),
+                         'full_attention': dict(rope_type='linear', factor=8.0, rope_theta=1000000.0)},
+        tie_word_embeddings=True,
+    ),
 }
+
+# Mixtures of experts: few experts of a small intermediate size, so that routing is visible at tiny scale.
+TINY_FAMILIES.update({
+    # 4 experts, top-2, always renormalised; checkpoint names block_sparse_moe.experts.N.w1/w2/w3; sliding window
+    'mixtral': dict(tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
+                    sliding_window=32),
+    # qkv bias; 8 experts, top-4, NOT renormalised (norm_topk_prob False, as Qwen1.5-MoE); a shared expert of its
+    # own width behind a sigmoid gate; layer 2 a dense MLP (mlp_only_layers) of a third width
+    'qwen2_moe': dict(tie_word_embeddings=False, num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=80, intermediate_size=96, norm_topk_prob=False,
+                      mlp_only_layers=[2]),
+    # q_norm/k_norm per head, head_dim 32 != 64/4; 16 experts, top-4, renormalised (norm_topk_prob)
+    'qwen3_moe': dict(head_dim=32, tie_word_embeddings=False, num_experts=16, num_experts_per_tok=4,
+                      moe_intermediate_size=32, norm_topk_prob=True),
+})
 
 # Families lmdp has no port for: they run on the transformers fallback (lmdp.fallback). Kept apart from
 # TINY_FAMILIES, whose members are the ported families the port tests sweep. Each keeps its quirks: partial
@@ -67,10 +100,7 @@ FALLBACK_FAMILIES: dict[str, dict] = {
     'gpt_neox': dict(tie_word_embeddings=False),
     'phi': dict(tie_word_embeddings=False),
     'starcoder2': dict(sliding_window=32),   # tied
-    'mixtral': dict(tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2),
     'olmoe': dict(tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2),
-    'qwen2_moe': dict(tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-                      shared_expert_intermediate_size=64),
     'granitemoe': dict(tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2,
                        embedding_multiplier=2.0, logits_scaling=2.0),
 }
@@ -78,6 +108,8 @@ FALLBACK_FAMILIES: dict[str, dict] = {
 # Accepted in overrides although absent from config.to_dict(): transformers 5
 # folds these legacy names into `rope_parameters`.
 _LEGACY_KEYS = {'rope_theta', 'rope_scaling'}
+# Read by the modeling code with getattr although some config classes (qwen3_moe) don't declare them.
+_UNDECLARED_KEYS = {'head_dim'}
 
 _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
@@ -102,7 +134,9 @@ def tiny_config(model_type: str, **config_overrides):
             f'make_tiny: unsupported model_type {model_type!r}; supported: {", ".join(sorted(families))}'
         )
     # Catch typos: config classes silently store unknown kwargs as attributes.
-    known = set(AutoConfig.for_model(model_type).to_dict()) | _LEGACY_KEYS
+    default = AutoConfig.for_model(model_type)
+    # aliases (qwen3_moe's num_experts -> num_local_experts) are fields too
+    known = set(default.to_dict()) | set(getattr(default, 'attribute_map', {})) | _LEGACY_KEYS | _UNDECLARED_KEYS
     unknown = sorted(set(config_overrides) - known)
     if unknown:
         raise ValueError(f'make_tiny: {model_type} config has no field(s) {unknown}')
@@ -170,6 +204,14 @@ def reinit_weights(model: nn.Module, seed: int = 0) -> None:
             continue
         if p.ndim == 1 and 'norm' in name:  # RMSNorm: identity value + noise
             fill(p, NORM_NOISE, mean=p.detach().float().clone())
+        elif p.ndim == 3 and name.endswith(('experts.gate_up_proj', 'experts.down_proj')):
+            # transformers 5 stacks experts [E, out, in]; each expert is a linear layer of fan-in p.shape[-1]
+            gain = RESIDUAL_OUT_GAIN if name.endswith('down_proj') else 1.0
+            fill(p, gain * p.shape[-1] ** -0.5)
+        elif p.ndim == 2 and name.endswith('gate.weight'):
+            # a router kept as a bare parameter (transformers 5): logits of order one, so routing is decisive
+            fill(p, p.shape[-1] ** -0.5)
+
         elif p.ndim >= 2:  # a weight outside nn.Linear (a router, stacked experts [E, out, in]): as a Linear
             gain = RESIDUAL_OUT_GAIN if name.rsplit('.', 1)[-1] in _RESIDUAL_OUT else 1.0
             fill(p, gain * p.shape[-1]**-0.5)

@@ -51,7 +51,7 @@ class RotaryHalvesSwappedInK(LlamaForCausalLM):
     def __init__(self, config, ctx_mgr, dtype=None, device=None):
         super().__init__(config, ctx_mgr, dtype=dtype, device=device)
         for layer in self.model.layers:
-            layer.self_attn.apply_rotary_pos_emb = _RotaryKHalvesSwapped()
+            layer.self_attn.attn_fwd.rotary = _RotaryKHalvesSwapped()   # the attention block's rotary step
 
 
 class _LayerDroppingMLP(LlamaDecoderLayer):

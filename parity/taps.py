@@ -81,6 +81,8 @@ CANDIDATES: Dict[str, Sequence[str]] = {
     'q_norm': ('self_attn.q_norm', 'self_attn.q_layernorm', 'attention.q_norm'),
     'k_norm': ('self_attn.k_norm', 'self_attn.k_layernorm', 'attention.k_norm'),
     'o_proj': ('self_attn.o_proj', 'self_attn.dense', 'attention.dense', 'attn.c_proj', 'attention.o_proj'),
+    # a mixture of experts' router (its logits; parity/routing.py): absent from dense layers
+    'router': ('mlp.gate', 'block_sparse_moe.gate', 'feed_forward.router', 'mlp.router'),
 }
 
 # Per architecture, per side: kind -> module name (per-layer kinds relative to the layer; None drops the tap).

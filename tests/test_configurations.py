@@ -35,6 +35,21 @@ def test_gemma_builders_pick_head_dim_and_window():
     assert cfg2.head_dim == 24 and cfg2.sliding_window == -1   # only every other layer slides
 
 
+@pytest.mark.parametrize('max_window_layers, window', [(0, 16), (1, -1)])
+def test_a_model_wide_window_only_when_every_layer_slides(max_window_layers, window):
+    """Qwen2 slides from layer max_window_layers on: the model-wide figure is the window only if that is all."""
+    qwen2 = transformers.AutoConfig.for_model('qwen2', hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                              num_hidden_layers=3,
+                                              vocab_size=100, use_sliding_window=True, sliding_window=16,
+                                              max_window_layers=max_window_layers)
+    assert ModelConfig.from_hf_config(qwen2).sliding_window == window
+    gemma3 = transformers.AutoConfig.for_model('gemma3_text', hidden_size=64, num_attention_heads=4, head_dim=16,
+                                               num_key_value_heads=2,
+                                               num_hidden_layers=2, vocab_size=100, sliding_window=16)
+    assert AutoModelConfigBuilder.find_builder(gemma3).__name__ == 'GemmaModelConfigBuilder'
+    assert ModelConfig.from_hf_config(gemma3).head_dim == 16
+
+
 def test_user_builder_defined_later_wins_and_default_is_last():
     hf = transformers.AutoConfig.for_model('llama', hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
                                            vocab_size=100)

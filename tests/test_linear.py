@@ -75,3 +75,82 @@ def test_uneven_split_is_refused(monkeypatch):
 def test_quantised_config_is_refused_up_front():
     with pytest.raises(NotImplementedError, match="'awq'"):
         build_rowwise_linear(4, 4, bias=False, quant_config={'quant_method': 'awq'})
+
+
+# --- fused checkpoint tensors (Phi-3 stores qkv_proj and gate_up_proj already stacked) ---
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from lmdp.weight_loader import load_weight  # noqa: E402
+from lmdp.weight_loader.tracker import tracking  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(kv_heads=st.integers(1, 4), group=st.integers(1, 3), head=st.sampled_from([2, 4]), head_v=st.sampled_from([2, 6]),
+       world=st.sampled_from([1, 2, 4]), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_a_fused_qkv_tensor_loads_as_its_three_shards_on_every_rank(kv_heads, group, head, head_v, world, bias, seed):
+    """Per rank, loading q|k|v fused (no shard_id) gives exactly what loading q, k and v one by one gives."""
+    q_heads = kv_heads * group
+    if q_heads % world or (kv_heads >= world and kv_heads % world) or (kv_heads < world and world % kv_heads):
+        return   # a split the layer itself refuses
+    g = torch.Generator().manual_seed(seed)
+    wq, wk, wv = (torch.randn(n, 8, generator=g) for n in (q_heads * head, kv_heads * head, kv_heads * head_v))
+    bq, bk, bv = (torch.randn(w.size(0), generator=g) for w in (wq, wk, wv))
+    mp = pytest.MonkeyPatch()
+    try:
+        for rank in range(world):
+            mp.setattr(linear_mod, 'get_tp_world_rank', lambda: (world, rank))
+            by_shard = build_qkv_proj(8, q_heads, kv_heads, head, head_v, bias=bias, is_tp=True)
+            fused = build_qkv_proj(8, q_heads, kv_heads, head, head_v, bias=bias, is_tp=True)
+            for name, w, b in (('q', wq, bq), ('k', wk, bk), ('v', wv, bv)):
+                load_weight(by_shard.weight, w, shard_id=name)
+                if bias:
+                    load_weight(by_shard.bias, b, shard_id=name)
+            load_weight(fused.weight, torch.cat([wq, wk, wv]))
+            if bias:
+                load_weight(fused.bias, torch.cat([bq, bk, bv]))
+            for a, b in zip(fused.parameters(), by_shard.parameters()):
+                assert torch.equal(a, b)
+    finally:
+        mp.undo()
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.sampled_from([4, 8, 12]), min_size=2, max_size=3), world=st.sampled_from([1, 2, 4]),
+       seed=st.integers(0, 2**16))
+def test_a_fused_merged_tensor_loads_as_its_shards_on_every_rank(sizes, world, seed):
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.randn(n, 6, generator=g) for n in sizes]
+    mp = pytest.MonkeyPatch()
+    try:
+        for rank in range(world):
+            mp.setattr(linear_mod, 'get_tp_world_rank', lambda: (world, rank))
+            fused = build_merged_colwise_linear(6, sizes, bias=False, is_tp=True)
+            load_weight(fused.weight, torch.cat(parts))
+            local = [p.chunk(world)[rank] for p in parts]    # each projection's rows for this rank, in order
+            assert torch.equal(fused.weight, torch.cat(local))
+    finally:
+        mp.undo()
+
+
+def test_a_fused_tensor_of_the_wrong_size_names_the_parameter_the_tensor_and_the_sizes():
+    layer = torch.nn.Module()
+    layer.qkv_proj = build_qkv_proj(8, num_q_heads=4, num_kv_heads=2, head_size=4, is_tp=False)
+    with tracking(layer) as tracker:
+        for name, w in tracker.watch([('model.layers.3.self_attn.qkv_proj.weight', torch.randn(30, 8))]):
+            with pytest.raises(WeightLoadError) as e:
+                load_weight(layer.qkv_proj.weight, w)
+    msg = str(e.value)
+    assert "parameter 'qkv_proj.weight'" in msg and "'model.layers.3.self_attn.qkv_proj.weight'" in msg
+    assert "'q' 16 + 'k' 8 + 'v' 8 = 32 rows" in msg and '(30, 8)' in msg
+
+
+def test_a_failing_custom_loader_is_reported_with_the_parameter_and_tensor():
+    """Whatever a loader raises (here lmdeploy-style `shard_id` required) comes back naming both sides."""
+    layer = torch.nn.Linear(4, 4)
+    layer.weight.weight_loader = lambda param, w, shard_id: param.copy_(w)
+    with tracking(layer) as tracker:
+        for name, w in tracker.watch([('lm.dense.weight', torch.randn(4, 4))]):
+            with pytest.raises(WeightLoadError, match=r"parameter 'weight' \(checkpoint tensor 'lm.dense.weight'\)"
+                                                      r".*TypeError.*shard_id"):
+                load_weight(layer.weight, w)

@@ -78,7 +78,12 @@ SHAPES = {
     'gemma': (4, 1, 32, True),   # MQA, head_dim != hidden/heads
     'gemma2': (4, 2, 32, True),
     'qwen2': (4, 2, 16, False),
-    'qwen3': (4, 2, 32, False),
+    'qwen3': (4, 2, 32, True),
+    'phi3': (4, 2, 16, False),
+    'gemma3_text': (4, 2, 32, True),
+    'mixtral': (4, 2, 16, False),
+    'qwen2_moe': (4, 2, 16, False),
+    'qwen3_moe': (4, 2, 32, False),
 }
 
 
@@ -86,9 +91,13 @@ SHAPES = {
 def test_attention_shapes_and_tying(mt, ckpt_dirs, models):
     heads, kv, hd, tied = SHAPES[mt]
     cfg, attn = models[mt].config, models[mt].model.layers[0].self_attn
-    assert (cfg.num_attention_heads, cfg.num_key_value_heads, getattr(cfg, 'head_dim', 64 // heads)) == (heads, kv, hd)
-    assert attn.q_proj.weight.shape == (heads * hd, 64)
-    assert attn.k_proj.weight.shape == (kv * hd, 64)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, getattr(cfg, 'head_dim', None) or 64 // heads) == (
+        heads, kv, hd)
+    if mt == 'phi3':   # q, k and v in one fused tensor
+        assert attn.qkv_proj.weight.shape == ((heads + 2 * kv) * hd, 64)
+    else:
+        assert attn.q_proj.weight.shape == (heads * hd, 64)
+        assert attn.k_proj.weight.shape == (kv * hd, 64)
     assert cfg.tie_word_embeddings is tied
     # A tied checkpoint has no lm_head tensor on disk; an untied one does.
     assert ('lm_head.weight' in read_tensors(ckpt_dirs[mt])) is (not tied)
@@ -106,6 +115,53 @@ def test_family_specific_quirks(models):
     assert q2.config.sliding_window == 32 and 'sliding_attention' in q2.config.layer_types
     assert q2.model.layers[0].self_attn.q_proj.bias is not None
     assert hasattr(models['qwen3'].model.layers[0].self_attn, 'q_norm')
+    p3 = models['phi3'].config
+    rope = p3.rope_parameters
+    assert rope['rope_type'] == 'longrope' and rope['partial_rotary_factor'] == 0.75
+    assert len(rope['short_factor']) == len(rope['long_factor']) == int(16 * 0.75) // 2
+    assert p3.sliding_window == 32 and hasattr(models['phi3'].model.layers[0].mlp, 'gate_up_proj')
+    g3 = models['gemma3_text'].config
+    assert g3.layer_types == ['sliding_attention', 'full_attention', 'sliding_attention']
+    bases = {t: g3.rope_parameters[t]['rope_theta'] for t in g3.layer_types}
+    assert bases['sliding_attention'] != bases['full_attention']
+    assert hasattr(models['gemma3_text'].model.layers[0].self_attn, 'k_norm')
+
+
+def test_moe_quirks(ckpt_dirs, models):
+    mixtral, q2, q3 = (models[m] for m in ('mixtral', 'qwen2_moe', 'qwen3_moe'))
+    assert mixtral.config.num_local_experts == 4 and mixtral.config.sliding_window == 32
+    assert any('block_sparse_moe.experts.3.w2.weight' in k for k in read_tensors(ckpt_dirs['mixtral']))
+    assert q2.config.norm_topk_prob is False and q3.config.norm_topk_prob is True
+    q2_tensors = read_tensors(ckpt_dirs['qwen2_moe'])
+    assert q2_tensors['model.layers.0.mlp.shared_expert_gate.weight'].shape == (1, 64)
+    assert q2_tensors['model.layers.0.mlp.shared_expert.up_proj.weight'].shape == (80, 64)
+    assert q2_tensors['model.layers.2.mlp.up_proj.weight'].shape == (96, 64)       # the dense layer
+    assert q2_tensors['model.layers.1.mlp.experts.7.up_proj.weight'].shape == (32, 64)
+    assert q2.model.layers[0].self_attn.q_proj.bias is not None
+    assert hasattr(q3.model.layers[0].self_attn, 'q_norm') and q3.config.num_experts == 16
+
+
+@pytest.mark.parametrize('mt', ['mixtral', 'qwen2_moe', 'qwen3_moe'])
+def test_routing_is_varied_and_decisive(mt, models, tok):
+    """Tokens spread over the experts, and the k-th and (k+1)-th router logits are usually far apart, so that
+    float32 parity routes as transformers does and a routing bug changes which experts run."""
+    model = models[mt]
+    k = model.config.num_experts_per_tok
+    ids = tok(' '.join(PROMPTS), return_tensors='pt').input_ids
+    logits = []
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, a, out: logits.append(out[0] if isinstance(out, tuple)
+                                                                                  else out))
+             for layer in model.model.layers if hasattr(layer.mlp, 'gate')]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    assert logits
+    for layer_logits in logits:
+        top = layer_logits.topk(k + 1, dim=-1).values
+        experts = layer_logits.topk(k, dim=-1).indices
+        assert experts.unique().numel() >= layer_logits.size(-1) // 2
+        assert (top[:, k - 1] - top[:, k]).median() > 0.05
 
 
 def test_quirks_bite(ckpt_dirs, models, tok):
@@ -114,7 +170,12 @@ def test_quirks_bite(ckpt_dirs, models, tok):
     assert ids.shape[1] > 40  # longer than the sliding window
     for mt, off in [('gemma2', dict(attn_logit_softcapping=None)),
                     ('gemma2', dict(final_logit_softcapping=None)),
-                    ('mistral', dict(sliding_window=None))]:
+                    ('mistral', dict(sliding_window=None)),
+                    ('qwen3_moe', dict(norm_topk_prob=False)),
+                    ('qwen2_moe', dict(norm_topk_prob=True)),
+                    ('phi3', dict(sliding_window=None)),
+                    ('qwen2', dict(sliding_window=4096)),
+                    ('gemma3_text', dict(sliding_window=4096))]:
         plain = AutoModelForCausalLM.from_pretrained(ckpt_dirs[mt], dtype=torch.float32, **off)
         with torch.no_grad():
             diff = (models[mt](ids).logits - plain(ids).logits).abs().max().item()

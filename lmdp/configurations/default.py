@@ -17,9 +17,13 @@ def head_dim_of(hf_config) -> int:
 
 
 def sliding_window_of(hf_config) -> int:
-    """The window when every layer slides (qwen2 gates it with use_sliding_window), else -1."""
+    """The window when every layer slides (qwen2 gates it with use_sliding_window; `layer_types` may name only
+    some layers sliding), else -1: then the port reads each layer's window from hf_config."""
     window = getattr(hf_config, 'sliding_window', None)
     if not window or getattr(hf_config, 'use_sliding_window', True) is False:
+        return -1
+    layer_types = getattr(hf_config, 'layer_types', None)
+    if layer_types and any(t != 'sliding_attention' for t in layer_types):
         return -1
     return window
 

@@ -12,6 +12,7 @@ from . import (
     activation,
     fill_kv_cache as _fill,
     linear as _linear,
+    moe as _moe,
     paged_attention as _attn,
     rms_norm as _norm,
     rotary as _rotary,
@@ -28,6 +29,8 @@ _REFERENCE = {
     'linear': _linear.linear,
     'act_and_mul_linear': _linear.act_and_mul_linear,
     'rotary_fill_kv_cache': _rotary_fill.rotary_fill_kv_cache,
+    'softmax_topk': _moe.softmax_topk,
+    'fused_moe': _moe.fused_moe,
 }
 
 
@@ -90,3 +93,14 @@ def linear(x, weight, bias=None):
 
 def act_and_mul_linear(x, weight, bias=None, act='silu'):
     return implementation('act_and_mul_linear', x)(x, weight, bias, act)
+
+
+def softmax_topk(router_logits, top_k):
+    """(topk_weights float32, topk_ids int64) of the router's softmax."""
+    return implementation('softmax_topk', router_logits)(router_logits, top_k)
+
+
+def fused_moe(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, renormalize=False, act='silu'):
+    """Every token through its top-k experts, weighted and summed (`lmdp.kernels.moe.fused_moe`)."""
+    return implementation('fused_moe', hidden_states)(hidden_states, gate_up_weights, down_weights, topk_weights,
+                                                      topk_ids, renormalize, act)

@@ -1,13 +1,17 @@
-"""Llama (and Mistral-style sliding-window Llamas) on lmdp's paged engine."""
+"""Llama (and Mistral-style sliding-window Llamas) on lmdp's paged engine.
+
+The skeleton other families reuse: `LlamaModel(config, layer_type=...)` takes the decoder layer class, a decoder
+layer builds its parts through `build_attention` / `build_mlp`, and `LlamaForCausalLM(..., model_type=...)` takes
+the model class, so a family that is "Llama with other layers" passes its own (see gemma.py, qwen2.py).
+"""
 from typing import Any, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..model_inputs import StepContext, StepContextManager
-from ..nn import (ApplyRotaryEmb, Attention, ParallelEmbedding, RMSNorm, SiluAndMul, build_merged_colwise_linear,
-                  build_qkv_proj, build_rotary_embedding_from_config, build_rowwise_linear)
-from ..nn.rotary_embedding import apply_rotary
+from ..nn import (Attention, GatedMLP, ParallelEmbedding, RMSNorm, build_o_proj, build_qkv_proj,
+                  build_rotary_embedding_from_config, build_rowwise_linear)
 from ..weight_loader import load_weight
 
 
@@ -15,9 +19,22 @@ def head_dim_of(config) -> int:
     return getattr(config, 'head_dim', None) or config.hidden_size // config.num_attention_heads
 
 
-class LlamaAttention(nn.Module):
+def layer_sliding_window(config, layer_idx: int) -> Optional[int]:
+    """The attention window of one layer: `config.layer_types` says which layers slide (Qwen2, Gemma 2/3, ...);
+    without it every layer slides when the config has a window (Mistral, Phi-3), unless `use_sliding_window` is
+    off."""
+    window = getattr(config, 'sliding_window', None)
+    layer_types = getattr(config, 'layer_types', None)
+    if layer_types:
+        return window if layer_types[layer_idx] == 'sliding_attention' else None
+    return window if getattr(config, 'use_sliding_window', True) is not False else None
 
-    def __init__(self, config, dtype=None, device=None):
+
+class LlamaAttention(nn.Module):
+    """qkv_proj → rotary → paged attention (`attn_fwd`, rotary inside) → o_proj."""
+
+    def __init__(self, config, layer_idx: int = 0, dtype=None, device=None, qkv_bias: Optional[bool] = None,
+                 o_bias: Optional[bool] = None):
         super().__init__()
         quant_config = getattr(config, 'quantization_config', None)
         num_heads = config.num_attention_heads
@@ -25,56 +42,50 @@ class LlamaAttention(nn.Module):
         head_dim = head_dim_of(config)
         bias = getattr(config, 'attention_bias', False)
         self.qkv_proj = build_qkv_proj(config.hidden_size, num_q_heads=num_heads, num_kv_heads=num_kv_heads,
-                                       head_size=head_dim, bias=bias, quant_config=quant_config, dtype=dtype,
-                                       device=device)
-        self.apply_rotary_pos_emb = ApplyRotaryEmb()
-        window = getattr(config, 'sliding_window', None) if getattr(config, 'use_sliding_window', True) else None
-        self.attn_fwd = Attention(num_heads, head_dim, num_kv_heads=num_kv_heads, v_head_size=head_dim,
-                                  sliding_window=window)
-        self.o_proj = build_rowwise_linear(num_heads * head_dim, config.hidden_size, bias=bias,
-                                           quant_config=quant_config, dtype=dtype, device=device, is_tp=True)
+                                       head_size=head_dim, bias=bias if qkv_bias is None else qkv_bias,
+                                       quant_config=quant_config, dtype=dtype, device=device)
+        self.attn_fwd = Attention(num_heads, head_dim, num_kv_heads=num_kv_heads,
+                                  sliding_window=layer_sliding_window(config, layer_idx))
+        self.o_proj = build_o_proj(num_heads * head_dim, config.hidden_size, bias=bias if o_bias is None else o_bias,
+                                   quant_config=quant_config, dtype=dtype, device=device, is_tp=True)
 
     def forward(self, hidden_states: torch.Tensor, rotary_pos_emb: Tuple[torch.Tensor, torch.Tensor],
                 past_key_value: Tuple[torch.Tensor, torch.Tensor], attn_metadata: Any = None):
         qkv_states = self.qkv_proj(hidden_states).flatten(0, -2)   # [T, ...]: the step's tokens, packed
         query_states, key_states, value_states = self.qkv_proj.split_qkv(qkv_states)
-        # rotary is deferred into the kernel that writes K/V to the cache when the module allows (one launch fewer)
-        query_states, key_states, deferred = apply_rotary(self.apply_rotary_pos_emb, query_states, key_states,
-                                                          rotary_pos_emb)
         attn_output = self.attn_fwd(query_states, key_states, value_states, past_key_value[0], past_key_value[1],
-                                    attn_metadata, inplace=True, rotary_pos_emb=deferred)
-        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1)
-        return self.o_proj(attn_output)
+                                    attn_metadata, rotary_pos_emb=rotary_pos_emb)
+        return self.o_proj(attn_output.reshape(*hidden_states.shape[:-1], -1))
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(GatedMLP):
+    """gate_up_proj → SiLU-and-mul → down_proj."""
 
     def __init__(self, config, dtype=None, device=None):
-        super().__init__()
-        quant_config = getattr(config, 'quantization_config', None)
-        bias = getattr(config, 'mlp_bias', False)
-        self.gate_up_proj = build_merged_colwise_linear(config.hidden_size,
-                                                        [config.intermediate_size, config.intermediate_size],
-                                                        bias=bias, dtype=dtype, device=device,
-                                                        quant_config=quant_config, is_tp=True)
-        self.act_fn = SiluAndMul(inplace=True)
-        self.down_proj = build_rowwise_linear(config.intermediate_size, config.hidden_size, bias=bias,
-                                              quant_config=quant_config, dtype=dtype, device=device, is_tp=True)
-
-    def forward(self, x):
-        # down_proj computes act(gate) * up while it reads gate_up: one launch fewer per layer
-        return self.down_proj(self.gate_up_proj(x), act=self.act_fn.fused_name)
+        super().__init__(config.hidden_size, config.intermediate_size, act=getattr(config, 'hidden_act', 'silu'),
+                         bias=getattr(config, 'mlp_bias', False), dtype=dtype, device=device,
+                         quant_config=getattr(config, 'quantization_config', None))
 
 
 class LlamaDecoderLayer(nn.Module):
+    """input norm → attention → post-attention norm → MLP, the residual add fused into each norm.
+
+    Families with Llama's layer and other parts override `build_attention` / `build_mlp`.
+    """
 
     def __init__(self, config, layer_idx: int, dtype=None, device=None):
         super().__init__()
         self.layer_idx = layer_idx
-        self.self_attn = LlamaAttention(config, dtype=dtype, device=device)
-        self.mlp = LlamaMLP(config, dtype=dtype, device=device)
+        self.self_attn = self.build_attention(config, layer_idx, dtype=dtype, device=device)
+        self.mlp = self.build_mlp(config, layer_idx, dtype=dtype, device=device)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+
+    def build_attention(self, config, layer_idx: int, dtype=None, device=None) -> nn.Module:
+        return LlamaAttention(config, layer_idx, dtype=dtype, device=device)
+
+    def build_mlp(self, config, layer_idx: int, dtype=None, device=None) -> nn.Module:
+        return LlamaMLP(config, dtype=dtype, device=device)
 
     def forward(self, hidden_states, rotary_pos_emb, past_key_value, residual: Optional[torch.Tensor] = None,
                 attn_metadata: Any = None):
@@ -92,24 +103,27 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Embeddings, decoder layers, final norm. Families with Llama's skeleton override `decoder_layer_cls` and
-    `embed`."""
+    """Embeddings, decoder layers (of class `layer_type`), final norm. Families override `embed` to scale or
+    otherwise transform the embeddings, `build_rotary_embedding` for other rotary tables."""
 
-    decoder_layer_cls = LlamaDecoderLayer
-
-    def __init__(self, config, dtype=None, device=None):
+    def __init__(self, config, dtype=None, device=None, layer_type=LlamaDecoderLayer):
         super().__init__()
         self.embed_tokens = ParallelEmbedding(config.vocab_size, config.hidden_size,
                                               getattr(config, 'pad_token_id', None), dtype=dtype, device=device)
-        self.layers = nn.ModuleList([self.decoder_layer_cls(config, i, dtype=dtype, device=device)
+        self.layers = nn.ModuleList([layer_type(config, i, dtype=dtype, device=device)
                                      for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
-        self.rotary_emb = build_rotary_embedding_from_config(config, device=device)
+        self.rotary_emb = self.build_rotary_embedding(config, device=device)
+
+    def build_rotary_embedding(self, config, device=None) -> nn.Module:
+        """What makes the cos/sin every layer receives (a family with per-layer-type rope returns a dict)."""
+        return build_rotary_embedding_from_config(config, device=device)
 
     def forward(self, input_ids=None, position_ids=None, past_key_values=None, attn_metadata=None,
                 inputs_embeds=None):
         hidden_states = self.embed(input_ids, inputs_embeds)
-        rotary_pos_emb = self.rotary_emb(hidden_states, position_ids)
+        # per sequence where the scaling depends on the sequence's length (LongRoPE, dynamic NTK)
+        rotary_pos_emb = self.rotary_emb(hidden_states, position_ids, attn_metadata)
         residual = None
         for idx, decoder_layer in enumerate(self.layers):
             hidden_states, residual = decoder_layer(hidden_states, rotary_pos_emb, past_key_values[idx], residual,
@@ -125,14 +139,18 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """The model contract: forward → hidden states; get_logits → logits of the rows the engine samples."""
+    """The model contract: forward → hidden states; get_logits → logits of the rows the engine samples.
+
+    `model_type` is the class of `self.model` (a `LlamaModel` or a family's subclass of it).
+    """
 
     support_cuda_graph = True
     packed_modules_mapping = {
         'qkv_proj': ['q_proj', 'k_proj', 'v_proj'],
         'gate_up_proj': ['gate_proj', 'up_proj'],
     }
-    # (param name, checkpoint name, shard id)
+    # (param name, checkpoint name, shard id); a checkpoint that already stores qkv_proj / gate_up_proj fused
+    # (Phi-3) matches no entry and loads whole: the stacked parameters' loaders cut it by their own sizes
     stacked_params_mapping = [
         ('.qkv_proj', '.q_proj', 'q'),
         ('.qkv_proj', '.k_proj', 'k'),
@@ -142,11 +160,11 @@ class LlamaForCausalLM(nn.Module):
     ]
 
     def __init__(self, config, ctx_mgr: StepContextManager, dtype: torch.dtype = None,
-                 device: torch.device = None):
+                 device: torch.device = None, model_type=LlamaModel):
         super().__init__()
         self.config = config
         self.ctx_mgr = ctx_mgr
-        self.model = LlamaModel(config, dtype=dtype, device=device)
+        self.model = model_type(config, dtype=dtype, device=device)
         self.tie_word_embeddings = bool(getattr(config, 'tie_word_embeddings', False))
         self.lm_head = build_rowwise_linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype,
                                             device=device)

@@ -6,8 +6,11 @@ from .. import kernels
 
 
 class SiluAndMul(nn.Module):
-    """`silu(gate) * up` (Llama, Qwen, Mistral). `fused_name` is what a row-wise linear's `act=` takes to compute
-    it inside its own kernel."""
+    """`silu(gate) * up` (Llama, Qwen, Mistral).
+
+    `fused_name` names it to the kernels that can compute it while they read their input (`GatedMLP` hands it to
+    its down projection); an activation without one is simply called.
+    """
 
     fused_name = 'silu'
 
@@ -27,7 +30,10 @@ class GeluAndMul(nn.Module):
         if approximate not in ('none', 'tanh'):
             raise ValueError(f"GeluAndMul approximate must be 'none' or 'tanh', got {approximate!r}")
         self.approximate = approximate
-        self.fused_name = 'gelu' if approximate == 'none' else 'gelu_tanh'
+
+    @property
+    def fused_name(self) -> str:
+        return 'gelu' if self.approximate == 'none' else 'gelu_tanh'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.gelu_and_mul(x, self.approximate)

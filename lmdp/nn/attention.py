@@ -1,4 +1,4 @@
-"""Attention over the paged KV cache: write this step's keys and values, then attend."""
+"""Attention over the paged KV cache: rotate q and k, write this step's keys and values, then attend."""
 import math
 from typing import Optional, Tuple
 
@@ -6,22 +6,34 @@ import torch
 from torch import nn
 
 from .. import kernels
+from .fusion import fusable
+from .rotary_embedding import ApplyRotaryEmb, as_rows
 
 
 class Attention(nn.Module):
-    """Paged attention for packed tokens (GQA, sliding window, tanh logit softcap).
+    """Paged attention for packed tokens (GQA, sliding window, tanh logit softcap), rotary included.
 
-    `forward(query [T, Hq, D], key [T, Hk, D], value [T, Hk, Dv], k_cache, v_cache, attn_metadata)` returns
-    `[T, Hq, Dv]`. The caches are `[num_blocks, block_size, Hk, D]`.
+    `forward(query [T, Hq, D], key [T, Hk, D], value [T, Hk, Dv], k_cache, v_cache, attn_metadata,
+    rotary_pos_emb=(cos, sin))` rotates query and key by cos/sin `[T, R]` (R <= D: partial rotary), writes the keys
+    and values into the caches `[num_blocks, block_size, Hk, D]`, and returns `[T, Hq, Dv]`. Without
+    `rotary_pos_emb`, q and k are taken as already rotated (what lmdeploy's ports do with `ApplyRotaryEmb`).
+
+    The rotation is the child module `rotary` (an `ApplyRotaryEmb`, or the one passed in); lmdp's own runs inside
+    the kernel that writes the cache, a replaced or hooked one as a step of its own (see `lmdp.nn.fusion`).
+    `use_flash_mla`, `learnable_sink`, `block_sparse_size` and `prefix` are lmdeploy's; only their defaults work.
     """
 
     def __init__(self, num_heads: int, head_size: int, scale: Optional[float] = None,
                  num_kv_heads: Optional[int] = None, v_head_size: Optional[int] = None, alibi: bool = False,
                  sliding_window: Optional[int] = None, logit_softcapping: Optional[float] = None,
-                 causal: bool = True, **kwargs):
+                 causal: bool = True, use_flash_mla: bool = False, learnable_sink: bool = False,
+                 block_sparse_size: int = 1, prefix: str = '', rotary: Optional[nn.Module] = None):
         super().__init__()
-        if alibi:
-            raise NotImplementedError('ALiBi attention is not supported yet')
+        unsupported = [name for name, on in (('alibi', alibi), ('use_flash_mla', use_flash_mla),
+                                             ('learnable_sink', learnable_sink),
+                                             ('block_sparse_size', block_sparse_size != 1)) if on]
+        if unsupported:
+            raise NotImplementedError(f'Attention: {", ".join(unsupported)} is not supported yet')
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads % num_kv_heads:
             raise ValueError(f'num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})')
@@ -33,21 +45,27 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window if sliding_window and sliding_window > 0 else None
         self.logit_softcapping = logit_softcapping or None
         self.causal = causal
+        self.rotary = ApplyRotaryEmb() if rotary is None else rotary
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, attn_metadata, k_scales_zeros=None, v_scales_zeros=None,
+                v_cache: torch.Tensor, attn_metadata, k_scales_zeros=None, v_scales_zeros=None, s_aux=None,
                 inplace: bool = True, rotary_pos_emb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
                 ) -> torch.Tensor:
-        """`rotary_pos_emb=(cos, sin)`: query and key are not rotated yet; they are rotated (in place) by the kernel
-        that writes the cache, one launch instead of two (what `ApplyRotaryEmb` then the cache write would do)."""
+        """`rotary_pos_emb=(cos, sin)` (`[T, R]` or `[1, T, R]`): rotate query and key first (in place)."""
+        if k_scales_zeros is not None or v_scales_zeros is not None or s_aux is not None:
+            raise NotImplementedError('Attention: quantised KV caches (k/v_scales_zeros) and attention sinks (s_aux) '
+                                      'are not supported yet')
         meta = attn_metadata
-        if rotary_pos_emb is None:
-            kernels.fill_kv_cache(key, value, k_cache, v_cache, meta.q_start_loc, meta.q_seqlens, meta.kv_seqlens,
-                                  meta.block_offsets)
-        else:
-            cos, sin = rotary_pos_emb
+        if rotary_pos_emb is not None:
+            cos, sin = (as_rows(t) for t in rotary_pos_emb)
+        if rotary_pos_emb is not None and fusable(self.rotary, 'fuses_into_cache_write'):
             kernels.rotary_fill_kv_cache(query, key, value, cos, sin, k_cache, v_cache, meta.q_start_loc,
                                          meta.q_seqlens, meta.kv_seqlens, meta.block_offsets)
+        else:
+            if rotary_pos_emb is not None:
+                query, key = self.rotary(query, key, cos, sin, inplace=True)
+            kernels.fill_kv_cache(key, value, k_cache, v_cache, meta.q_start_loc, meta.q_seqlens, meta.kv_seqlens,
+                                  meta.block_offsets)
         # Decode steps split the KV length by batch size alone (no max_kv_seqlen hint): a CUDA graph captured
         # for a batch size then runs the very same kernels as an eager step of that size, bit for bit.
         max_kv_seqlen = None if meta.is_decoding else meta.max_kv_seqlen
@@ -60,4 +78,4 @@ class Attention(nn.Module):
 
     def extra_repr(self):
         return (f'heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_size={self.head_size}, '
-                f'sliding_window={self.sliding_window}, softcap={self.logit_softcapping}')
+                f'scale={self.scale:.4g}, sliding_window={self.sliding_window}, softcap={self.logit_softcapping}')

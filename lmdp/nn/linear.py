@@ -14,7 +14,7 @@ from .. import kernels
 from ..distributed import all_reduce, get_tp_world_rank
 from ..errors import WeightLoadError
 from ..weight_loader.loaders import check_shape, default_weight_loader, set_weight_loader, split_for_rank
-from ..weight_loader.tracker import record_load
+from ..weight_loader.tracker import describe_param, record_load
 
 
 def check_quant_config(quant_config):
@@ -100,7 +100,9 @@ class RowwiseParallelLinear(LinearBase):
 class MergedColwiseLinear(LinearBase):
     """Several colwise projections of the same input stacked in one matrix (gate/up → gate_up_proj).
 
-    Its loader takes `shard_id`: the index of the projection, or its name from `out_names`.
+    Its loader takes `shard_id`: the index of the projection, or its name from `out_names`; without one the
+    checkpoint tensor is taken to hold every projection already stacked in this layer's order (a fused
+    checkpoint, such as Phi-3's `gate_up_proj`) and is cut by the layer's own sizes.
     """
 
     def __init__(self, in_features, all_out_features: Sequence[int], bias, dtype=None, device=None, is_tp=True,
@@ -109,6 +111,8 @@ class MergedColwiseLinear(LinearBase):
         self.local_out = [_divide(o, self.tp_world, 'out_features') for o in all_out_features]
         super().__init__(in_features, sum(self.local_out), bias, dtype, device)
         self.out_names = list(out_names) if out_names is not None else list(range(len(all_out_features)))
+        # rows of each projection in a checkpoint tensor that holds them all, stacked (e.g. Phi-3's gate_up_proj)
+        self.checkpoint_out = list(all_out_features)
         for p in self.parameters():
             set_weight_loader(p, self.weight_loader, shards=self.out_names)
 
@@ -123,7 +127,9 @@ class MergedColwiseLinear(LinearBase):
         """This rank's rows of projection `idx`."""
         return split_for_rank(loaded_weight, 0, self.tp_world, self.tp_rank, 'merged linear')
 
-    def weight_loader(self, param, loaded_weight, shard_id):
+    def weight_loader(self, param, loaded_weight, shard_id=None):
+        if shard_id is None:
+            return self.load_fused(param, loaded_weight)
         idx = self.shard_index(shard_id)
         offset, size = sum(self.local_out[:idx]), self.local_out[idx]
         loaded_weight = self.local_shard(param, loaded_weight, idx)
@@ -133,13 +139,25 @@ class MergedColwiseLinear(LinearBase):
             target.copy_(loaded_weight.to(param.dtype))
         record_load(param, self.out_names[idx])
 
+    def load_fused(self, param, loaded_weight: torch.Tensor):
+        """Load a checkpoint tensor holding every projection stacked along dim 0, each at its full (unsplit) size:
+        it is cut into the projections, and each goes through the per-shard loader (so each rank keeps its slice)."""
+        sizes = self.checkpoint_out
+        if loaded_weight.dim() < 1 or loaded_weight.size(0) != sum(sizes):
+            parts = ' + '.join(f'{n!r} {s}' for n, s in zip(self.out_names, sizes))
+            raise WeightLoadError(f'{describe_param(param)} stacks {len(sizes)} projections; a fused checkpoint '
+                                  f'tensor must hold them all along dim 0 ({parts} = {sum(sizes)} rows), but it has '
+                                  f'shape {tuple(loaded_weight.shape)}. Pass shard_id= to load one projection.')
+        for name, part in zip(self.out_names, loaded_weight.split(sizes, dim=0)):
+            self.weight_loader(param, part, shard_id=name)
+
     def split(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The stacked outputs, one view per projection."""
         return list(x.split(self.local_out, dim=-1))
 
 
 class QKVParallelLinear(MergedColwiseLinear):
-    """q, k and v projections in one matrix; shards 'q', 'k', 'v'.
+    """q, k and v projections in one matrix; shards 'q', 'k', 'v', or a fused checkpoint qkv (no shard_id).
 
     Under tensor parallelism the query heads split across ranks; key/value heads split too, or are replicated
     when there are fewer of them than ranks.
@@ -163,6 +181,8 @@ class QKVParallelLinear(MergedColwiseLinear):
                                        self.num_kv_heads * head_size_v], bias, dtype, device, is_tp=False,
                          out_names=['q', 'k', 'v'])
         self.tp_world, self.tp_rank = world, rank
+        # a fused checkpoint qkv holds every head once (before any replication): q, then k, then v
+        self.checkpoint_out = [num_q_heads * head_size, num_kv_heads * head_size, num_kv_heads * head_size_v]
 
     def local_shard(self, param, loaded_weight, idx):
         head = self.head_size_v if idx == 2 else self.head_size
@@ -185,30 +205,82 @@ class QKVParallelLinear(MergedColwiseLinear):
                 v.unflatten(-1, (self.num_kv_heads, self.head_size_v)))
 
 
+def _check_lmdeploy_options(what: str, is_tp: bool, tp_align_size: int = 1):
+    """lmdeploy's builders take options for features lmdp has no use for (data parallelism, per-layer TP groups,
+    quantisation prefixes); they are accepted so its ports build unchanged. One would change the result here."""
+    if tp_align_size != 1 and is_tp and get_tp_world_rank()[0] > 1:
+        raise NotImplementedError(f'{what}: tp_align_size={tp_align_size} (aligned uneven tensor-parallel splits) is '
+                                  'not supported; use a tensor-parallel size that divides the layer evenly')
+
+
+# The builders take lmdeploy's keyword arguments by name and nothing else: a misspelt or foreign keyword is a
+# TypeError naming it, not a silently ignored option. `prefix`, `layer_type`, `dp_gather`, `dp_disable_tp` and
+# `check_dist` select lmdeploy features (per-layer quantisation, attention/MLP TP groups, data parallelism) that
+# lmdp does not have; they change nothing here.
+
 def build_colwise_linear(in_features: int, out_features: int, bias: bool, dtype=None, device=None,
-                         quant_config=None, is_tp: bool = False, **kwargs) -> ColwiseParallelLinear:
+                         is_tp: bool = False, tp_align_size: int = 1, quant_config=None, dp_disable_tp: bool = False,
+                         dp_gather: bool = False, check_dist: bool = True, layer_type: str = 'attn',
+                         prefix: str = '') -> ColwiseParallelLinear:
+    """A linear layer whose output features split across tensor-parallel ranks."""
     check_quant_config(quant_config)
+    _check_lmdeploy_options('build_colwise_linear', is_tp, tp_align_size)
     return ColwiseParallelLinear(in_features, out_features, bias, dtype, device, is_tp)
 
 
 def build_rowwise_linear(in_features: int, out_features: int, bias: bool, dtype=None, device=None,
-                         quant_config=None, is_tp: bool = False, all_reduce: bool = True,
-                         **kwargs) -> RowwiseParallelLinear:
+                         is_tp: bool = False, tp_align_size: int = 1, quant_config=None, all_reduce: bool = True,
+                         dp_disable_tp: bool = False, check_dist: bool = True, layer_type: str = 'attn',
+                         prefix: str = '') -> RowwiseParallelLinear:
+    """A linear layer whose input features split across ranks; the partial results are summed (`all_reduce`)."""
     check_quant_config(quant_config)
+    _check_lmdeploy_options('build_rowwise_linear', is_tp, tp_align_size)
     return RowwiseParallelLinear(in_features, out_features, bias, dtype, device, is_tp, all_reduce)
 
 
 def build_merged_colwise_linear(in_features: int, all_out_features: Sequence[int], bias: bool, dtype=None,
                                 device=None, quant_config=None, is_tp: bool = True,
-                                out_names: Optional[Sequence[Union[int, str]]] = None,
-                                **kwargs) -> MergedColwiseLinear:
+                                out_names: Optional[Sequence[Union[int, str]]] = None, dp_gather: bool = False,
+                                check_dist: bool = True, layer_type: str = 'attn',
+                                prefix: str = '') -> MergedColwiseLinear:
+    """Several colwise projections of one input in one matrix (loaded per `shard_id`, or fused)."""
     check_quant_config(quant_config)
     return MergedColwiseLinear(in_features, all_out_features, bias, dtype, device, is_tp, out_names)
 
 
 def build_qkv_proj(in_features: int, num_q_heads: int, num_kv_heads: int, head_size: int,
                    head_size_v: Optional[int] = None, bias: bool = False, quant_config=None, dtype=None, device=None,
-                   is_tp: bool = True, num_replicate_kv_heads: int = 1, **kwargs) -> QKVParallelLinear:
+                   is_tp: bool = True, num_replicate_kv_heads: int = 1, prefix: str = '') -> QKVParallelLinear:
+    """q, k and v in one matrix, split by heads across ranks (loaded per shard 'q'/'k'/'v', or fused)."""
     check_quant_config(quant_config)
     return QKVParallelLinear(in_features, num_q_heads, num_kv_heads, head_size, head_size_v, bias, dtype, device,
                              is_tp, num_replicate_kv_heads)
+
+
+# Role builders, as lmdeploy's ports call them: the attention output projection, and the MLP's gate/up and down
+# projections. With one tensor-parallel group they are the row/colwise builders above.
+
+def build_o_proj(in_features: int, out_features: int, bias: bool, dtype=None, device=None, is_tp: bool = False,
+                 tp_align_size: int = 1, quant_config=None, all_reduce: bool = True,
+                 prefix: str = '') -> RowwiseParallelLinear:
+    """Attention's output projection (rowwise: heads in, hidden out)."""
+    return build_rowwise_linear(in_features, out_features, bias, dtype=dtype, device=device, is_tp=is_tp,
+                                tp_align_size=tp_align_size, quant_config=quant_config, all_reduce=all_reduce,
+                                prefix=prefix)
+
+
+def build_gateup_linear(in_features: int, all_out_features: Sequence[int], bias: bool, dtype=None, device=None,
+                        quant_config=None, is_tp: bool = True, out_names: Optional[Sequence[Union[int, str]]] = None,
+                        dp_gather: bool = True, prefix: str = '') -> MergedColwiseLinear:
+    """The MLP's gate and up projections in one matrix: shard 0 gate, shard 1 up."""
+    return build_merged_colwise_linear(in_features, all_out_features, bias, dtype=dtype, device=device,
+                                       quant_config=quant_config, is_tp=is_tp, out_names=out_names, prefix=prefix)
+
+
+def build_down_linear(in_features: int, out_features: int, bias: bool, dtype=None, device=None, is_tp: bool = False,
+                      tp_align_size: int = 1, quant_config=None, all_reduce: bool = True,
+                      prefix: str = '') -> RowwiseParallelLinear:
+    """The MLP's down projection (rowwise: intermediate in, hidden out)."""
+    return build_rowwise_linear(in_features, out_features, bias, dtype=dtype, device=device, is_tp=is_tp,
+                                tp_align_size=tp_align_size, quant_config=quant_config, all_reduce=all_reduce,
+                                prefix=prefix)

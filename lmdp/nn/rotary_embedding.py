@@ -1,21 +1,22 @@
 """Rotary position embedding: cos/sin tables built from an HF config, and the op applying them.
 
-``RotaryEmbedding.forward(x, position_ids)`` returns ``(cos, sin)`` of shape
-``[T, R]`` for the packed tokens of a step (R = rotary dim). The inverse
-frequencies are computed with the same torch ops, in the same order, as
-transformers' ``ROPE_INIT_FUNCTIONS`` so that float32 tables match HF bit for
-bit (the tests check this); keep it that way when editing the math.
+``RotaryEmbedding.forward(x, position_ids, attn_metadata=None)`` returns ``(cos, sin)``, ``[T, R]`` for
+``[T]`` positions or ``[1, T, R]`` for ``[1, T]`` (R = rotary dim). The inverse frequencies come from
+``rope_frequencies`` (bit for bit transformers'); the types whose scaling depends on the sequence's length
+(dynamic NTK, LongRoPE) choose it per sequence from the step's ``attn_metadata``.
 """
 
 import enum
 import math
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .. import kernels
+from .rope_frequencies import (Llama3Parameters, LongRoPEScalingParameters, YarnParameters,  # noqa: F401
+                               _default_inv_freq, _llama3_inv_freq, _longrope_inv_freq, _rope_exponents,
+                               _yarn_attention_factor, _yarn_inv_freq)
 
 
 class RopeType(str, enum.Enum):
@@ -46,111 +47,33 @@ def _parse_rope_type(rope_type: Any) -> RopeType:
                          f'{", ".join(SUPPORTED_ROPE_TYPES)}') from None
 
 
-@dataclass
-class YarnParameters:
-    """YaRN settings (HF ``rope_parameters`` keys of the same names)."""
-    attention_factor: Optional[float] = None  # None: derived from factor / mscale as HF does
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: Optional[float] = None
-    mscale_all_dim: Optional[float] = None
-    truncate: bool = True
-    original_max_position_embeddings: Optional[int] = None  # None: max_position_embeddings
-
-
-@dataclass
-class LongRoPEScalingParameters:
-    """LongRoPE settings: per-frequency factors for short and long contexts."""
-    short_factor: Sequence[float]
-    long_factor: Sequence[float]
-    original_max_position_embeddings: Optional[int] = None  # None: max_position_embeddings
-    attention_factor: Optional[float] = None  # None: derived from factor as HF does
-
-
-@dataclass
-class Llama3Parameters:
-    """Llama 3.1 frequency smoothing settings."""
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-
-# --- inverse frequencies (float32, [R // 2]); op order mirrors transformers ---
-
-
-def _rope_exponents(dim: int) -> Tensor:
-    # int64 arange then float, as HF does, so later pow() sees identical inputs.
-    return torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
-
-
-def _default_inv_freq(dim: int, base: float) -> Tensor:
-    return 1.0 / (base**_rope_exponents(dim))
-
-
-def _llama3_inv_freq(dim: int, base: float, factor: float, params: Llama3Parameters) -> Tensor:
-    inv_freq = _default_inv_freq(dim, base)
-    old_context_len = params.original_max_position_embeddings
-    low_freq_wavelen = old_context_len / params.low_freq_factor
-    high_freq_wavelen = old_context_len / params.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    # long wavelengths are interpolated by `factor`, short ones kept, the middle band blended.
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_context_len / wavelen - params.low_freq_factor) / (params.high_freq_factor -
-                                                                      params.low_freq_factor)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
-    return torch.where(is_medium, smoothed, scaled)
-
-
-def _yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
-    if scale <= 1:
-        return 1.0
-    return 0.1 * mscale * math.log(scale) + 1.0
-
-
-def _yarn_attention_factor(factor: float, params: YarnParameters) -> float:
-    if params.attention_factor is not None:
-        return float(params.attention_factor)
-    if params.mscale and params.mscale_all_dim:
-        return float(_yarn_get_mscale(factor, params.mscale) / _yarn_get_mscale(factor, params.mscale_all_dim))
-    return _yarn_get_mscale(factor)
-
-
-def _yarn_inv_freq(dim: int, base: float, factor: float, original_max_pos: int, params: YarnParameters) -> Tensor:
-
-    def correction_dim(num_rotations):
-        # the dim index whose wavelength fits `num_rotations` times in the original context
-        return (dim * math.log(original_max_pos / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
-
-    low, high = correction_dim(params.beta_fast), correction_dim(params.beta_slow)
-    if params.truncate:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001  # avoid dividing by zero in the ramp
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-    extrapolation_weight = 1 - ramp
-
-    pos_freqs = base**_rope_exponents(dim)
-    inv_freq_extrapolation = 1.0 / pos_freqs
-    inv_freq_interpolation = 1.0 / (factor * pos_freqs)
-    return (inv_freq_interpolation * (1 - extrapolation_weight) + inv_freq_extrapolation * extrapolation_weight)
-
-
-def _longrope_inv_freq(dim: int, base: float, ext_factors: Sequence[float]) -> Tensor:
-    ext = torch.tensor(list(ext_factors), dtype=torch.float32)
-    return 1.0 / (ext * base**_rope_exponents(dim))
-
-
 # --- modules ---
 
 
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables for packed tokens: ``forward(x, position_ids) -> (cos, sin)``.
+def as_rows(table: Tensor) -> Tensor:
+    """A cos/sin table as ``[T, R]``: ports may hand on ``[1, T, R]`` (what ``rotary_emb(x, position_ids [1, T])``
+    returns) or ``[T, R]`` (what lmdeploy's ports make of it with ``cos[0]``)."""
+    return table if table.dim() == 2 else table.reshape(-1, table.size(-1))
 
-    Static rope types (default, linear, llama3, yarn) use one fixed ``inv_freq``;
-    forward has no host sync, so it can be captured in a CUDA graph.
+
+def token_seq_lens(attn_metadata: Any, num_tokens: int) -> Tensor:
+    """Per packed token, the length of its own sequence in this step (history + new tokens): what transformers
+    calls ``seq_len`` (``max(position_ids) + 1``) when it runs that sequence alone. No host sync."""
+    kv_seqlens = attn_metadata.kv_seqlens
+    if attn_metadata.is_decoding and kv_seqlens.numel() == num_tokens:
+        return kv_seqlens  # one token per sequence
+    return torch.repeat_interleave(kv_seqlens, attn_metadata.q_seqlens, output_size=num_tokens)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for packed tokens: ``forward(x, position_ids, attn_metadata=None) -> (cos, sin)``.
+
+    Static rope types (default, linear, llama3, yarn) use one fixed ``inv_freq``. forward has no host sync, so it
+    can be captured in a CUDA graph.
     """
+
+    #: whether the frequencies depend on the sequence's length (dynamic NTK, LongRoPE)
+    depends_on_length = False
 
     def __init__(self, inv_freq: Tensor, attention_scaling: float = 1.0, rope_type: RopeType = RopeType.Default):
         super().__init__()
@@ -164,20 +87,33 @@ class RotaryEmbedding(nn.Module):
         """R: the number of leading head channels that are rotated."""
         return 2 * self.inv_freq.numel()
 
-    def _step_inv_freq(self, position_ids: Tensor) -> Tensor:
-        """inv_freq for this step; overridden by the types that depend on the largest position."""
-        return self.inv_freq
+    def _inv_freq_for(self, seq_lens: Tensor) -> Tensor:
+        """``[T, R // 2]`` frequencies for tokens whose sequences have these lengths (length-dependent types)."""
+        raise NotImplementedError
 
-    def forward(self, x: Tensor, position_ids: Tensor) -> Tuple[Tensor, Tensor]:
-        """position_ids ``[1, T]`` or ``[T]`` -> cos, sin ``[T, R]`` in x's dtype."""
-        position_ids = position_ids.reshape(-1)
-        inv_freq = self._step_inv_freq(position_ids).to(device=position_ids.device, dtype=torch.float)
+    def forward(self, x: Tensor, position_ids: Tensor, attn_metadata: Any = None) -> Tuple[Tensor, Tensor]:
+        """position_ids ``[1, T]`` or ``[T]`` -> cos, sin ``[1, T, R]`` or ``[T, R]`` in x's dtype.
+
+        For the length-dependent types, pass the step's ``attn_metadata``: each token then gets the frequencies of
+        its own sequence's length, whatever else is packed in the step. Without it, all positions are taken as one
+        sequence (transformers' behaviour for one call).
+        """
+        shape = position_ids.shape
+        positions = position_ids.reshape(-1)
+        inv_freq = self.inv_freq
+        if self.depends_on_length and positions.numel():
+            if attn_metadata is not None:
+                seq_lens = token_seq_lens(attn_metadata, positions.numel())
+            else:
+                seq_lens = (positions.max() + 1).expand(positions.shape)
+            inv_freq = self._inv_freq_for(seq_lens)
+        inv_freq = inv_freq.to(device=positions.device, dtype=torch.float)
         # float32 throughout, same expression as HF's LlamaRotaryEmbedding.forward.
-        freqs = position_ids[:, None].float() * inv_freq
+        freqs = positions[:, None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
-        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+        cos = (emb.cos() * self.attention_scaling).to(dtype=x.dtype)
+        sin = (emb.sin() * self.attention_scaling).to(dtype=x.dtype)
+        return cos.view(*shape, -1), sin.view(*shape, -1)
 
     def extra_repr(self) -> str:
         return f'rope_type={self.rope_type.value}, rotary_dim={self.rotary_dim}, ' \
@@ -185,16 +121,17 @@ class RotaryEmbedding(nn.Module):
 
 
 class DynamicNTKRotaryEmbedding(RotaryEmbedding):
-    """Dynamic NTK: the base grows with the step's largest position.
+    """Dynamic NTK: the base grows with the sequence's length, per sequence.
 
-    Frequencies are recomputed every step from ``max(position_ids) + 1`` (the
-    largest position among all packed sequences), on the device with no host
-    sync. HF does the same from the batch's largest position, but keeps the
-    grown frequencies until the length drops below max_position_embeddings;
-    here each step is stateless, so a step whose largest position shrinks but
-    stays above max_position_embeddings uses smaller-base frequencies than HF.
-    As in HF, keys already in the KV cache keep the rotation they were written with.
+    A token's frequencies come from its own sequence's length (history + new tokens) when that exceeds
+    max_position_embeddings, the original ones otherwise, so a sequence rotates the same whatever it is packed
+    beside. transformers, running one sequence, recomputes from ``max(position_ids) + 1`` as the sequence grows,
+    which is the same; but its module keeps grown frequencies across calls until a call falls back within
+    max_position_embeddings, so after a longer sequence it may use larger-base frequencies than this (stateless)
+    module. As in transformers, keys already in the KV cache keep the rotation they were written with.
     """
+
+    depends_on_length = True
 
     def __init__(self, dim: int, base: float, scaling_factor: float, max_position_embeddings: int):
         super().__init__(_default_inv_freq(dim, base), 1.0, RopeType.DynamicNTKScaling)
@@ -204,27 +141,30 @@ class DynamicNTKRotaryEmbedding(RotaryEmbedding):
         self.scaling_factor = scaling_factor
         self.max_position_embeddings = max_position_embeddings
 
-    def _step_inv_freq(self, position_ids: Tensor) -> Tensor:
-        if position_ids.numel() == 0:
-            return self.inv_freq
-        seq_len = position_ids.max() + 1
+    def _inv_freq_for(self, seq_lens: Tensor) -> Tensor:
         mpe = self.max_position_embeddings
+        seq_lens = seq_lens.long()
         # As HF's tensor path does; it also keeps the branch that torch.where drops below finite.
-        seq_len_c = torch.clamp(seq_len, min=mpe)
+        clamped = torch.clamp(seq_lens, min=mpe)
         factor = self.scaling_factor
-        base = self.base * ((factor * seq_len_c / mpe) - (factor - 1))**(self.dim / (self.dim - 2))
-        grown = 1.0 / (base**self.exponents)
+        # The growth in float64, rounded once: a vectorised and a scalar float32 pow differ in the last bit, which
+        # would make a token's frequencies depend on where it sits in the packed step.
+        growth = ((factor * clamped.double() / mpe) - (factor - 1))**(self.dim / (self.dim - 2))
+        base = (self.base * growth).float()
+        grown = 1.0 / (base[:, None]**self.exponents)
         # Within the trained length HF uses the original frequencies unchanged.
-        return torch.where(seq_len > mpe, grown, self.inv_freq)
+        return torch.where((seq_lens > mpe)[:, None], grown, self.inv_freq)
 
 
 class LongRoPERotaryEmbedding(RotaryEmbedding):
-    """LongRoPE: short or long factors, picked per step like HF.
+    """LongRoPE: short or long factors, picked per sequence.
 
-    The long set is used for the whole step when ``max(position_ids) + 1 >
-    original_max_position_embeddings``; the choice is a ``torch.where`` between
-    two precomputed tables, so there is no host sync.
+    A token uses the long set when its own sequence's length (history + new tokens) exceeds
+    ``original_max_position_embeddings``, as transformers does for a sequence run alone; the choice is a
+    ``torch.where`` between two precomputed tables, so there is no host sync.
     """
+
+    depends_on_length = True
 
     def __init__(self, short_inv_freq: Tensor, long_inv_freq: Tensor, original_max_position_embeddings: int,
                  attention_scaling: float):
@@ -232,11 +172,9 @@ class LongRoPERotaryEmbedding(RotaryEmbedding):
         self.register_buffer('long_inv_freq', long_inv_freq.float(), persistent=False)
         self.original_max_position_embeddings = original_max_position_embeddings
 
-    def _step_inv_freq(self, position_ids: Tensor) -> Tensor:
-        if position_ids.numel() == 0:
-            return self.inv_freq
-        seq_len = position_ids.max() + 1
-        return torch.where(seq_len > self.original_max_position_embeddings, self.long_inv_freq, self.inv_freq)
+    def _inv_freq_for(self, seq_lens: Tensor) -> Tensor:
+        is_long = (seq_lens > self.original_max_position_embeddings)[:, None]
+        return torch.where(is_long, self.long_inv_freq, self.inv_freq)
 
 
 def build_rotary_embedding(dim: int,
@@ -381,15 +319,27 @@ def build_rotary_embedding_from_config(hf_config: Any,
     return build_rotary_embedding(**build_rotary_params(hf_config, layer_type), device=device)
 
 
+class LayerTypeRotaryEmbedding(nn.ModuleDict):
+    """One rotary embedding per layer type, for configs whose rope settings differ by layer type (Gemma 3's local
+    and global layers): ``forward(x, position_ids, attn_metadata=None) -> {layer_type: (cos, sin)}``."""
+
+    def __init__(self, hf_config: Any, device: Optional[torch.device] = None):
+        layer_types = sorted(set(hf_config.layer_types))
+        super().__init__({t: build_rotary_embedding_from_config(hf_config, device=device, layer_type=t)
+                          for t in layer_types})
+
+    def forward(self, x: Tensor, position_ids: Tensor, attn_metadata: Any = None) -> Dict[str, Tuple[Tensor, Tensor]]:
+        return {layer_type: rope(x, position_ids, attn_metadata) for layer_type, rope in self.items()}
+
+
 # --- applying ---
 
 
 class ApplyRotaryEmb(nn.Module):
-    """Rotate packed query ``[T, Hq, D]`` and key ``[T, Hk, D]`` by cos/sin ``[T, R]``.
+    """Rotate packed query ``[T, Hq, D]`` and key ``[T, Hk, D]`` by cos/sin ``[T, R]`` (or ``[1, T, R]``).
 
-    ``fuses_into_cache_write``: what this module computes, ``Attention(..., rotary_pos_emb=(cos, sin))`` computes
-    inside its cache write, so a model may skip calling it (see `apply_rotary` below). A replacement module without
-    the flag is always called.
+    ``fuses_into_cache_write``: ``Attention`` may compute this inside the kernel that writes the KV cache instead
+    of calling it (see ``lmdp.nn.fusion``); a replacement module without the flag is always called.
     """
 
     fuses_into_cache_write = True
@@ -397,15 +347,7 @@ class ApplyRotaryEmb(nn.Module):
     def forward(self, query: Tensor, key: Tensor, cos: Tensor, sin: Tensor,
                 inplace: bool = True) -> Tuple[Tensor, Tensor]:
         """Returns the rotated (query, key); with ``inplace`` they are written into the inputs."""
+        cos, sin = as_rows(cos), as_rows(sin)
         if inplace:
             return kernels.apply_rotary_pos_emb(query, key, cos, sin, q_out=query, k_out=key)
         return kernels.apply_rotary_pos_emb(query, key, cos, sin)
-
-
-def apply_rotary(rotary: nn.Module, query: Tensor, key: Tensor, rotary_pos_emb: Tuple[Tensor, Tensor]):
-    """Run ``rotary`` on query/key now, unless the attention's cache write can do it (then return the cos/sin to
-    hand to ``Attention(..., rotary_pos_emb=...)``). Returns ``(query, key, deferred_rotary_pos_emb_or_None)``."""
-    if getattr(rotary, 'fuses_into_cache_write', False):
-        return query, key, rotary_pos_emb
-    query, key = rotary(query, key, *rotary_pos_emb, inplace=True)
-    return query, key, None

@@ -38,11 +38,12 @@ def _copy_without(src, dst, drop=(), change=None):
 
 
 def test_a_missing_expert_is_named_with_its_shard(tiny_fallback, tmp_path):
+    # Mixtral and Qwen2-MoE have ports now (lmdp.models): model_impl='transformers' puts them on the fallback
     src = tiny_fallback('mixtral')
     path = _copy_without(src, tmp_path / 'ckpt', drop=['model.layers.1.block_sparse_moe.experts.3.w3.weight'])
     with pytest.raises(WeightLoadError, match=r"model\.layers\.1\.mlp\.experts\.gate_up_proj \[shard \(3, 1\)\]"):
-        ModelAgent.from_pretrained(path, dtype='float32')
-    agent = ModelAgent.from_pretrained(path, dtype='float32', strict=False)
+        ModelAgent.from_pretrained(path, dtype='float32', model_impl='transformers')
+    agent = ModelAgent.from_pretrained(path, dtype='float32', strict=False, model_impl='transformers')
     assert agent.load_report.missing == ['model.layers.1.mlp.experts.gate_up_proj [shard (3, 1)]']
 
 
@@ -51,7 +52,7 @@ def test_a_mis_shaped_expert_tensor_is_refused_by_name(tiny_fallback, tmp_path):
     src = tiny_fallback('qwen2_moe')
     bad = _copy_without(src, tmp_path / 'ckpt', change={name: torch.zeros(3, 3)})
     with pytest.raises(WeightLoadError, match=r"experts\.down_proj'.*\(shard \(2, 0\)\).*\(3, 3\)"):
-        ModelAgent.from_pretrained(bad, dtype='float32')
+        ModelAgent.from_pretrained(bad, dtype='float32', model_impl='transformers')
 
 
 def test_a_checkpoint_tensor_that_fits_nothing_is_reported_unused(tiny_fallback, tmp_path):

@@ -498,6 +498,28 @@ def test_rms_norm_float32_weight_and_strided_rows():
     torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
 
 
+@cpu_only
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_rms_norm_per_head_on_a_fused_qkv_view(dtype):
+    """q/k norms (Qwen3) read each head of a `[T, H, D]` view of the fused qkv output in place."""
+    torch.manual_seed(2)
+    qkv = torch.randn(5, (4 + 2 + 2) * 16).to(dtype)
+    k = qkv[:, 64:96].unflatten(-1, (2, 16))       # strides (128, 16, 1): no [rows, D] view exists
+    w = (torch.rand(16) + 0.5).to(dtype)
+    out = tk.rms_norm(k, w, 1e-6)
+    assert out.shape == k.shape
+    torch.testing.assert_close(out, ref_norm.rms_norm(k, w, 1e-6), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_gpu_rms_norm_per_head_on_a_fused_qkv_view():
+    qkv = torch.randn(33, (32 + 4 + 4) * 128, device='cuda', dtype=torch.bfloat16)
+    q = qkv[:, :32 * 128].unflatten(-1, (32, 128))
+    w = (torch.rand(128, device='cuda') + 0.5).to(torch.bfloat16)
+    torch.testing.assert_close(tk.rms_norm(q, w, 1e-6), ref_norm.rms_norm(q, w, 1e-6), atol=2e-2, rtol=2e-2)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # rotary
 

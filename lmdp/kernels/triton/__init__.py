@@ -4,11 +4,13 @@ Each op has the signature and return convention of its pure-torch reference in `
 """
 from .activation import gelu_and_mul, silu_and_mul
 from .fill_kv_cache import fill_kv_cache
+from .fused_moe import fused_moe
 from .gemv import act_and_mul_linear, linear
+from .moe_router import softmax_topk
 from .paged_attention import paged_attention_fwd
 from .rms_norm import rms_norm
 from .rotary import apply_rotary_pos_emb
 from .rotary_fill_kv_cache import rotary_fill_kv_cache
 
-__all__ = ['act_and_mul_linear', 'apply_rotary_pos_emb', 'fill_kv_cache', 'gelu_and_mul', 'linear',
-           'paged_attention_fwd', 'rms_norm', 'rotary_fill_kv_cache', 'silu_and_mul']
+__all__ = ['act_and_mul_linear', 'apply_rotary_pos_emb', 'fill_kv_cache', 'fused_moe', 'gelu_and_mul', 'linear',
+           'paged_attention_fwd', 'rms_norm', 'rotary_fill_kv_cache', 'silu_and_mul', 'softmax_topk']

@@ -14,12 +14,13 @@ from ._common import next_pow2
 
 @triton.jit
 def _rms_norm_kernel(X, Residual, W, Out, ResOut, eps,
-                     stride_x, stride_r, stride_o, stride_ro, N,
+                     stride_x, stride_r, stride_o, stride_ro, N, heads, stride_xh,
                      HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < N
-    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
+    # x may be [T, heads, N] with any strides on T and heads (per-head q/k norms on views of a fused qkv)
+    x = tl.load(X + (row // heads) * stride_x + (row % heads) * stride_xh + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(Residual + row * stride_r + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(ResOut.dtype.element_ty)
@@ -50,10 +51,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
     n = shape[-1]
     sum_dtype = x.dtype if residual is None else torch.result_type(x, residual)
     out_dtype = torch.promote_types(weight.dtype, sum_dtype)
-    x2 = _rows(x)
-    if x2.dtype != sum_dtype:
-        x2 = x2.to(sum_dtype)
-    rows = x2.size(0)
+    heads, stride_xh = 1, 0
+    if residual is None and x.dim() == 3 and x.stride(-1) == 1 and x.dtype == sum_dtype:
+        # per-head rows of a strided view ([T, H, D] of a fused qkv): read in place, no copy
+        x2, heads, stride_xh = x, x.size(1), x.stride(1)
+        rows = x.size(0) * heads
+    else:
+        x2 = _rows(x)
+        if x2.dtype != sum_dtype:
+            x2 = x2.to(sum_dtype)
+        rows = x2.size(0)
     out = torch.empty(shape, dtype=out_dtype, device=x.device)
     out2 = out.view(-1, n)
     weight = weight.contiguous()
@@ -67,6 +74,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
         block_n = next_pow2(n)
         num_warps = 4 if block_n <= 1024 else (8 if block_n <= 4096 else 16)
         _rms_norm_kernel[(rows,)](x2, r2, weight, out2, ro2, float(eps),
-                                  x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0), n,
+                                  x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0), n, heads, stride_xh,
                                   HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, num_warps=num_warps)
     return out if residual is None else (out, res_out)

@@ -1,0 +1,1 @@
+"""Helpers model ports share (lmdeploy's `lmdeploy.pytorch.models.utils`)."""
