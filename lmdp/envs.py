@@ -63,6 +63,9 @@ VARIABLES: dict[str, EnvVar] = {v.name: v for v in [
     EnvVar('LMDP_DECODE_FUSED_REDUCE', '0', _bool,
            'On: decode attention merges its splits inside the split kernel (the last program to arrive merges) '
            'instead of in a second kernel. Off by default: it measured no faster (notes/performance.md).'),
+    EnvVar('LMDP_MOE_GEMV_MAX_PAIRS', '', lambda t: None if t == '' else _non_negative_int(t),
+           'Fused MoE: up to this many (token, expert) pairs a step runs the GEMV path instead of the grouped GEMM; '
+           'unset: the kernel picks from the number of experts.'),
     EnvVar('OUT', '.', _path,
            'The folder where the benchmark commands (`lmdp bench`, `python -m lmdp.kernels.triton.bench_gemv`) '
            'write their JSON by default.'),

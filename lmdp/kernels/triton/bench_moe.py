@@ -19,6 +19,8 @@ import torch
 from lmdp.kernels.triton import fused_moe as tmoe
 from lmdp.kernels.triton.moe_router import softmax_topk
 
+from ... import envs
+
 SHAPES = {'qwen3-30b-a3b': (128, 8, 2048, 768), 'mixtral-8x7b': (8, 2, 4096, 14336),
           'qwen1.5-moe-a2.7b': (60, 4, 2048, 1408)}
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
@@ -87,7 +89,7 @@ def main(argv=None):
     parser.add_argument('--tokens', type=int, nargs='*', default=TOKENS)
     parser.add_argument('--paths', action='store_true', help='time GEMV and grouped apart up to 64 tokens')
     parser.add_argument('--sweep', action='store_true', help='try every grouped-GEMM tile config per batch')
-    parser.add_argument('--json', default=os.path.join(os.environ.get('OUT', '.'), 'bench_moe.json'))
+    parser.add_argument('--json', default=os.path.join(envs.OUT, 'bench_moe.json'))
     args = parser.parse_args(argv)
     experts, top_k, hidden, inter = SHAPES[args.shape]
     torch.manual_seed(0)

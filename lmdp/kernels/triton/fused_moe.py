@@ -19,13 +19,12 @@ output would; `act(gate) * up` rounds to the dtype (the down projection's input)
 to the dtype before its float32 weight multiplies it. `renormalize` divides each token's weights by their sum
 inside the down kernels (no launch of its own).
 """
-import os
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ... import envs
 from ..linear import GATED_ACTS
 from ..moe import check_fused_moe
 from ._common import dot_precision, next_pow2
@@ -34,7 +33,7 @@ from .moe_align import moe_align
 
 _ACT_CODES = {act: i for i, act in enumerate(GATED_ACTS)}   # act_and_mul_f32's codes: silu 0, gelu 1, gelu_tanh 2
 # pairs (tokens x top_k) up to which the GEMV path runs; `LMDP_MOE_GEMV_MAX_PAIRS` overrides the default below
-GEMV_MAX_PAIRS = os.environ.get('LMDP_MOE_GEMV_MAX_PAIRS')
+GEMV_MAX_PAIRS = envs.LMDP_MOE_GEMV_MAX_PAIRS
 
 
 @triton.jit
@@ -216,7 +215,7 @@ def gemv_max_pairs(num_experts: int, top_k: int) -> int:
     them do), reading each pair's expert on its own costs little more than the grouped GEMM's one read per expert,
     and the GEMV streams it faster."""
     if GEMV_MAX_PAIRS is not None:
-        return int(GEMV_MAX_PAIRS)
+        return GEMV_MAX_PAIRS
     return max(top_k, num_experts // 4)
 
 
@@ -301,7 +300,7 @@ def _fused_moe_grouped(x, gate_up, down, weights, ids, out, renormalize, act_cod
 
 def fused_moe(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, down_weights: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, renormalize: bool = False, act: str = 'silu',
-              path: Optional[str] = None, config: Optional[dict] = None) -> torch.Tensor:
+              path: str | None = None, config: dict | None = None) -> torch.Tensor:
     """The reference's op on the GPU. `path` ('gemv' | 'grouped') and `config` (grouped GEMM tiles for both
     GEMMs: BLOCK_M/N/K, GROUP_M, num_warps, num_stages) override the choice by size (tests, sweeps)."""
     check_fused_moe(hidden_states, gate_up_weights, down_weights, topk_weights, topk_ids, act)
