@@ -98,7 +98,8 @@ class Sampler:
             top_k = [(min(p.top_k, V) if p.top_k > 0 else V) if s else 1 for p, s in zip(params, sampling)]
             top_p = [p.top_p if s else 1.0 for p, s in zip(params, sampling)]
             widest = max(k for k, s in zip(top_k, sampling) if s)
-            if widest < V or min(top_p) < 1.0:
+            # one row's top_k=0 (the whole vocabulary) widens the candidate set, never another row's limit
+            if any(k < V for k, s in zip(top_k, sampling) if s) or min(top_p) < 1.0:
                 st['max_top_k'] = widest
                 st['top_k'] = self._tensor(top_k, torch.long)
             if min(top_p) < 1.0:
