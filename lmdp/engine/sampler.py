@@ -135,17 +135,13 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, inputs: SamplingInputs):
         """Tokens `[B]` (on the device) and, when asked, the raw logprobs `(top_values, top_ids, chosen)`."""
         raw = logits
-        if inputs.penalty is not None:
-            seen = logits.gather(1, inputs.history)
-            seen = torch.where(seen < 0, seen * inputs.penalty, seen / inputs.penalty)
-            logits = logits.scatter(1, inputs.history, seen)
-        if inputs.stop_active is not None:
-            masked = torch.where(inputs.stop_active[:, None], -math.inf, logits.gather(1, inputs.stop_ids))
-            logits = logits.scatter(1, inputs.stop_ids, masked)
+        logits = self.adjusted(logits, inputs)
         if inputs.greedy:
             tokens = logits.argmax(-1)
         else:
-            tokens = self._sample(logits, inputs)
+            x, ids = self.candidates(logits, inputs)
+            choice = (x + gumbel_noise(inputs.keys, ids)).argmax(-1)
+            tokens = choice if ids is self._vocab_ids else ids.gather(1, choice[:, None])[:, 0]
             if inputs.do_sample is not None:
                 tokens = torch.where(inputs.do_sample, tokens, logits.argmax(-1))
         logprobs = None
@@ -155,7 +151,21 @@ class Sampler:
             logprobs = (top_values, top_ids, lp.gather(1, tokens[:, None])[:, 0])
         return tokens, logprobs
 
-    def _sample(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+    def adjusted(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+        """The logits every row chooses from, greedy or not: repetition penalty applied, stop ids at -inf while a
+        row is short of its min_new_tokens."""
+        if inputs.penalty is not None:
+            seen = logits.gather(1, inputs.history)
+            seen = torch.where(seen < 0, seen * inputs.penalty, seen / inputs.penalty)
+            logits = logits.scatter(1, inputs.history, seen)
+        if inputs.stop_active is not None:
+            masked = torch.where(inputs.stop_active[:, None], -math.inf, logits.gather(1, inputs.stop_ids))
+            logits = logits.scatter(1, inputs.stop_ids, masked)
+        return logits
+
+    def candidates(self, logits: torch.Tensor, inputs: SamplingInputs):
+        """What each sampled row draws from: token ids `[B, K]` (or `[1, V]`, the whole vocabulary) and their
+        temperature-scaled logits `[B, K]`, -inf where top-k, top-p or min-p dropped the token."""
         x = logits / inputs.temperature
         ids = self._vocab_ids
         if inputs.top_k is not None:
@@ -173,8 +183,7 @@ class Sampler:
         if inputs.log_min_p is not None:
             # p < min_p * p_max  <=>  logit < max_logit + log(min_p)
             x = x.masked_fill(x < x.max(-1, keepdim=True).values + inputs.log_min_p, -math.inf)
-        choice = (x + gumbel_noise(inputs.keys, ids)).argmax(-1)
-        return choice if ids is self._vocab_ids else ids.gather(1, choice[:, None])[:, 0]
+        return x, ids
 
 
 def logprob_dicts(logprobs, want: List[int], tokens: List[int]) -> List[Optional[Dict[int, float]]]:
