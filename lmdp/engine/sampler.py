@@ -6,7 +6,8 @@ decides which ops the batch needs at all (a greedy batch is one argmax).
 Seeded sampling is the Gumbel-max trick with counter-based noise: the noise for token t of a request at output
 position n is a hash of (seed, n, t). A request thus draws the same tokens whatever shares its batch, after a
 preemption, and on any device, with no per-row generator and no loop over rows. The order of the filters follows
-transformers: repetition penalty, temperature, top-k, top-p (on the top-k set, renormalised), min-p.
+transformers: repetition penalty, temperature, top-k, top-p (on the top-k set, renormalised), min-p. Top-k keeps
+exactly k tokens, equal logits going to the lower token id, so its set too is the same in any batch.
 """
 import math
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ class SamplingInputs:
     temperature: Optional[torch.Tensor] = None     # [B, 1]
     top_k: Optional[torch.Tensor] = None           # [B] (vocab size where a row has no limit)
     max_top_k: int = 0                             # width of the candidate set (vocab size: a full sort)
-    top_p: Optional[torch.Tensor] = None           # [B, 1]
+    top_p: Optional[torch.Tensor] = None           # [B, 1] float64
     log_min_p: Optional[torch.Tensor] = None       # [B, 1]
     keys: Optional[torch.Tensor] = None            # [B] int64 noise keys
     penalty: Optional[torch.Tensor] = None         # [B, 1]
@@ -96,14 +97,15 @@ class Sampler:
                                              torch.float32)
             # rows that do not sample get top_k=1: their draw is thrown away, and they must not widen the set
             top_k = [(min(p.top_k, V) if p.top_k > 0 else V) if s else 1 for p, s in zip(params, sampling)]
-            top_p = [p.top_p if s else 1.0 for p, s in zip(params, sampling)]
+            # no limit is an infinite top_p: a sum that rounds up to 1.0 must not drop a row's least likely tokens
+            top_p = [p.top_p if s and p.top_p < 1.0 else math.inf for p, s in zip(params, sampling)]
             widest = max(k for k, s in zip(top_k, sampling) if s)
             # one row's top_k=0 (the whole vocabulary) widens the candidate set, never another row's limit
             if any(k < V for k, s in zip(top_k, sampling) if s) or min(top_p) < 1.0:
                 st['max_top_k'] = widest
                 st['top_k'] = self._tensor(top_k, torch.long)
             if min(top_p) < 1.0:
-                st['top_p'] = self._tensor([[p] for p in top_p], torch.float32)
+                st['top_p'] = self._tensor([[p] for p in top_p], torch.float64)
             if any(p.min_p > 0 and s for p, s in zip(params, sampling)):
                 st['log_min_p'] = self._tensor([[math.log(p.min_p) if p.min_p > 0 and s else -math.inf]
                                                 for p, s in zip(params, sampling)], torch.float32)
@@ -128,7 +130,8 @@ class Sampler:
             inputs.history = self._tensor([s.token_ids + s.token_ids[:1] * (width - s.num_tokens) for s in seqs],
                                           torch.long)
         if inputs.stop_ids is not None:
-            active = [s.num_generated + ahead < s.params.min_new_tokens for s in seqs]
+            # a row without stop ids holds padding (token 0) in stop_ids: it must never be masked
+            active = [bool(s.params.stop_ids) and s.num_generated + ahead < s.params.min_new_tokens for s in seqs]
             inputs.stop_active = self._tensor(active, torch.bool) if any(active) else None
         return inputs
 
@@ -166,24 +169,39 @@ class Sampler:
     def candidates(self, logits: torch.Tensor, inputs: SamplingInputs):
         """What each sampled row draws from: token ids `[B, K]` (or `[1, V]`, the whole vocabulary) and their
         temperature-scaled logits `[B, K]`, -inf where top-k, top-p or min-p dropped the token."""
-        x = logits / inputs.temperature
+        x = logits.float() / inputs.temperature
         ids = self._vocab_ids
         if inputs.top_k is not None:
             # the candidates, best first: top-k's set (or the whole vocabulary when some row has no limit)
+            keys = rank_keys(x)
             if inputs.max_top_k < self.vocab_size:
-                x, ids = x.topk(inputs.max_top_k, -1)
+                ids = keys.topk(inputs.max_top_k, -1).indices
             else:
-                x, ids = x.sort(-1, descending=True)
+                ids = keys.sort(-1, descending=True).indices
+            x = x.gather(1, ids)
             rank = torch.arange(x.size(-1), device=x.device)[None]
             x = x.masked_fill(rank >= inputs.top_k[:, None], -math.inf)
             if inputs.top_p is not None:
-                probs = x.softmax(-1)
+                # float64: the sums then hardly depend on how many candidates the batch carries
+                probs = x.double().softmax(-1)
                 # keep a token while the mass before it is short of top_p; the best token always stays
                 x = x.masked_fill(probs.cumsum(-1) - probs >= inputs.top_p, -math.inf)
         if inputs.log_min_p is not None:
             # p < min_p * p_max  <=>  logit < max_logit + log(min_p)
             x = x.masked_fill(x < x.max(-1, keepdim=True).values + inputs.log_min_p, -math.inf)
         return x, ids
+
+
+def rank_keys(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys that order each row of float32 `x` from high to low, equal values by lower token id.
+
+    Unique keys make top-k well defined: a row keeps the same k tokens, in the same order, however wide the
+    batch's candidate set is (topk and sort may break ties either way, and bfloat16 logits tie often).
+    """
+    vocab = x.size(-1)
+    bits = (x + 0.0).view(torch.int32).long()          # + 0.0 turns -0.0 into 0.0, which it equals
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)   # negative floats: larger magnitude, smaller key
+    return bits * vocab + (vocab - 1 - torch.arange(vocab, device=x.device))
 
 
 def logprob_dicts(logprobs, want: List[int], tokens: List[int]) -> List[Optional[Dict[int, float]]]:
