@@ -11,12 +11,14 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
 
 from lmdp.engine.sampler import Sampler
 from lmdp.engine.scheduler import finish_reason
 from lmdp.engine.sequence import SamplingParams, Sequence, SequenceStatus
 from sampler_reference import adjusted_row, greedy_token, sampled_token, scaled_row, support
+
+pytest.importorskip('hypothesis', reason='the property tests need hypothesis (the [test] extra)')
+from hypothesis import given, settings, strategies as st  # noqa: E402
 
 # Logits on a coarse grid tie often, as bfloat16 logits do; arbitrary floats put filters' bounds anywhere.
 LOGIT = st.one_of(st.integers(-8, 8).map(lambda i: i / 2), st.floats(-12, 12, width=32))
@@ -63,7 +65,7 @@ def _row_support(x, ids, b):
     return {t: v for t, v in zip(row_ids.tolist(), x[b].tolist()) if v > -math.inf}
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(steps())
 def test_each_row_chooses_from_exactly_what_its_own_settings_allow(step):
     vocab, seqs, logits = step
@@ -88,7 +90,7 @@ def test_each_row_chooses_from_exactly_what_its_own_settings_allow(step):
             assert tokens[b].item() == sampled_token(x, sure, p.seed, seq.num_generated)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(steps(), st.randoms(use_true_random=False))
 def test_a_row_draws_the_same_token_alone_and_in_any_batch(step, rng):
     vocab, seqs, logits = step
@@ -101,7 +103,7 @@ def test_a_row_draws_the_same_token_alone_and_in_any_batch(step, rng):
                                                  f'{tokens[j].item()} in a batch'
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100)
 @given(steps())
 def test_a_step_launched_ahead_of_the_host_draws_what_a_lockstep_step_draws(step):
     """`ahead=1`: the row's previous token is still on the device, its host record one token short."""
@@ -159,7 +161,7 @@ def workloads(draw):
     return vocab, draw(st.integers(0, 2 ** 32 - 1)), requests
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100)
 @given(workloads(), st.randoms(use_true_random=False))
 def test_each_request_generates_the_same_tokens_alone_and_in_any_batch(workload, rng):
     vocab, model_seed, requests = workload

@@ -8,14 +8,18 @@ the batch limit, one chunked prompt per step at most, preemption of the newest r
 accounting.
 """
 import types
+
+import pytest
 import torch
-from hypothesis import event, given, settings, strategies as st
 
 from lmdp.engine.model_runner import ModelRunner
 from lmdp.engine.scheduler import Scheduler, finish_reason
 from lmdp.engine.sequence import SamplingParams, Sequence, SequenceStatus
 from lmdp.model_inputs import ModelInputs, StepContext
 from lmdp.paging import BlockManager
+
+pytest.importorskip('hypothesis', reason='the property tests need hypothesis (the [test] extra)')
+from hypothesis import event, given, settings, strategies as st  # noqa: E402
 
 VOCAB = 5      # few distinct tokens: prompts share prefixes, so prefix caching finds blocks to share
 
@@ -176,7 +180,7 @@ def simulate(w):
     return sched, bm
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(workloads())
 def test_any_schedule_gives_each_request_its_own_tokens_and_keeps_the_rules(w):
     simulate(w)
@@ -194,7 +198,7 @@ def pressed_workloads(draw):
                 arrivals=[0] * len(requests), aborts=[])
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(pressed_workloads())
 def test_under_memory_pressure_the_newest_sequences_make_room(w):
     sched, _ = simulate(w)
