@@ -1,11 +1,12 @@
 """The scheduler, block manager and step packing, run against a stand-in model that reads its KV cache (hypothesis).
 
-The stand-in writes each step's new tokens into the slots its block table names and, where a sequence samples,
-reads the sequence's whole history back through that table: whatever the batching, chunking, preemption, prefix
-sharing and eviction did, a sequence must find exactly its own tokens there, and every request must end with the
-tokens it would have made alone. The rules the scheduler promises are checked at every step: the token budget,
-the batch limit, one chunked prompt per step at most, preemption of the newest running sequences, and block
-accounting.
+The stand-in keeps, in each KV slot, what a real layer's K/V at that position depends on: the token, its position
+and everything before it (it reads the previous slot through the block table, as attention does). Where a
+sequence samples, it reads the whole history back through that table: whatever the batching, chunking,
+preemption, prefix sharing and eviction did, a sequence must find exactly the entries its own tokens make, and
+every request must end with the tokens it would have made alone. The rules the scheduler promises are checked at
+every step: the token budget, the batch limit, one chunked prompt per step at most, preemption of the newest
+running sequences, and block accounting.
 """
 import types
 
@@ -40,9 +41,23 @@ def alone(prompt, params, session_len):
             return seq.token_ids[len(prompt):], reason
 
 
+def kv_entry(previous, token, position):
+    """What the stand-in writes for a token: a digest of the token, its position and the entry before it."""
+    return hash((previous, token, position))
+
+
+def kv_entries(tokens):
+    """The entries a sequence's tokens make, position by position."""
+    out, previous = [], None
+    for position, token in enumerate(tokens):
+        previous = kv_entry(previous, token, position)
+        out.append(previous)
+    return out
+
+
 class PagedStandIn:
     """Runs scheduled steps through the engine's packing (`ModelRunner.prepare_inputs`, `StepContext.new`) over a
-    KV cache of token ids, slot by slot."""
+    paged KV cache of `kv_entry` digests, slot by slot."""
 
     def __init__(self, block_size, max_blocks_per_seq):
         self.block_size = block_size
@@ -60,14 +75,15 @@ class PagedStandIn:
             start, n = ctx.q_start_loc[b].item(), ctx.q_seqlens[b].item()
             for i in range(start, start + n):
                 pos = ctx.position_ids[0, i].item()
-                self.kv[table[pos // bs], pos % bs] = ids[i]
+                previous = self.kv.get((table[(pos - 1) // bs], (pos - 1) % bs)) if pos else None
+                self.kv[table[pos // bs], pos % bs] = kv_entry(previous, ids[i], pos)
             kv_len = ctx.kv_seqlens[b].item()
             if kv_len < seq.num_tokens:
                 sampled.append(None)          # a chunk short of the prompt's end: nothing to sample yet
                 continue
             history = [self.kv.get((table[p // bs], p % bs)) for p in range(kv_len)]
-            assert history == seq.token_ids, f'seq {seq.seq_id} reads {history} from its blocks, not its tokens'
-            sampled.append(next_token(history))
+            assert history == kv_entries(seq.token_ids), f'seq {seq.seq_id} reads another history from its blocks'
+            sampled.append(next_token(seq.token_ids))
         return sampled
 
     @staticmethod
@@ -117,6 +133,14 @@ def simulate(w):
     """Run workload `w` to the end through the scheduler and the stand-in, checking the rules at every step."""
     bs, session_len = w['block_size'], w['session_len']
     bm = BlockManager(w['num_blocks'], bs, w['caching'], shuffle_seed=w['shuffle'])
+    taken = []                        # the prefix length of every allocation, for the hit counts
+    allocate = bm.allocate
+
+    def counting_allocate(seq, num_tokens, prefix=()):
+        done = allocate(seq, num_tokens, prefix)
+        taken.extend([len(prefix)] if done else [])
+        return done
+    bm.allocate = counting_allocate
     sched = Scheduler(bm, w['max_batch_size'], w['budget'])
     model = PagedStandIn(bs, -(-session_len // bs))
     seqs = [Sequence(i, list(p), len(p), params) for i, (p, params) in enumerate(w['requests'])]
@@ -166,6 +190,7 @@ def simulate(w):
     else:
         raise AssertionError('the requests did not finish')
     assert bm.num_used == 0 and not sched.running and not sched.waiting
+    assert (bm.stats.hit_blocks, bm.stats.hit_tokens) == (sum(taken), sum(taken) * bs)
     # what the example exercised (pytest --hypothesis-show-statistics)
     event(f'preempted: {sched.num_preemptions > 0}')
     event(f'prefix hits: {bm.stats.hit_blocks > 0}')
@@ -203,3 +228,25 @@ def pressed_workloads(draw):
 def test_under_memory_pressure_the_newest_sequences_make_room(w):
     sched, _ = simulate(w)
     assert sched.num_preemptions > 0
+
+
+@st.composite
+def cached_workloads(draw):
+    """Prompts that share long heads and arrive over time, with prefix caching on: hits, revivals, evictions."""
+    block_size = draw(st.sampled_from([1, 2]))
+    num_blocks = draw(st.integers(6, 16))
+    heads = draw(st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=3, max_size=8), min_size=1, max_size=2))
+    requests = [((draw(st.sampled_from(heads)) + draw(st.lists(st.integers(0, VOCAB - 1), max_size=3)))
+                 [:num_blocks * block_size - 1], SamplingParams(max_new_tokens=draw(st.integers(1, 6))))
+                for _ in range(draw(st.integers(3, 8)))]
+    return dict(block_size=block_size, num_blocks=num_blocks, session_len=num_blocks * block_size,
+                requests=requests, caching=True, shuffle=None, max_batch_size=draw(st.integers(1, 4)),
+                budget=draw(st.integers(2, 16)),
+                arrivals=draw(st.lists(st.integers(0, 8), min_size=len(requests), max_size=len(requests))), aborts=[])
+
+
+@settings(max_examples=60)
+@given(cached_workloads())
+def test_prefix_caching_shares_blocks_only_between_equal_prefixes(w):
+    """Each sequence reads its own tokens back (checked in `simulate`), through blocks other prompts computed."""
+    simulate(w)
