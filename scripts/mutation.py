@@ -33,13 +33,14 @@ MODULES = {
                  ['tests/engine/test_sequence.py', 'tests/engine/test_scheduler.py',
                   'tests/engine/test_scheduler_properties.py']),
     'paging': (['lmdp/paging/block_allocator.py', 'lmdp/paging/block_manager.py'],
-               ['tests/engine/test_block_manager.py', 'tests/engine/test_scheduler_properties.py',
+               ['tests/engine/test_block_manager.py', 'tests/engine/test_paging_rules.py',
+                'tests/engine/test_scheduler_properties.py',
                 'tests/test_step_runner.py::test_allocator_shuffles_and_runs_out']),
     'model_inputs': (['lmdp/model_inputs.py'],
                      ['tests/test_step_runner.py', 'tests/engine/test_scheduler_properties.py']),
     'weight_loader': (['lmdp/weight_loader/checkpoint.py', 'lmdp/weight_loader/loaders.py',
                        'lmdp/weight_loader/model_weight_loader.py', 'lmdp/weight_loader/tracker.py'],
-                      ['tests/test_weight_loading.py']),
+                      ['tests/test_weight_loader_units.py', 'tests/test_weight_loading.py']),
 }
 
 STATUS = re.compile(r'^\s*(\S+__mutmut_\d+): (.+)$')
