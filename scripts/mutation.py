@@ -1,27 +1,34 @@
 """Mutation testing of the engine's core with mutmut: plant every small bug mutmut knows, one at a time, and see
 whether a fast, focused set of tests notices.
 
-Each module runs in a fresh copy of the repository under the work folder (a setup.cfg there names the files to
-mutate and the tests that pin them; mutmut runs each mutant against the tests that call the mutated function).
-The table of killed and surviving mutants goes to stdout and `<work>/table.md`; survivors listed in
-notes/mutation.md's "Equivalent mutants" table, with the reason, are counted apart. `--update-notes` writes the
-table into notes/mutation.md. Run it through scripts/mutation.sh.
+Each module runs in a fresh copy of the repository under the work folder: a setup.cfg there names the files to
+mutate and the tests that pin them, and mutmut runs each mutant against those of the tests that call the mutated
+function. mutmut leaves decorated functions alone (@property, @contextmanager); their bodies get the same
+operators here, each mutant run against the module's tests. Survivors are then sorted three ways:
+
+- listed in notes/mutation.md's "Equivalent mutants" table, with the reason;
+- message wording: the mutant only re-cases or wraps ('XX...XX') a string literal of a raise, assert or log
+  call, which no test of behaviour can tell (tests pin the error's type and the facts it names);
+- open: neither, which is what the tests still have to catch.
+
+The table goes to stdout and `<work>/table.md`, every survivor's diff to `<work>/survivors.md`; `--update-notes`
+writes the table into notes/mutation.md. Run it through scripts/mutation.sh.
 """
 import argparse
+import difflib
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTES = ROOT / 'notes' / 'mutation.md'
 
-# module -> (files mutmut mutates, the tests it runs them against). The tests are the fast ones that pin the
-# module's behaviour; pipelines over a tiny model appear only where nothing cheaper reaches the code.
+# module -> (files mutated, the tests they run against). The tests are the fast ones that pin the module's
+# behaviour; a pipeline over a tiny model appears only where nothing cheaper reaches the code.
 MODULES = {
     'sampler': (['lmdp/engine/sampler.py'],
                 ['tests/engine/test_sampler_properties.py', 'tests/engine/test_mixed_batch.py',
@@ -44,6 +51,18 @@ MODULES = {
 }
 
 STATUS = re.compile(r'^\s*(\S+__mutmut_\d+): (.+)$')
+KILLED = ('killed', 'timeout')
+STRING = re.compile(r"""(?:[rbuRBU]{0,2})('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+MESSAGE_CALL = re.compile(r'^\s*(raise |assert |.*\blogger\.\w+\(|.*\bwarnings\.warn\()')
+
+
+def _env(**extra):
+    # no PYTHONPATH: mutmut puts mutants/ first on the path itself, and a folder named on the path before it
+    # exists is remembered by Python's importer as empty, so the unmutated lmdp (the editable install) would load
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    env.update(HYPOTHESIS_PROFILE='mutation', OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONDONTWRITEBYTECODE='1')
+    env.update(extra)
+    return env
 
 
 def _lines(values):
@@ -68,55 +87,53 @@ def prepare(module: str, work: Path, suffix: str = '') -> Path:
         'source_paths = lmdp\n'
         f'only_mutate ={_lines(files)}\n'
         'also_copy = parity\n'
-        # -p no:cacheprovider: no .pytest_cache; the warnings filter keeps logs short
         'pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -W\n    ignore::DeprecationWarning\n'
         f'pytest_add_cli_args_test_selection ={_lines(tests)}\n')
     return where
 
 
-def run(module: str, work: Path, jobs: int) -> dict:
-    where = prepare(module, work)
-    # no PYTHONPATH: mutmut puts mutants/ first on the path itself, and a path named before that folder exists
-    # is cached by Python's importer as empty, so the unmutated lmdp (the editable install) would load instead
-    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    env.update(HYPOTHESIS_PROFILE='mutation', OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONDONTWRITEBYTECODE='1')
-    log = work / f'{module}.log'
-    start = time.time()
+def _mutmut(where: Path, log: Path, *args) -> dict:
+    """Run `mutmut run *args` in `where`; every mutant's status and, for those not killed, its diff."""
     with open(log, 'w') as f:
-        subprocess.run([sys.executable, '-m', 'mutmut', 'run', '--max-children', str(jobs)], cwd=where, env=env,
-                       stdout=f, stderr=subprocess.STDOUT)
-    out = subprocess.run([sys.executable, '-m', 'mutmut', 'results', '--all', 'true'], cwd=where, env=env,
+        subprocess.run([sys.executable, '-m', 'mutmut', 'run', *args], cwd=where, env=_env(), stdout=f,
+                       stderr=subprocess.STDOUT)
+    out = subprocess.run([sys.executable, '-m', 'mutmut', 'results', '--all', 'true'], cwd=where, env=_env(),
                          capture_output=True, text=True).stdout
-    statuses = dict(m.groups() for m in map(STATUS.match, out.splitlines()) if m)
-    statuses.update(run_decorated(module, work))
-    print(f'{module}: {len(statuses)} mutants in {time.time() - start:.0f} s ({log})', flush=True)
-    return statuses
+    results = {}
+    for name, status in (m.groups() for m in map(STATUS.match, out.splitlines()) if m):
+        diff = ''
+        if status not in KILLED:
+            diff = subprocess.run([sys.executable, '-m', 'mutmut', 'show', name], cwd=where, env=_env(),
+                                  capture_output=True, text=True).stdout.split('\n', 1)[-1]
+        results[name] = (status, diff)
+    return results
+
+
+def run(module: str, work: Path, jobs: int) -> dict:
+    start = time.time()
+    results = _mutmut(prepare(module, work), work / f'{module}.log', '--max-children', str(jobs))
+    results.update(run_decorated(module, work))
+    print(f'{module}: {len(results)} mutants in {time.time() - start:.0f} s', flush=True)
+    return results
 
 
 def retest(module: str, work: Path, names) -> dict:
-    """Run some mutants again in the module's existing work folder, against the repository's current tests."""
+    """Run mutants again in the module's existing work folder against the repository's current tests (while
+    writing tests for survivors; the table to commit comes from a fresh run)."""
     where = work / module
     for dest in (where, where / 'mutants'):
         shutil.rmtree(dest / 'tests')
         shutil.copytree(ROOT / 'tests', dest / 'tests', ignore=shutil.ignore_patterns('__pycache__'))
-    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    env.update(HYPOTHESIS_PROFILE='mutation', OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONDONTWRITEBYTECODE='1')
-    with open(work / f'{module}.retest.log', 'w') as f:
-        subprocess.run([sys.executable, '-m', 'mutmut', 'run', '--max-children', '1', *names], cwd=where, env=env,
-                       stdout=f, stderr=subprocess.STDOUT)
-    out = subprocess.run([sys.executable, '-m', 'mutmut', 'results', '--all', 'true'], cwd=where, env=env,
-                         capture_output=True, text=True).stdout
-    return dict(m.groups() for m in map(STATUS.match, out.splitlines()) if m)
+    return _mutmut(where, work / f'{module}.retest.log', '--max-children', '1', *names)
 
 
-def decorated_mutants(path: Path):
-    """(name, mutated source) for the bodies of decorated functions (@property, @contextmanager), which mutmut
-    leaves alone (it can't put its switch in front of them); mutmut's own mutation operators, one at a time."""
+def decorated_mutants(path: Path, root: Path = ROOT):
+    """(name, mutated source) for the bodies of decorated functions other than static and class methods."""
     import libcst as cst
     from mutmut.mutation.file_mutation import deep_replace
     from mutmut.mutation.mutators import mutation_operators
 
-    module = cst.parse_module(path.read_text())
+    module = cst.parse_module((root / path).read_text())
     dotted = '.'.join(path.with_suffix('').parts)
     out = []
 
@@ -125,27 +142,29 @@ def decorated_mutants(path: Path):
             isinstance(node.body[0], cst.Expr) and isinstance(node.body[0].value, cst.BaseString)
         return docstring or isinstance(node, (cst.Annotation, cst.Decorator))
 
-    def mutate(node, name, body_of):
+    def mutate(node, name):
         if skip(node):
             return
         for kind, operator in mutation_operators:
             if isinstance(node, kind):
                 for mutated in operator(node):
-                    out.append((f'{dotted}.{name}__decorated_{len([n for n, _ in out if n.startswith(f"{dotted}.{name}__")]) + 1}',
-                                deep_replace(module, node, mutated).code))
+                    count = sum(n.startswith(f'{dotted}.{name}__') for n, _ in out)
+                    out.append((f'{dotted}.{name}__decorated_{count + 1}', deep_replace(module, node, mutated).code))
         for child in node.children:
-            mutate(child, name, body_of)
+            mutate(child, name)
 
-    def visit(node, prefix=''):
-        for child in getattr(node, 'body', ()) if not isinstance(node, cst.IndentedBlock) else node.body:
+    def plain_method(fn):
+        return len(fn.decorators) == 1 and isinstance(fn.decorators[0].decorator, cst.Name) and \
+            fn.decorators[0].decorator.value in ('staticmethod', 'classmethod')
+
+    def visit(statements, prefix=''):
+        for child in statements:
             if isinstance(child, cst.ClassDef):
-                visit(child.body, f'{prefix}{child.name.value}.')
-            elif isinstance(child, cst.FunctionDef) and child.decorators and not (
-                    len(child.decorators) == 1 and isinstance(child.decorators[0].decorator, cst.Name)
-                    and child.decorators[0].decorator.value in ('staticmethod', 'classmethod')):
-                mutate(child.body, prefix + child.name.value, child)
+                visit(child.body.body, f'{prefix}{child.name.value}.')
+            elif isinstance(child, cst.FunctionDef) and child.decorators and not plain_method(child):
+                mutate(child.body, prefix + child.name.value)
 
-    visit(module)
+    visit(module.body)
     return out
 
 
@@ -153,85 +172,152 @@ def run_decorated(module: str, work: Path) -> dict:
     """Each decorated-function mutant against the module's tests (-x: the first failure kills it)."""
     files, tests = MODULES[module]
     where = prepare(module, work, suffix='-decorated')
-    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    env.update(HYPOTHESIS_PROFILE='mutation', OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONDONTWRITEBYTECODE='1',
-               PYTHONPATH=str(where))
-    statuses = {}
+    results = {}
     with open(work / f'{module}-decorated.log', 'w') as log:
         for rel in files:
             original = (where / rel).read_text()
-            for name, source in decorated_mutants(Path(rel)):
+            for name, source in decorated_mutants(Path(rel), where):
                 (where / rel).write_text(source)
                 log.write(f'== {name}\n')
                 log.flush()
                 rc = subprocess.run([sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider', *tests],
-                                    cwd=where, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-                statuses[name] = 'killed' if rc == 1 else 'survived' if rc == 0 else f'suspicious (pytest exit {rc})'
+                                    cwd=where, env=_env(PYTHONPATH=str(where)), stdout=log,
+                                    stderr=subprocess.STDOUT).returncode
+                status = 'killed' if rc == 1 else 'survived' if rc == 0 else f'suspicious (pytest exit {rc})'
+                diff = '' if status in KILLED else '\n'.join(difflib.unified_diff(
+                    original.splitlines(), source.splitlines(), rel, rel, n=2, lineterm=''))
+                results[name] = (status, diff)
             (where / rel).write_text(original)
-    return statuses
+    return results
+
+
+def is_wording(diff: str) -> bool:
+    """The mutant only re-cases or wraps in XX a string literal of a raise, assert or log statement."""
+    lines = diff.splitlines()
+    removed = [i for i, line in enumerate(lines) if line.startswith('-') and not line.startswith('---')]
+    added = [line[1:] for line in lines if line.startswith('+') and not line.startswith('+++')]
+    if len(removed) != 1 or len(added) != 1:
+        return False
+    i = removed[0]
+    old, new = lines[i][1:], added[0]
+    if STRING.sub('S', old) != STRING.sub('S', new):
+        return False
+    pairs = [(a, b) for a, b in zip(STRING.findall(old), STRING.findall(new)) if a != b]
+    if len(pairs) != 1:
+        return False
+    a, b = (s[1:-1] for s in pairs[0])
+    return b in (f'XX{a}XX', a.upper(), a.lower()) and _inside_message(lines, i)
+
+
+def _inside_message(lines, i) -> bool:
+    """Whether diff line i lies in a raise/assert/log statement that opens on it or on a context line above."""
+    above = [j for j in range(i - 1, -1, -1) if not lines[j].startswith('+')]
+    for j in [i] + above:
+        if lines[j].startswith('@@'):
+            return False
+        if MESSAGE_CALL.match(lines[j][1:]):
+            # every line from the opener down to line i must leave a bracket open
+            depth = 0
+            for k in range(j, i):
+                if lines[k].startswith('+'):
+                    continue
+                text = STRING.sub('S', lines[k][1:])
+                depth += text.count('(') + text.count('[') - text.count(')') - text.count(']')
+                if depth <= 0:
+                    return False
+            return True
+    return False
 
 
 def equivalents() -> dict:
     """Mutant name -> reason, from the rows of notes/mutation.md's 'Equivalent mutants' table."""
-    if not NOTES.exists():
-        return {}
-    text = NOTES.read_text()
-    section = text.split('## Equivalent mutants', 1)[-1] if '## Equivalent mutants' in text else ''
-    rows = re.findall(r'^\| `([^`]+__mutmut_\d+)` \| (.+?) \|$', section, flags=re.M)
-    return dict(rows)
+    text = NOTES.read_text() if NOTES.exists() else ''
+    section = text.split('## Equivalent mutants', 1)[1] if '## Equivalent mutants' in text else ''
+    return dict(re.findall(r'^\| `([^`]+)` \| (.+?) \|$', section, flags=re.M))
 
 
-def table(results: dict) -> str:
+def classify(results: dict) -> dict:
+    """module -> {'killed': [...], 'equivalent': [...], 'wording': [...], 'open': [...]}"""
     equivalent = equivalents()
-    lines = ['| module | mutants | killed | survived | of them equivalent | not killed, not equivalent | '
-             'killed of non-equivalent |', '| --- | --- | --- | --- | --- | --- | --- |']
-    for module, statuses in results.items():
-        counts = Counter('killed' if s in ('killed', 'timeout') else s for s in statuses.values())
-        not_killed = [m for m, s in statuses.items() if s not in ('killed', 'timeout')]
-        eq = [m for m in not_killed if m in equivalent]
-        open_ = [m for m in not_killed if m not in equivalent]
-        relevant = len(statuses) - len(eq)
-        score = f'{100 * counts["killed"] / relevant:.1f}%' if relevant else 'n/a'
-        lines.append(f'| {module} | {len(statuses)} | {counts["killed"]} | {len(not_killed)} | {len(eq)} | '
-                     f'{len(open_)} | {score} |')
-    others = sorted(m for statuses in results.values() for m, s in statuses.items()
-                    if s not in ('killed', 'timeout') and m not in equivalent)
-    if others:
-        lines += ['', 'Not killed and not listed as equivalent:', '']
-        lines += [f'- `{m}`: {next(s[m] for s in results.values() if m in s)}' for m in others]
-    stale = sorted(set(equivalent) - {m for s in results.values() for m in s})
-    if stale and len(results) == len(MODULES):
-        lines += ['', 'Listed as equivalent but not produced by this run (stale rows):', '']
-        lines += [f'- `{m}`' for m in stale]
+    out = {}
+    for module, mutants in results.items():
+        groups = {'killed': [], 'equivalent': [], 'wording': [], 'open': []}
+        for name, (status, diff) in sorted(mutants.items()):
+            if status in KILLED:
+                groups['killed'].append(name)
+            elif name in equivalent:
+                groups['equivalent'].append(name)
+            elif is_wording(diff):
+                groups['wording'].append(name)
+            else:
+                groups['open'].append(name)
+        out[module] = groups
+    return out
+
+
+def table(groups: dict) -> str:
+    lines = ['| module | mutants | killed | survived | equivalent (listed below) | message wording | open | '
+             'killed of non-equivalent |', '| --- | --- | --- | --- | --- | --- | --- | --- |']
+    for module, g in groups.items():
+        total = sum(len(v) for v in g.values())
+        relevant = len(g['killed']) + len(g['open'])
+        score = f'{100 * len(g["killed"]) / relevant:.1f}%' if relevant else 'n/a'
+        lines.append(f'| {module} | {total} | {len(g["killed"])} | {total - len(g["killed"])} | '
+                     f'{len(g["equivalent"])} | {len(g["wording"])} | {len(g["open"])} | {score} |')
     return '\n'.join(lines) + '\n'
 
 
-def update_notes(text: str):
+def survivors_report(results: dict, groups: dict) -> str:
+    equivalent = equivalents()
+    parts = []
+    for module, g in groups.items():
+        for kind in ('open', 'wording', 'equivalent'):
+            for name in g[kind]:
+                status, diff = results[module][name]
+                why = f' -- {equivalent[name]}' if kind == 'equivalent' else ''
+                parts.append(f'### {name} ({kind}, {status}){why}\n\n```diff\n{diff.strip()}\n```\n')
+    return '\n'.join(parts)
+
+
+def update_notes(text: str, groups: dict):
     begin, end = '<!-- mutation table: begin -->', '<!-- mutation table: end -->'
     notes = NOTES.read_text()
     if begin not in notes:
-        raise SystemExit(f'{NOTES} has no {begin} ... {end} block to fill')
+        raise SystemExit(f'{NOTES} has no "{begin}" ... "{end}" block to fill')
+    wording = [f'- `{n}`' for g in groups.values() for n in g['wording']]
+    body = text + ('\nMessage-wording survivors:\n\n' + '\n'.join(wording) + '\n' if wording else '')
     head, rest = notes.split(begin, 1)
-    NOTES.write_text(head + begin + '\n' + text + end + rest.split(end, 1)[1])
+    NOTES.write_text(head + begin + '\n' + body + end + rest.split(end, 1)[1])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('modules', nargs='*', choices=[[], *MODULES], default=[], metavar='module',
-                        help=f'some of {", ".join(MODULES)} (default: all)')
+    parser.add_argument('modules', nargs='*', metavar='module', help=f'some of {", ".join(MODULES)} (default: all)')
     parser.add_argument('--work', default=os.environ.get('MUTATION_WORK', '/tmp/lmdp-mutation'))
     parser.add_argument('--jobs', type=int, default=int(os.environ.get('MUTATION_JOBS', 1)),
                         help='mutants tested at once (default 1: the CPU is shared)')
+    parser.add_argument('--retest', nargs='+', metavar='MUTANT',
+                        help="run these mutants of one module again in its work folder (globs like 'x_f__mutmut_*')")
     parser.add_argument('--update-notes', action='store_true', help='write the table into notes/mutation.md')
     args = parser.parse_args()
+    unknown = set(args.modules) - set(MODULES)
+    if unknown:
+        parser.error(f'unknown module(s) {sorted(unknown)}; choose from {", ".join(MODULES)}')
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    results = {m: run(m, work, args.jobs) for m in (args.modules or MODULES)}
-    text = table(results)
+    if args.retest:
+        if len(args.modules) != 1:
+            parser.error('--retest takes exactly one module')
+        results = {args.modules[0]: retest(args.modules[0], work, args.retest)}
+    else:
+        results = {m: run(m, work, args.jobs) for m in (args.modules or MODULES)}
+    groups = classify(results)
+    text = table(groups)
     (work / 'table.md').write_text(text)
-    print(text)
+    (work / 'survivors.md').write_text(survivors_report(results, groups))
+    print(text + f'\nsurvivors and their diffs: {work / "survivors.md"}')
     if args.update_notes:
-        update_notes(text)
+        update_notes(text, groups)
 
 
 if __name__ == '__main__':
