@@ -88,6 +88,8 @@ def prepare(module: str, work: Path, suffix: str = '') -> Path:
         f'only_mutate ={_lines(files)}\n'
         'also_copy = parity\n'
         'pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -W\n    ignore::DeprecationWarning\n'
+        # a mutant that hangs is killed after 4x its tests' time (+20 s for a busy machine), not mutmut's 15x
+        'timeout_multiplier = 4\ntimeout_constant = 20\n'
         f'pytest_add_cli_args_test_selection ={_lines(tests)}\n')
     return where
 

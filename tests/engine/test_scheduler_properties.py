@@ -137,6 +137,9 @@ def simulate(w):
     allocate = bm.allocate
 
     def counting_allocate(seq, num_tokens, prefix=()):
+        if bm.enable_prefix_caching and not seq.blocks:
+            # a prompt takes every cached block of its prefix there is (but always computes its last token)
+            assert list(prefix) == bm.match_prefix(seq), 'a cached prefix was left unused'
         done = allocate(seq, num_tokens, prefix)
         taken.extend([len(prefix)] if done else [])
         return done
@@ -163,6 +166,7 @@ def simulate(w):
         running_before, waiting_before = list(sched.running), list(sched.waiting)
         batch = sched.schedule()
         assert batch is not None, 'nothing can run although the pool holds a whole session'
+        assert isinstance(batch.is_decoding, bool)
         assert len(batch.seqs) <= w['max_batch_size']
         if batch.is_decoding:
             # decode: the oldest running sequences run; those that had to make room are the newest, and they
