@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lmdp.engine.model_runner import ModelRunner
-from lmdp.engine.scheduler import Scheduler, finish_reason
+from lmdp.engine.scheduler import Scheduler
 from lmdp.engine.sequence import SamplingParams, Sequence, SequenceStatus
 from lmdp.model_inputs import ModelInputs, StepContext
 from lmdp.paging import BlockManager
@@ -32,13 +32,14 @@ def next_token(tokens):
 
 def alone(prompt, params, session_len):
     """What a request makes with nothing else running: (new tokens, finish reason)."""
-    seq = Sequence(0, list(prompt), len(prompt), params)
+    tokens = list(prompt)
     while True:
-        token = next_token(seq.token_ids)
-        seq.token_ids.append(token)
-        reason = finish_reason(seq, token, session_len)
-        if reason:
-            return seq.token_ids[len(prompt):], reason
+        token = next_token(tokens)
+        tokens.append(token)
+        if token in params.stop_ids:
+            return tokens[len(prompt):], 'stop'
+        if len(tokens) - len(prompt) >= params.max_new_tokens or len(tokens) >= session_len:
+            return tokens[len(prompt):], 'length'
 
 
 def kv_entry(previous, token, position):
@@ -191,6 +192,8 @@ def simulate(w):
         sampled = model.step(batch)
         sched.update(batch, sampled, session_len)
         check_held_blocks(bm, [s for s in seqs if not s.is_finished])
+        assert all(s.status is SequenceStatus.RUNNING for s in sched.running)
+        assert all(s.status is SequenceStatus.WAITING for s in sched.waiting)
     else:
         raise AssertionError('the requests did not finish')
     assert bm.num_used == 0 and not sched.running and not sched.waiting
