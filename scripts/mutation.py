@@ -72,7 +72,6 @@ def _lines(values):
 
 def prepare(module: str, work: Path, suffix: str = '') -> Path:
     """A fresh copy of the repository's files (tracked and untracked-not-ignored) with the module's setup.cfg."""
-    files, tests = MODULES[module]
     where = work / (module + suffix)
     if where.exists():
         shutil.rmtree(where)
@@ -83,6 +82,12 @@ def prepare(module: str, work: Path, suffix: str = '') -> Path:
         if (ROOT / rel).is_file():
             (where / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, where / rel)
+    _write_config(module, where)
+    return where
+
+
+def _write_config(module: str, where: Path):
+    files, tests = MODULES[module]
     (where / 'setup.cfg').write_text(
         '[mutmut]\n'
         'source_paths = lmdp\n'
@@ -92,7 +97,6 @@ def prepare(module: str, work: Path, suffix: str = '') -> Path:
         # a mutant that hangs is killed after 4x its tests' time (+20 s for a busy machine), not mutmut's 15x
         'timeout_multiplier = 4\ntimeout_constant = 20\n'
         f'pytest_add_cli_args_test_selection ={_lines(tests)}\n')
-    return where
 
 
 def _mutmut(where: Path, log: Path, *args) -> dict:
@@ -127,6 +131,7 @@ def retest(module: str, work: Path, names) -> dict:
     for dest in (where, where / 'mutants'):
         shutil.rmtree(dest / 'tests')
         shutil.copytree(ROOT / 'tests', dest / 'tests', ignore=shutil.ignore_patterns('__pycache__'))
+    _write_config(module, where)
     return _mutmut(where, work / f'{module}.retest.log', '--max-children', '1', *names)
 
 

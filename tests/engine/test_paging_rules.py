@@ -66,3 +66,14 @@ def test_hits_add_up_over_requests():
         s = seq(list(range(n - 1)) + [99], i)
         assert bm.allocate(s, s.num_tokens, bm.match_prefix(s))
     assert (bm.stats.hit_blocks, bm.stats.hit_tokens) == (6, 24)
+
+
+def test_prefix_caching_is_off_unless_asked_for():
+    bm = BlockManager(8, 4)
+    a = seq(range(9))
+    assert bm.allocate(a, 9)
+    a.num_cached = 9
+    bm.register_full_blocks(a)
+    assert a.block_hashes == [] and bm.match_prefix(seq(range(9), 1)) == []
+    bm.free(a)
+    assert bm.num_free == 8 and bm.allocate(seq(range(32), 2), 32)     # nothing was kept for reuse
