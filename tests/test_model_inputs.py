@@ -24,7 +24,9 @@ def test_the_context_carries_the_model_config_caches_and_embeddings():
 def test_attention_metadata_agrees_with_the_context():
     ctx = StepContext.new(_inputs())
     meta = ctx.attn_metadata
-    assert meta.is_decoding is False and meta.block_offsets is ctx.block_offsets
+    assert ctx.is_decoding is False and meta.is_decoding is False and meta.block_offsets is ctx.block_offsets
+    decode = StepContext.new(ModelInputs.make([[5]], [3], [[0]], is_decoding=True))
+    assert decode.is_decoding is True and decode.attn_metadata.is_decoding is True
     for name in ('q_start_loc', 'q_seqlens', 'kv_seqlens'):
         assert torch.equal(getattr(meta, name), getattr(ctx, name)), name
     assert (meta.max_q_seqlen, meta.max_kv_seqlen) == (ctx.max_q_seqlen, ctx.max_kv_seqlen) == (2, 5)
@@ -52,3 +54,13 @@ def test_contexts_nest_and_the_outer_one_comes_back():
                 raise KeyError('a failed forward')
         assert manager.current_context() is outer
     assert manager.current_context() is None
+
+
+def test_packed_tensors_have_the_layout_dtypes_on_the_asked_device():
+    """int64 token ids, int32 lengths and block offsets (what the kernels index with), all on `device`."""
+    inputs = ModelInputs.make([[1, 2], [3]], [0, 4], [[2], [0, 1]], is_decoding=False, device='meta')
+    tensors = {'input_ids': torch.long, 'seq_length': torch.int32, 'history_lengths': torch.int32,
+               'block_offsets': torch.int32}
+    for name, dtype in tensors.items():
+        t = getattr(inputs, name)
+        assert (t.dtype, t.device.type) == (dtype, 'meta'), name
