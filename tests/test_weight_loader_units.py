@@ -1,6 +1,9 @@
 """The weight loader's parts on small hand-made models and files: which files a checkpoint is, reading them,
 loaders, sharding for tensor parallelism, and the account of what was loaded and what was not."""
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,37 +17,41 @@ from lmdp.weight_loader.tracker import LoadTracker, describe_param, record_load,
 
 
 class Stacked(torch.nn.Module):
-    """A model with a plain parameter and one stacked from two checkpoint tensors (as q/k/v -> qkv_proj)."""
-    packed_modules_mapping = {'ab_proj': ['a_proj', 'b_proj']}
+    """A model with a plain parameter and two stacked from two checkpoint tensors each (as q/k/v -> qkv_proj)."""
+    packed_modules_mapping = {'ab_proj': ['a_proj', 'b_proj'], 'cd_proj': ['c_proj', 'd_proj']}
+    STACKS = {'a_proj': ('ab_proj', 'a'), 'b_proj': ('ab_proj', 'b'), 'c_proj': ('cd_proj', 'c'),
+              'd_proj': ('cd_proj', 'd')}
 
-    def __init__(self):
+    def __init__(self, reports=True):
         super().__init__()
+        self.reports = reports        # False: the stacked loader is a user's that does not call record_load
         self.norm = torch.nn.Parameter(torch.zeros(3))
         self.ab_proj = torch.nn.Linear(2, 4, bias=False)
-        set_weight_loader(self.ab_proj.weight, self._load_ab, shards=('a', 'b'))
+        self.cd_proj = torch.nn.Linear(2, 4, bias=False)
+        set_weight_loader(self.ab_proj.weight, self._load_stacked, shards=('a', 'b'))
+        set_weight_loader(self.cd_proj.weight, self._load_stacked, shards=('c', 'd'))
 
-    @staticmethod
-    def _load_ab(param, loaded, shard_id):
-        rows = {'a': slice(0, 2), 'b': slice(2, 4)}[shard_id]
+    def _load_stacked(self, param, loaded, shard_id):
+        rows = slice(0, 2) if shard_id in 'ac' else slice(2, 4)
         check_shape(param, (2, 2), loaded, shard_id)
         with torch.no_grad():
             param[rows] = loaded
-        record_load(param, shard_id)
+        if self.reports:
+            record_load(param, shard_id)
 
     def load_weights(self, weights):
         params = dict(self.named_parameters())
         for name, tensor in weights:
-            if name.startswith('ab_proj.'):
-                continue
-            for part, shard in (('a_proj', 'a'), ('b_proj', 'b')):
-                if name == f'{part}.weight':
-                    load_weight(params['ab_proj.weight'], tensor, shard_id=shard)
-            if name in params:
+            stacked = self.STACKS.get(name.split('.')[0])
+            if stacked:
+                load_weight(params[f'{stacked[0]}.weight'], tensor, shard_id=stacked[1])
+            elif name in params:
                 load_weight(params[name], tensor)
 
 
 def _tensors():
-    return {'norm': torch.arange(3.0), 'a_proj.weight': torch.ones(2, 2), 'b_proj.weight': 2 * torch.ones(2, 2)}
+    return {'norm': torch.arange(3.0), 'a_proj.weight': torch.ones(2, 2), 'b_proj.weight': 2 * torch.ones(2, 2),
+            'c_proj.weight': 3 * torch.ones(2, 2), 'd_proj.weight': 4 * torch.ones(2, 2)}
 
 
 # -- which files, and reading them ----------------------------------------------------------------------------
@@ -91,6 +98,46 @@ def test_a_bin_file_can_carry_tensors_only(tmp_path):
         list(iter_checkpoint(str(tmp_path)))
 
 
+def test_an_index_is_read_as_utf8_whatever_the_locale(tmp_path):
+    """JSON is UTF-8; under an ASCII locale (LC_ALL=C, no UTF-8 mode) a non-ASCII tensor name must still read."""
+    import json
+    index = {'weight_map': {'embed.wèight': 'model.safetensors'}}
+    (tmp_path / 'model.safetensors.index.json').write_text(json.dumps(index, ensure_ascii=False), encoding='utf-8')
+    save_file({'embed.weight': torch.ones(1)}, str(tmp_path / 'model.safetensors'))
+    env = dict(os.environ, LC_ALL='C', PYTHONCOERCECLOCALE='0', PYTHONUTF8='0', PYTHONPATH=os.pathsep.join(sys.path))
+    code = 'import sys; from lmdp.weight_loader import checkpoint_files; print(len(checkpoint_files(sys.argv[1])))'
+    out = subprocess.run([sys.executable, '-c', code, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert (out.returncode, out.stdout.strip()) == (0, '1'), out.stderr[-2000:]
+
+
+def test_an_index_naming_missing_shards_names_them_all(tmp_path):
+    import json
+    index = {'weight_map': {'x': 'b.safetensors', 'y': 'a.safetensors', 'z': 'c.safetensors'}}
+    (tmp_path / 'model.safetensors.index.json').write_text(json.dumps(index))
+    save_file({'z': torch.ones(1)}, str(tmp_path / 'c.safetensors'))
+    with pytest.raises(WeightLoadError, match='not there: a.safetensors, b.safetensors; the download is incomplete'):
+        checkpoint_files(str(tmp_path))
+
+
+def test_an_index_without_a_weight_map_is_a_weight_load_error(tmp_path):
+    (tmp_path / 'model.safetensors.index.json').write_text('{"metadata": {}}')
+    with pytest.raises(WeightLoadError, match='yielded no tensors'):
+        load_model_weights(Stacked(), str(tmp_path))
+
+
+def test_bin_shards_load_onto_the_asked_device(tmp_path):
+    torch.save({'w': torch.ones(2)}, tmp_path / 'pytorch_model.bin')
+    assert [t.device.type for _, t in iter_checkpoint(str(tmp_path), device='meta')] == ['meta']
+
+
+@pytest.mark.gpu
+def test_safetensors_shards_load_onto_the_asked_device(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip('needs a CUDA device')
+    save_file({'x': torch.ones(2)}, str(tmp_path / 'model.safetensors'))
+    assert [t.device.type for _, t in iter_checkpoint(str(tmp_path), device='cuda')] == ['cuda']
+
+
 def test_a_folder_without_weights_is_an_error_naming_it(tmp_path):
     (tmp_path / 'config.json').write_text('{}')
     with pytest.raises(WeightLoadError, match=f"'{tmp_path}' holds no weights"):
@@ -135,6 +182,13 @@ def test_split_for_rank_gives_each_rank_its_slice():
         split_for_rank(w, 1, 4, 0, 'rowwise')
 
 
+def test_the_default_loader_reports_its_load():
+    model = Stacked()
+    with tracking(model) as tracker:
+        default_weight_loader(model.norm, torch.ones(3))
+    assert dict(tracker.loaded) == {'norm': {None}}
+
+
 def test_set_weight_loader_attaches_the_loader_and_the_shards():
     p = torch.nn.Parameter(torch.zeros(1))
     assert set_weight_loader(p, print) is p and p.weight_loader is print and not hasattr(p, 'lmdp_shards')
@@ -149,19 +203,27 @@ def test_a_full_load_fills_every_parameter_and_shard():
     tracker = load_model_weights(model, weights=iter(_tensors().items()))
     assert model.norm.tolist() == [0.0, 1.0, 2.0]
     assert model.ab_proj.weight.tolist() == [[1.0, 1.0]] * 2 + [[2.0, 2.0]] * 2
+    assert model.cd_proj.weight.tolist() == [[3.0, 3.0]] * 2 + [[4.0, 4.0]] * 2
     assert tracker.missing() == [] and tracker.unused == [] and tracker.seen == list(_tensors())
 
 
 def test_a_missing_shard_is_named_with_the_checkpoint_tensor_it_expects():
     tensors = _tensors()
-    del tensors['b_proj.weight']
+    del tensors['b_proj.weight'], tensors['norm']
     with pytest.raises(WeightLoadError) as err:
         load_model_weights(Stacked(), 'ckpt_dir', weights=iter(tensors.items()))
-    text = str(err.value)
-    assert "1 parameter(s) were never loaded from the checkpoint ckpt_dir:\n  ab_proj.weight [shard 'b'] " \
-           "(checkpoint tensor 'b_proj.weight')\nThe checkpoint lacks these tensors" in text
+    assert str(err.value).splitlines() == [
+        '2 parameter(s) were never loaded from the checkpoint ckpt_dir:', '  norm',
+        "  ab_proj.weight [shard 'b'] (checkpoint tensor 'b_proj.weight')",
+        'The checkpoint lacks these tensors, or load_weights maps their names wrongly.']
     tracker = load_model_weights(Stacked(), weights=iter(tensors.items()), strict=False)
-    assert tracker.missing() == ["ab_proj.weight [shard 'b']"]
+    assert tracker.missing() == ['norm', "ab_proj.weight [shard 'b']"]
+
+
+def test_a_stacked_loader_that_does_not_report_itself_still_counts_each_shard():
+    tracker = load_model_weights(Stacked(reports=False), weights=iter(_tensors().items()))
+    assert tracker.missing() == []
+    assert dict(tracker.loaded) == {'norm': {None}, 'ab_proj.weight': {'a', 'b'}, 'cd_proj.weight': {'c', 'd'}}
 
 
 def test_expected_checkpoint_name_follows_the_packed_mapping():
@@ -171,6 +233,9 @@ def test_expected_checkpoint_name_follows_the_packed_mapping():
     assert expected_checkpoint_name(model, 'norm') is None                       # not a shard
     assert expected_checkpoint_name(model, "ab_proj.weight [shard 'c']") is None  # no such shard
     assert expected_checkpoint_name(model, "norm [shard 'a']") is None          # not a packed module
+    assert expected_checkpoint_name(model, "cd_proj.weight [shard 'd']") == 'd_proj.weight'   # the second stack
+    assert expected_checkpoint_name(model, "ab_proj.bias [shard 'a']") is None  # no such parameter
+    assert expected_checkpoint_name(torch.nn.Linear(2, 2), "weight [shard 'a']") is None  # no packed mapping
 
 
 def test_unused_tensors_are_warned_about_unless_ignored(caplog):
@@ -230,4 +295,5 @@ def test_a_tensor_counts_as_used_when_any_load_happened_while_it_was_current():
             tracker.record(torch.zeros(1))           # not a parameter of the model: counted for b, no name
     assert tracker.seen == ['a', 'b', 'skip.me', 'c'] and tracker.unused == ['a', 'c']
     assert dict(tracker.loaded) == {'norm': {None}}
-    assert tracker.missing() == ["ab_proj.weight [shard 'a']", "ab_proj.weight [shard 'b']"]
+    assert tracker.missing() == [f"{p}.weight [shard '{s}']" for p, s in (('ab_proj', 'a'), ('ab_proj', 'b'),
+                                                                          ('cd_proj', 'c'), ('cd_proj', 'd'))]
