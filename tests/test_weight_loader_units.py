@@ -104,6 +104,7 @@ def test_an_index_is_read_as_utf8_whatever_the_locale(tmp_path):
     index = {'weight_map': {'embed.wèight': 'model.safetensors'}}
     (tmp_path / 'model.safetensors.index.json').write_text(json.dumps(index, ensure_ascii=False), encoding='utf-8')
     save_file({'embed.weight': torch.ones(1)}, str(tmp_path / 'model.safetensors'))
+    assert len(checkpoint_files(str(tmp_path))) == 1       # here, then in a process with an ASCII locale
     env = dict(os.environ, LC_ALL='C', PYTHONCOERCECLOCALE='0', PYTHONUTF8='0', PYTHONPATH=os.pathsep.join(sys.path))
     code = 'import sys; from lmdp.weight_loader import checkpoint_files; print(len(checkpoint_files(sys.argv[1])))'
     out = subprocess.run([sys.executable, '-c', code, str(tmp_path)], env=env, capture_output=True, text=True)
