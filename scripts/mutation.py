@@ -31,7 +31,8 @@ NOTES = ROOT / 'notes' / 'mutation.md'
 # behaviour; a pipeline over a tiny model appears only where nothing cheaper reaches the code.
 MODULES = {
     'sampler': (['lmdp/engine/sampler.py'],
-                ['tests/engine/test_sampler_properties.py', 'tests/engine/test_mixed_batch.py',
+                ['tests/engine/test_sampler_properties.py', 'tests/engine/test_sampler_noise.py',
+                 'tests/engine/test_mixed_batch.py',
                  'tests/engine/test_sampling.py::test_4000_seeded_draws_follow_the_filtered_distribution',
                  'tests/engine/test_sampling.py::test_logprobs_are_the_raw_model_logprobs']),
     'scheduler': (['lmdp/engine/scheduler.py'],

@@ -32,13 +32,19 @@ def row_key(seed: int, offset: int) -> int:
 def gumbel_noise(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel noise `[B, K]` for the tokens `token_ids` (`[B, K]` or `[1, K]`) of rows keyed `keys [B]`.
 
-    The hash works on 32-bit values held in int64, so no product overflows; 24 bits of it make a uniform in (0, 1).
+    The hash works on 32-bit values held in int64, so no product overflows; 23 bits of it make a uniform in (0, 1).
     """
     x = (token_ids.long() * 0x9E3779B1 + keys[:, None]) & _M32
     x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
     x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
-    x = (x >> 16) ^ x
-    u = ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return gumbel_from_bits((x >> 16) ^ x)
+
+
+def gumbel_from_bits(x: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise from 32-bit values: their top 23 bits, centred in their cells, are a uniform strictly
+    inside (0, 1), so the noise is finite for every value. (23, not 24: k + 0.5 must be exact in float32, or the
+    top cell rounds to u = 1 and its noise is +inf, which wins every draw, filtered tokens included.)"""
+    u = ((x >> 9).float() + 0.5) * (1.0 / (1 << 23))
     return -torch.log(-torch.log(u))
 
 

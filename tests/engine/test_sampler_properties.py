@@ -195,6 +195,20 @@ def _support(logits, **params):
 def test_top_k_keeps_exactly_k_tokens_with_ties_to_the_lower_id(k):
     logits = [1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.0]
     assert _support(logits, top_k=k) == sorted([1, 3, 2, 4, 5][:k])
+    assert _support([0.0, 1e-9, -1.0], top_k=1) == [1]          # logits a hair apart are not a tie
+
+
+def test_top_p_is_compared_at_the_precision_it_was_given():
+    """top_p a hair above the mass before the second token: that token crosses top_p and stays (top_p rounded to
+    float32 would fall below that mass and drop it)."""
+    for a in (0.3, 0.7, 1.1, 1.9, 2.3, 2.9):
+        m = torch.tensor([a, 0.0]).double().softmax(-1)[0].item()
+        if torch.tensor(m + 1e-15, dtype=torch.float32).item() < m - 1e-15:
+            break
+    else:
+        pytest.fail('no logits whose mass rounds down in float32: pick others')
+    assert _support([a, 0.0], top_p=m + 1e-15) == [0, 1]
+    assert _support([a, 0.0], top_p=m - 1e-15) == [0]
 
 
 def test_top_p_keeps_the_token_that_crosses_it_and_not_one_more():
