@@ -1,6 +1,22 @@
-"""Shared fixtures: tiny random-weight checkpoints written by transformers itself."""
+"""Shared fixtures: tiny random-weight checkpoints written by transformers itself; hypothesis profiles."""
+import os
+
 import pytest
 import torch
+
+try:
+    from hypothesis import Phase, settings
+except ImportError:          # the GPU machine has no hypothesis; the property tests skip themselves there
+    settings = None
+
+if settings is not None:
+    # Property tests: no per-example deadline (the CPU is shared, so timings are noise). scripts/mutation.sh picks
+    # the 'mutation' profile: the same examples every run, so its table can be reproduced, and no shrinking, since
+    # a mutant needs a failure, not the smallest one.
+    settings.register_profile('ci', deadline=None)
+    settings.register_profile('mutation', deadline=None, derandomize=True, database=None,
+                              phases=[Phase.explicit, Phase.generate])
+    settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'ci'))
 
 
 @pytest.fixture(scope='session')

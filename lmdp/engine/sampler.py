@@ -6,7 +6,8 @@ decides which ops the batch needs at all (a greedy batch is one argmax).
 Seeded sampling is the Gumbel-max trick with counter-based noise: the noise for token t of a request at output
 position n is a hash of (seed, n, t). A request thus draws the same tokens whatever shares its batch, after a
 preemption, and on any device, with no per-row generator and no loop over rows. The order of the filters follows
-transformers: repetition penalty, temperature, top-k, top-p (on the top-k set, renormalised), min-p.
+transformers: repetition penalty, temperature, top-k, top-p (on the top-k set, renormalised), min-p. Top-k keeps
+exactly k tokens, equal logits going to the lower token id, so its set too is the same in any batch.
 """
 import math
 from dataclasses import dataclass
@@ -31,13 +32,19 @@ def row_key(seed: int, offset: int) -> int:
 def gumbel_noise(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel noise `[B, K]` for the tokens `token_ids` (`[B, K]` or `[1, K]`) of rows keyed `keys [B]`.
 
-    The hash works on 32-bit values held in int64, so no product overflows; 24 bits of it make a uniform in (0, 1).
+    The hash works on 32-bit values held in int64, so no product overflows; 23 bits of it make a uniform in (0, 1).
     """
     x = (token_ids.long() * 0x9E3779B1 + keys[:, None]) & _M32
     x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
     x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
-    x = (x >> 16) ^ x
-    u = ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return gumbel_from_bits((x >> 16) ^ x)
+
+
+def gumbel_from_bits(x: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise from 32-bit values: their top 23 bits, centred in their cells, are a uniform strictly
+    inside (0, 1), so the noise is finite for every value. (23, not 24: k + 0.5 must be exact in float32, or the
+    top cell rounds to u = 1 and its noise is +inf, which wins every draw, filtered tokens included.)"""
+    u = ((x >> 9).float() + 0.5) * (1.0 / (1 << 23))
     return -torch.log(-torch.log(u))
 
 
@@ -49,7 +56,7 @@ class SamplingInputs:
     temperature: Optional[torch.Tensor] = None     # [B, 1]
     top_k: Optional[torch.Tensor] = None           # [B] (vocab size where a row has no limit)
     max_top_k: int = 0                             # width of the candidate set (vocab size: a full sort)
-    top_p: Optional[torch.Tensor] = None           # [B, 1]
+    top_p: Optional[torch.Tensor] = None           # [B, 1] float64
     log_min_p: Optional[torch.Tensor] = None       # [B, 1]
     keys: Optional[torch.Tensor] = None            # [B] int64 noise keys
     penalty: Optional[torch.Tensor] = None         # [B, 1]
@@ -96,13 +103,15 @@ class Sampler:
                                              torch.float32)
             # rows that do not sample get top_k=1: their draw is thrown away, and they must not widen the set
             top_k = [(min(p.top_k, V) if p.top_k > 0 else V) if s else 1 for p, s in zip(params, sampling)]
-            top_p = [p.top_p if s else 1.0 for p, s in zip(params, sampling)]
+            # no limit is an infinite top_p: a sum that rounds up to 1.0 must not drop a row's least likely tokens
+            top_p = [p.top_p if s and p.top_p < 1.0 else math.inf for p, s in zip(params, sampling)]
             widest = max(k for k, s in zip(top_k, sampling) if s)
-            if widest < V or min(top_p) < 1.0:
+            # one row's top_k=0 (the whole vocabulary) widens the candidate set, never another row's limit
+            if any(k < V for k, s in zip(top_k, sampling) if s) or min(top_p) < 1.0:
                 st['max_top_k'] = widest
                 st['top_k'] = self._tensor(top_k, torch.long)
             if min(top_p) < 1.0:
-                st['top_p'] = self._tensor([[p] for p in top_p], torch.float32)
+                st['top_p'] = self._tensor([[p] for p in top_p], torch.float64)
             if any(p.min_p > 0 and s for p, s in zip(params, sampling)):
                 st['log_min_p'] = self._tensor([[math.log(p.min_p) if p.min_p > 0 and s else -math.inf]
                                                 for p, s in zip(params, sampling)], torch.float32)
@@ -127,7 +136,7 @@ class Sampler:
             inputs.history = self._tensor([s.token_ids + s.token_ids[:1] * (width - s.num_tokens) for s in seqs],
                                           torch.long)
         if inputs.stop_ids is not None:
-            # a row without stop ids is padded with id 0 (see _static_inputs): it must never mask anything
+            # a row without stop ids holds padding (token 0) in stop_ids: it must never be masked
             active = [bool(s.params.stop_ids) and s.num_generated + ahead < s.params.min_new_tokens for s in seqs]
             inputs.stop_active = self._tensor(active, torch.bool) if any(active) else None
         return inputs
@@ -135,17 +144,13 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, inputs: SamplingInputs):
         """Tokens `[B]` (on the device) and, when asked, the raw logprobs `(top_values, top_ids, chosen)`."""
         raw = logits
-        if inputs.penalty is not None:
-            seen = logits.gather(1, inputs.history)
-            seen = torch.where(seen < 0, seen * inputs.penalty, seen / inputs.penalty)
-            logits = logits.scatter(1, inputs.history, seen)
-        if inputs.stop_active is not None:
-            masked = torch.where(inputs.stop_active[:, None], -math.inf, logits.gather(1, inputs.stop_ids))
-            logits = logits.scatter(1, inputs.stop_ids, masked)
+        logits = self.adjusted(logits, inputs)
         if inputs.greedy:
             tokens = logits.argmax(-1)
         else:
-            tokens = self._sample(logits, inputs)
+            x, ids = self.candidates(logits, inputs)
+            choice = (x + gumbel_noise(inputs.keys, ids)).argmax(-1)
+            tokens = choice if ids is self._vocab_ids else ids.gather(1, choice[:, None])[:, 0]
             if inputs.do_sample is not None:
                 tokens = torch.where(inputs.do_sample, tokens, logits.argmax(-1))
         logprobs = None
@@ -155,26 +160,54 @@ class Sampler:
             logprobs = (top_values, top_ids, lp.gather(1, tokens[:, None])[:, 0])
         return tokens, logprobs
 
-    def _sample(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
-        x = logits / inputs.temperature
+    def adjusted(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+        """The logits every row chooses from, greedy or not: repetition penalty applied, stop ids at -inf while a
+        row is short of its min_new_tokens."""
+        if inputs.penalty is not None:
+            seen = logits.gather(1, inputs.history)
+            seen = torch.where(seen < 0, seen * inputs.penalty, seen / inputs.penalty)
+            logits = logits.scatter(1, inputs.history, seen)
+        if inputs.stop_active is not None:
+            masked = torch.where(inputs.stop_active[:, None], -math.inf, logits.gather(1, inputs.stop_ids))
+            logits = logits.scatter(1, inputs.stop_ids, masked)
+        return logits
+
+    def candidates(self, logits: torch.Tensor, inputs: SamplingInputs):
+        """What each sampled row draws from: token ids `[B, K]` (or `[1, V]`, the whole vocabulary) and their
+        temperature-scaled logits `[B, K]`, -inf where top-k, top-p or min-p dropped the token."""
+        x = logits.float() / inputs.temperature
         ids = self._vocab_ids
         if inputs.top_k is not None:
             # the candidates, best first: top-k's set (or the whole vocabulary when some row has no limit)
+            keys = rank_keys(x)
             if inputs.max_top_k < self.vocab_size:
-                x, ids = x.topk(inputs.max_top_k, -1)
+                ids = keys.topk(inputs.max_top_k, -1).indices
             else:
-                x, ids = x.sort(-1, descending=True)
+                ids = keys.sort(-1, descending=True).indices
+            x = x.gather(1, ids)
             rank = torch.arange(x.size(-1), device=x.device)[None]
             x = x.masked_fill(rank >= inputs.top_k[:, None], -math.inf)
             if inputs.top_p is not None:
-                probs = x.softmax(-1)
+                # float64: the sums then hardly depend on how many candidates the batch carries
+                probs = x.double().softmax(-1)
                 # keep a token while the mass before it is short of top_p; the best token always stays
                 x = x.masked_fill(probs.cumsum(-1) - probs >= inputs.top_p, -math.inf)
         if inputs.log_min_p is not None:
             # p < min_p * p_max  <=>  logit < max_logit + log(min_p)
             x = x.masked_fill(x < x.max(-1, keepdim=True).values + inputs.log_min_p, -math.inf)
-        choice = (x + gumbel_noise(inputs.keys, ids)).argmax(-1)
-        return choice if ids is self._vocab_ids else ids.gather(1, choice[:, None])[:, 0]
+        return x, ids
+
+
+def rank_keys(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys that order each row of float32 `x` from high to low, equal values by lower token id.
+
+    Unique keys make top-k well defined: a row keeps the same k tokens, in the same order, however wide the
+    batch's candidate set is (topk and sort may break ties either way, and bfloat16 logits tie often).
+    """
+    vocab = x.size(-1)
+    bits = (x + 0.0).view(torch.int32).long()          # + 0.0 turns -0.0 into 0.0, which it equals
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)   # negative floats: larger magnitude, smaller key
+    return bits * vocab + (vocab - 1 - torch.arange(vocab, device=x.device))
 
 
 def logprob_dicts(logprobs, want: List[int], tokens: List[int]) -> List[Optional[Dict[int, float]]]:

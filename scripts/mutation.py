@@ -1,0 +1,333 @@
+"""Mutation testing of the engine's core with mutmut: plant every small bug mutmut knows, one at a time, and see
+whether a fast, focused set of tests notices.
+
+Each module runs in a fresh copy of the repository under the work folder: a setup.cfg there names the files to
+mutate and the tests that pin them, and mutmut runs each mutant against those of the tests that call the mutated
+function. mutmut leaves decorated functions alone (@property, @contextmanager); their bodies get the same
+operators here, each mutant run against the module's tests. Survivors are then sorted three ways:
+
+- listed in notes/mutation.md's "Equivalent mutants" table, with the reason;
+- message wording: the mutant only re-cases or wraps ('XX...XX') a string literal of a raise, assert or log
+  call, which no test of behaviour can tell (tests pin the error's type and the facts it names);
+- open: neither, which is what the tests still have to catch.
+
+The table goes to stdout and `<work>/table.md`, every survivor's diff to `<work>/survivors.md`; `--update-notes`
+writes the table into notes/mutation.md. Run it through scripts/mutation.sh.
+"""
+import argparse
+import difflib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTES = ROOT / 'notes' / 'mutation.md'
+
+# module -> (files mutated, the tests they run against). The tests are the fast ones that pin the module's
+# behaviour; a pipeline over a tiny model appears only where nothing cheaper reaches the code.
+MODULES = {
+    'sampler': (['lmdp/engine/sampler.py'],
+                ['tests/engine/test_sampler_properties.py', 'tests/engine/test_sampler_noise.py',
+                 'tests/engine/test_mixed_batch.py',
+                 'tests/engine/test_sampling.py::test_4000_seeded_draws_follow_the_filtered_distribution',
+                 'tests/engine/test_sampling.py::test_logprobs_are_the_raw_model_logprobs']),
+    'scheduler': (['lmdp/engine/scheduler.py'],
+                  ['tests/engine/test_scheduler.py', 'tests/engine/test_scheduler_properties.py']),
+    'sequence': (['lmdp/engine/sequence.py'],
+                 ['tests/engine/test_sequence.py', 'tests/engine/test_scheduler.py',
+                  'tests/engine/test_scheduler_properties.py']),
+    'paging': (['lmdp/paging/block_allocator.py', 'lmdp/paging/block_manager.py'],
+               ['tests/engine/test_block_manager.py', 'tests/engine/test_paging_rules.py',
+                'tests/engine/test_scheduler_properties.py',
+                'tests/test_step_runner.py::test_allocator_shuffles_and_runs_out']),
+    'model_inputs': (['lmdp/model_inputs.py'],
+                     ['tests/test_model_inputs.py', 'tests/test_step_runner.py',
+                      'tests/engine/test_scheduler_properties.py']),
+    'weight_loader': (['lmdp/weight_loader/checkpoint.py', 'lmdp/weight_loader/loaders.py',
+                       'lmdp/weight_loader/model_weight_loader.py', 'lmdp/weight_loader/tracker.py'],
+                      ['tests/test_weight_loader_units.py', 'tests/test_weight_loading.py']),
+}
+
+STATUS = re.compile(r'^\s*(\S+__mutmut_\d+): (.+)$')
+KILLED = ('killed', 'timeout')
+STRING = re.compile(r"""(?:[rbuRBU]{0,2})('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+MESSAGE_CALL = re.compile(r'^\s*(raise |assert |.*\blogger\.\w+\(|.*\bwarnings\.warn\()')
+
+
+def _env(**extra):
+    # no PYTHONPATH: mutmut puts mutants/ first on the path itself, and a folder named on the path before it
+    # exists is remembered by Python's importer as empty, so the unmutated lmdp (the editable install) would load
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    env.update(HYPOTHESIS_PROFILE='mutation', OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONDONTWRITEBYTECODE='1')
+    env.update(extra)
+    return env
+
+
+def _lines(values):
+    return ''.join(f'\n    {v}' for v in values)
+
+
+def prepare(module: str, work: Path, suffix: str = '') -> Path:
+    """A fresh copy of the repository's files (tracked and untracked-not-ignored) with the module's setup.cfg."""
+    where = work / (module + suffix)
+    if where.exists():
+        shutil.rmtree(where)
+    where.mkdir(parents=True)
+    listed = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard', 'lmdp', 'parity', 'tests',
+                             'pyproject.toml'], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for rel in listed.split():
+        if (ROOT / rel).is_file():
+            (where / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, where / rel)
+    _write_config(module, where)
+    return where
+
+
+def _write_config(module: str, where: Path):
+    files, tests = MODULES[module]
+    (where / 'setup.cfg').write_text(
+        '[mutmut]\n'
+        'source_paths = lmdp\n'
+        f'only_mutate ={_lines(files)}\n'
+        'also_copy = parity\n'
+        'pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -W\n    ignore::DeprecationWarning\n'
+        # a mutant that hangs is killed after 4x its tests' time (+20 s for a busy machine), not mutmut's 15x
+        'timeout_multiplier = 4\ntimeout_constant = 20\n'
+        f'pytest_add_cli_args_test_selection ={_lines(tests)}\n')
+
+
+def _mutmut(where: Path, log: Path, *args) -> dict:
+    """Run `mutmut run *args` in `where`; every mutant's status and, for those not killed, its diff."""
+    with open(log, 'w') as f:
+        subprocess.run([sys.executable, '-m', 'mutmut', 'run', *args], cwd=where, env=_env(), stdout=f,
+                       stderr=subprocess.STDOUT)
+    out = subprocess.run([sys.executable, '-m', 'mutmut', 'results', '--all', 'true'], cwd=where, env=_env(),
+                         capture_output=True, text=True).stdout
+    results = {}
+    for name, status in (m.groups() for m in map(STATUS.match, out.splitlines()) if m):
+        diff = ''
+        if status not in KILLED:
+            diff = subprocess.run([sys.executable, '-m', 'mutmut', 'show', name], cwd=where, env=_env(),
+                                  capture_output=True, text=True).stdout.split('\n', 1)[-1]
+        results[name] = (status, diff)
+    return results
+
+
+def run(module: str, work: Path, jobs: int) -> dict:
+    start = time.time()
+    results = _mutmut(prepare(module, work), work / f'{module}.log', '--max-children', str(jobs))
+    results.update(run_decorated(module, work))
+    print(f'{module}: {len(results)} mutants in {time.time() - start:.0f} s', flush=True)
+    return results
+
+
+def retest(module: str, work: Path, names) -> dict:
+    """Run mutants again in the module's existing work folder against the repository's current tests (while
+    writing tests for survivors; the table to commit comes from a fresh run)."""
+    where = work / module
+    for dest in (where, where / 'mutants'):
+        shutil.rmtree(dest / 'tests')
+        shutil.copytree(ROOT / 'tests', dest / 'tests', ignore=shutil.ignore_patterns('__pycache__'))
+    _write_config(module, where)
+    return _mutmut(where, work / f'{module}.retest.log', '--max-children', '1', *names)
+
+
+def decorated_mutants(path: Path, root: Path = ROOT):
+    """(name, mutated source) for the bodies of decorated functions other than static and class methods."""
+    import libcst as cst
+    from mutmut.mutation.file_mutation import deep_replace
+    from mutmut.mutation.mutators import mutation_operators
+
+    module = cst.parse_module((root / path).read_text())
+    dotted = '.'.join(path.with_suffix('').parts)
+    out = []
+
+    def skip(node):
+        docstring = isinstance(node, cst.SimpleStatementLine) and len(node.body) == 1 and \
+            isinstance(node.body[0], cst.Expr) and isinstance(node.body[0].value, cst.BaseString)
+        return docstring or isinstance(node, (cst.Annotation, cst.Decorator))
+
+    def mutate(node, name):
+        if skip(node):
+            return
+        for kind, operator in mutation_operators:
+            if isinstance(node, kind):
+                for mutated in operator(node):
+                    count = sum(n.startswith(f'{dotted}.{name}__') for n, _ in out)
+                    out.append((f'{dotted}.{name}__decorated_{count + 1}', deep_replace(module, node, mutated).code))
+        for child in node.children:
+            mutate(child, name)
+
+    def plain_method(fn):
+        return len(fn.decorators) == 1 and isinstance(fn.decorators[0].decorator, cst.Name) and \
+            fn.decorators[0].decorator.value in ('staticmethod', 'classmethod')
+
+    def visit(statements, prefix=''):
+        for child in statements:
+            if isinstance(child, cst.ClassDef):
+                visit(child.body.body, f'{prefix}{child.name.value}.')
+            elif isinstance(child, cst.FunctionDef) and child.decorators and not plain_method(child):
+                mutate(child.body, prefix + child.name.value)
+
+    visit(module.body)
+    return out
+
+
+def run_decorated(module: str, work: Path) -> dict:
+    """Each decorated-function mutant against the module's tests (-x: the first failure kills it)."""
+    files, tests = MODULES[module]
+    where = prepare(module, work, suffix='-decorated')
+    results = {}
+    with open(work / f'{module}-decorated.log', 'w') as log:
+        for rel in files:
+            original = (where / rel).read_text()
+            for name, source in decorated_mutants(Path(rel), where):
+                (where / rel).write_text(source)
+                log.write(f'== {name}\n')
+                log.flush()
+                rc = subprocess.run([sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider', *tests],
+                                    cwd=where, env=_env(PYTHONPATH=str(where)), stdout=log,
+                                    stderr=subprocess.STDOUT).returncode
+                status = 'killed' if rc == 1 else 'survived' if rc == 0 else f'suspicious (pytest exit {rc})'
+                diff = '' if status in KILLED else '\n'.join(difflib.unified_diff(
+                    original.splitlines(), source.splitlines(), rel, rel, n=2, lineterm=''))
+                results[name] = (status, diff)
+            (where / rel).write_text(original)
+    return results
+
+
+def is_wording(diff: str) -> bool:
+    """The mutant only re-cases or wraps in XX a string literal of a raise, assert or log statement."""
+    lines = diff.splitlines()
+    removed = [i for i, line in enumerate(lines) if line.startswith('-') and not line.startswith('---')]
+    added = [line[1:] for line in lines if line.startswith('+') and not line.startswith('+++')]
+    if len(removed) != 1 or len(added) != 1:
+        return False
+    i = removed[0]
+    old, new = lines[i][1:], added[0]
+    if STRING.sub('S', old) != STRING.sub('S', new):
+        return False
+    pairs = [(a, b) for a, b in zip(STRING.findall(old), STRING.findall(new)) if a != b]
+    if len(pairs) != 1:
+        return False
+    a, b = (s[1:-1] for s in pairs[0])
+    return b in (f'XX{a}XX', a.upper(), a.lower()) and _inside_message(lines, i)
+
+
+def _inside_message(lines, i) -> bool:
+    """Whether diff line i lies in a raise/assert/log statement that opens on it or on a context line above."""
+    above = [j for j in range(i - 1, -1, -1) if not lines[j].startswith('+')]
+    for j in [i] + above:
+        if lines[j].startswith('@@'):
+            return False
+        if MESSAGE_CALL.match(lines[j][1:]):
+            # every line from the opener down to line i must leave a bracket open
+            depth = 0
+            for k in range(j, i):
+                if lines[k].startswith('+'):
+                    continue
+                text = STRING.sub('S', lines[k][1:])
+                depth += text.count('(') + text.count('[') - text.count(')') - text.count(']')
+                if depth <= 0:
+                    return False
+            return True
+    return False
+
+
+def equivalents() -> dict:
+    """Mutant name -> reason, from the rows of notes/mutation.md's 'Equivalent mutants' table."""
+    text = NOTES.read_text() if NOTES.exists() else ''
+    section = text.split('## Equivalent mutants', 1)[1] if '## Equivalent mutants' in text else ''
+    return dict(re.findall(r'^\| `([^`]+)` \| (.+?) \|$', section, flags=re.M))
+
+
+def classify(results: dict) -> dict:
+    """module -> {'killed': [...], 'equivalent': [...], 'wording': [...], 'open': [...]}"""
+    equivalent = equivalents()
+    out = {}
+    for module, mutants in results.items():
+        groups = {'killed': [], 'equivalent': [], 'wording': [], 'open': []}
+        for name, (status, diff) in sorted(mutants.items()):
+            if status in KILLED:
+                groups['killed'].append(name)
+            elif name in equivalent:
+                groups['equivalent'].append(name)
+            elif is_wording(diff):
+                groups['wording'].append(name)
+            else:
+                groups['open'].append(name)
+        out[module] = groups
+    return out
+
+
+def table(groups: dict) -> str:
+    lines = ['| module | mutants | killed | survived | equivalent (listed below) | message wording | open | '
+             'killed of non-equivalent |', '| --- | --- | --- | --- | --- | --- | --- | --- |']
+    for module, g in groups.items():
+        total = sum(len(v) for v in g.values())
+        relevant = len(g['killed']) + len(g['open'])
+        score = f'{100 * len(g["killed"]) / relevant:.1f}%' if relevant else 'n/a'
+        lines.append(f'| {module} | {total} | {len(g["killed"])} | {total - len(g["killed"])} | '
+                     f'{len(g["equivalent"])} | {len(g["wording"])} | {len(g["open"])} | {score} |')
+    return '\n'.join(lines) + '\n'
+
+
+def survivors_report(results: dict, groups: dict) -> str:
+    equivalent = equivalents()
+    parts = []
+    for module, g in groups.items():
+        for kind in ('open', 'wording', 'equivalent'):
+            for name in g[kind]:
+                status, diff = results[module][name]
+                why = f' -- {equivalent[name]}' if kind == 'equivalent' else ''
+                parts.append(f'### {name} ({kind}, {status}){why}\n\n```diff\n{diff.strip()}\n```\n')
+    return '\n'.join(parts)
+
+
+def update_notes(text: str, groups: dict):
+    begin, end = '<!-- mutation table: begin -->', '<!-- mutation table: end -->'
+    notes = NOTES.read_text()
+    if begin not in notes:
+        raise SystemExit(f'{NOTES} has no "{begin}" ... "{end}" block to fill')
+    wording = [f'- `{n}`' for g in groups.values() for n in g['wording']]
+    body = text + ('\nMessage-wording survivors:\n\n' + '\n'.join(wording) + '\n' if wording else '')
+    head, rest = notes.split(begin, 1)
+    NOTES.write_text(head + begin + '\n' + body + end + rest.split(end, 1)[1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('modules', nargs='*', metavar='module', help=f'some of {", ".join(MODULES)} (default: all)')
+    parser.add_argument('--work', default=os.environ.get('MUTATION_WORK', '/tmp/lmdp-mutation'))
+    parser.add_argument('--jobs', type=int, default=int(os.environ.get('MUTATION_JOBS', 1)),
+                        help='mutants tested at once (default 1: the CPU is shared)')
+    parser.add_argument('--retest', nargs='+', metavar='MUTANT',
+                        help="run these mutants of one module again in its work folder (globs like 'x_f__mutmut_*')")
+    parser.add_argument('--update-notes', action='store_true', help='write the table into notes/mutation.md')
+    args = parser.parse_args()
+    unknown = set(args.modules) - set(MODULES)
+    if unknown:
+        parser.error(f'unknown module(s) {sorted(unknown)}; choose from {", ".join(MODULES)}')
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.retest:
+        if len(args.modules) != 1:
+            parser.error('--retest takes exactly one module')
+        results = {args.modules[0]: retest(args.modules[0], work, args.retest)}
+    else:
+        results = {m: run(m, work, args.jobs) for m in (args.modules or MODULES)}
+    groups = classify(results)
+    text = table(groups)
+    (work / 'table.md').write_text(text)
+    (work / 'survivors.md').write_text(survivors_report(results, groups))
+    print(text + f'\nsurvivors and their diffs: {work / "survivors.md"}')
+    if args.update_notes:
+        update_notes(text, groups)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,44 @@
+"""The sampler's counter-based noise: finite everywhere, uniform, and no two (seed, position) pairs or tokens sharing
+it. The frequency checks of test_sampling.py see the noise only through a few thousand draws; these look at the
+hash itself."""
+import math
+
+import torch
+
+from lmdp.engine.sampler import gumbel_from_bits, gumbel_noise, row_key
+
+
+def test_every_hash_value_gives_finite_noise_in_order():
+    """The top cell once rounded to u = 1 in float32: +inf noise, which wins a draw whatever the filters said."""
+    g = gumbel_from_bits(torch.arange(1 << 23, dtype=torch.long) << 9)
+    assert torch.isfinite(g).all()
+    assert (g[1:] > g[:-1]).all() and g[0] < -2.5 and g[-1] > 16     # -log(-log(u)), u strictly inside (0, 1)
+    # the low 9 bits are dropped: they never move the noise
+    assert torch.equal(gumbel_from_bits(torch.tensor([0x12345600, 0x123457FF])),
+                       gumbel_from_bits(torch.tensor([0x12345600, 0x12345600])))
+
+
+def test_row_keys_are_distinct_and_their_bits_balanced():
+    pairs = [(seed, n) for seed in (0, 1, 2, 7, 2 ** 40, 2 ** 40 + 1, 2 ** 62 + 5) for n in range(512)]
+    keys = torch.tensor([row_key(seed, n) for seed, n in pairs])
+    assert keys.unique().numel() == len(pairs) and (keys >= 0).all() and (keys < 2 ** 32).all()
+    bits = torch.stack([(keys >> b) & 1 for b in range(32)]).float().mean(1)
+    assert ((bits - 0.5).abs() < 0.05).all(), bits      # 3584 keys: a fair bit is within 0.05 of 1/2 (6 sigma)
+
+
+def test_noise_is_uniform_and_unshared_across_tokens_and_positions():
+    keys = torch.tensor([row_key(3, n) for n in range(256)])
+    g = gumbel_noise(keys, torch.arange(1024)[None])
+    u = torch.exp(-torch.exp(-g.double())).flatten()
+    n, bins = u.numel(), 256
+    counts = torch.bincount((u * bins).long().clamp(max=bins - 1), minlength=bins).double()
+    chi2 = ((counts - n / bins) ** 2 / (n / bins)).sum().item()
+    # chi-square with 255 degrees of freedom: mean 255, sd 22.6; 400 is beyond 6 sd
+    assert chi2 < 400, chi2
+    # 262144 draws of 23 bits: about 4000 values repeat by chance, far fewer than a weak hash repeats
+    assert u.unique().numel() > n - 8000
+    # neighbouring tokens and positions do not move together
+    centred = u.view(256, 1024) - 0.5
+    for a, b in ((centred[:, 1:], centred[:, :-1]), (centred[1:], centred[:-1])):
+        corr = (a * b).mean() / (a * a).mean()
+        assert abs(corr.item()) < 6 / math.sqrt(a.numel()), corr
