@@ -1,9 +1,9 @@
-"""Copies of the lmdp Llama and Qwen3 ports with one porting bug planted in each: the harness must name where each
-goes wrong.
+"""Copies of the lmdp Llama and Qwen3 ports with one porting bug planted in each: the harness must name where each goes
+wrong.
 
-Each bug is a subclass of a port class (Llama, or Qwen3 for mistakes inside attention), handed to lmdp as a custom module map entry, and
-states the phase and the first tap where a correct harness sees it diverge. The harness's tests (tests/parity)
-and its GPU self-test (`python -m parity.selftest`) run every one of them.
+Each bug is a subclass of a port class (Llama, or Qwen3 for mistakes inside attention), handed to lmdp as a custom
+module map entry, and states the phase and the first tap where a correct harness sees it diverge. The harness's
+tests (tests/parity) and its GPU self-test (`python -m parity.selftest`) run every one of them.
 """
 import copy
 import types

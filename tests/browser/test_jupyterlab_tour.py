@@ -61,8 +61,8 @@ def _user_settings(settings_dir: str):
 def lab(tmp_path):
     """A JupyterLab server on 127.0.0.1 over a copy of the notebooks (the committed ones stay output-free)."""
     try:
-        import jupyterlab  # noqa: F401
         import ipywidgets  # noqa: F401
+        import jupyterlab  # noqa: F401
     except ImportError as e:
         _missing(f"{e.name} is not installed (pip install -e '.[notebooks]')")
     work = tmp_path / 'notebooks'
@@ -167,9 +167,8 @@ def _run_tour(browser, lab: str):
 
 
 def test_tour_runs_in_jupyterlab_and_shows_the_per_layer_view(lab, browser):
-    from selenium.webdriver.common.by import By
-
     import torch
+    from selenium.webdriver.common.by import By
     from transformers import AutoModelForCausalLM
 
     from lmdp.tiny import tiny_config
