@@ -92,3 +92,53 @@ def test_from_capture_sets_skips_dense_layers():
     report = routing_from_captures(ref32, port, None, cfg, 'prefill')
     assert [r.layer for r in report.layers] == [0] and report.top_k == 2 and report.passed
     assert report.missing == {'layers.1.router': 'no router'}
+
+
+# --- the 'routing' check that `pytest parity` adds for a mixture of experts ---
+
+
+def test_the_routing_check_lists_every_layers_agreement():
+    from parity.routing import routing_check
+    ref = _logits()
+    near_ref, near_port = _swap_boundary(ref, row=3, k=2, gap=1e-3)
+    floor = {0: ref, 1: near_ref + 1e-2}
+    check = routing_check(compare_routing({0: ref, 1: near_ref}, {0: ref, 1: near_port}, top_k=2, floor=floor,
+                                          phase='decode'))
+    assert (check.name, check.phase, check.status) == ('routing', 'decode', 'passed')
+    assert 'per layer: 0 100.0% (transformers 100%), 1 95.0% (transformers ' in check.detail
+    assert '1 flip(s) within the noise of a tie, 0 hard' in check.detail
+    assert check.value == pytest.approx(0.95) and check.data['layers'][1]['agreement'] == pytest.approx(0.95)
+
+
+def test_the_routing_check_fails_on_a_hard_flip_and_names_it():
+    from parity.routing import routing_check
+    ref, port = _swap_boundary(_logits(), row=7, k=2, gap=0.5)
+    check = routing_check(compare_routing({0: ref, 2: ref}, {0: ref, 2: port}, top_k=2))
+    assert check.status == 'failed' and '0 flip(s) within the noise of a tie, 1 hard' in check.detail
+    assert 'First hard flip: layer 2, row 7' in check.detail and 'preferred by 0.5' in check.detail
+
+
+def test_a_layer_the_port_does_not_route_fails_the_check():
+    from parity.routing import routing_check
+    ref = _logits()
+    report = compare_routing({0: ref, 1: ref}, {0: ref}, top_k=2)
+    assert report.unrouted == [1] and not report.passed
+    check = routing_check(report)
+    assert check.status == 'failed' and 'layers [1] route tokens in transformers' in check.detail
+    empty = routing_check(compare_routing({0: ref}, {}, top_k=2))
+    assert empty.status == 'failed' and 'no layer had router logits on both sides' in empty.detail
+
+
+def test_add_routing_turns_an_error_into_failed_checks(monkeypatch):
+    from parity import routing
+    from parity.report import ParityReport
+
+    def broken(*args, **kwargs):
+        raise RuntimeError('the port has no experts')
+    monkeypatch.setattr(routing, 'routing_parity', broken)
+    report = ParityReport('ckpt', 'X', 'Y', 'float32', 'cpu', [5], 2, 'rule')
+    routing.add_routing(report, prompts=1)
+    assert [(c.name, c.phase, c.status) for c in report.checks] == [('routing', 'prefill', 'failed'),
+                                                                     ('routing', 'decode', 'failed')]
+    assert 'RuntimeError: the port has no experts' in report.checks[0].detail and not report.passed
+    assert 'routing' in report.timings
