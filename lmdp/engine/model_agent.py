@@ -54,6 +54,8 @@ def build_model(model_config: ModelConfig, model_path: str | None = None, device
         model.adjust_model_config(model_config)
     # a port written without dtype/device plumbing (plain nn.Linear) still ends up where asked
     for param in model.parameters():
+        if getattr(param, 'lmdp_keep_dtype', False):     # quantised weights and their scales keep their format
+            continue
         if param.is_floating_point() and (param.dtype != model_config.dtype or param.device != torch.device(device)):
             param.data = param.data.to(device=device, dtype=model_config.dtype)
     model.eval()
