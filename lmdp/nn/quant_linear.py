@@ -39,7 +39,7 @@ def select(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
 
 def keep_dtype(param: nn.Parameter) -> nn.Parameter:
     """Mark a parameter whose dtype is part of its format: the model's dtype cast leaves it alone."""
-    param.lmdp_keep_dtype = True
+    param.keep_dtype = True
     return param
 
 
