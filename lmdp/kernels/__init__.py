@@ -7,6 +7,7 @@ from .dispatch import (
                        fill_kv_cache,
                        fp8_block_linear,
                        fused_moe,
+                       fused_moe_fp8,
                        gelu_and_mul,
                        linear,
                        paged_attention_fwd,
@@ -18,4 +19,4 @@ from .dispatch import (
 
 __all__ = ['act_and_mul_linear', 'apply_rotary_pos_emb', 'fill_kv_cache', 'fused_moe', 'gelu_and_mul', 'linear',
            'paged_attention_fwd', 'rms_norm', 'rotary_fill_kv_cache', 'silu_and_mul', 'softmax_topk']
-__all__ += ['awq_linear', 'fp8_block_linear']
+__all__ += ['awq_linear', 'fp8_block_linear', 'fused_moe_fp8']

@@ -34,6 +34,7 @@ _REFERENCE = {
     'fused_moe': _moe.fused_moe,
     'fp8_block_linear': _quant.fp8_block_linear,
     'awq_linear': _quant.awq_linear,
+    'fused_moe_fp8': _quant.fused_moe_fp8,
 }
 
 
@@ -117,3 +118,11 @@ def fp8_block_linear(x, weight, scale, bias=None, act=None, scale_per_row=False)
 def awq_linear(x, qweight, scales, zeros, bias=None, act=None):
     """`x W^T + b` for 4-bit AWQ W in lmdp's layout (`lmdp.kernels.quant`)."""
     return implementation('awq_linear', x)(x, qweight, scales, zeros, bias, act)
+
+
+def fused_moe_fp8(hidden_states, gate_up_weights, gate_up_scales, down_weights, down_scales, topk_weights, topk_ids,
+                  renormalize=False, act='silu'):
+    """`fused_moe` over FP8 experts with per-row block scales (W8A16, `lmdp.kernels.quant.fused_moe_fp8`)."""
+    return implementation('fused_moe_fp8', hidden_states)(hidden_states, gate_up_weights, gate_up_scales,
+                                                          down_weights, down_scales, topk_weights, topk_ids,
+                                                          renormalize, act)

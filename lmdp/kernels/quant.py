@@ -181,3 +181,26 @@ def awq_quantize(w: torch.Tensor, group: int = 128):
     zero = (-lo / s).round().clamp(0, 15)
     codes = ((g / s[..., None]).round() + zero[..., None]).clamp(0, 15)
     return codes.flatten(-2).to(torch.uint8), scale, zero.to(torch.uint8)
+
+
+# --- FP8 experts (W8A16) ---
+
+def fp8_expert_dequant(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Stacked FP8 expert weights `[E, N, K]` with per-row scales `[E, N, K / 128]` in `dtype` (rounded once)."""
+    return fp8_block_dequant(weight, scale, scale_per_row=True).to(dtype)
+
+
+def fused_moe_fp8(hidden_states: torch.Tensor, gate_up_weights: torch.Tensor, gate_up_scales: torch.Tensor,
+                  down_weights: torch.Tensor, down_scales: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, renormalize: bool = False, act: str = 'silu') -> torch.Tensor:
+    """`fused_moe` with FP8 expert weights and one float32 scale per output row and 128 inputs (W8A16: the
+    activations are not quantised): each expert's weight is dequantised to the activations' dtype, then the
+    experts run as unquantised ones do."""
+    from .moe import fused_moe
+    for w, s, what in ((gate_up_weights, gate_up_scales, 'gate_up'), (down_weights, down_scales, 'down')):
+        if w.dtype != FP8_DTYPE or tuple(s.shape) != (*w.shape[:2], -(-w.size(2) // FP8_GROUP)):
+            raise ValueError(f'fused_moe_fp8: {what} weights must be float8_e4m3fn [E, N, K] with scales '
+                             f'[E, N, K / 128]; got {w.dtype} {tuple(w.shape)} and {tuple(s.shape)}')
+    dtype = hidden_states.dtype
+    return fused_moe(hidden_states, fp8_expert_dequant(gate_up_weights, gate_up_scales, dtype),
+                     fp8_expert_dequant(down_weights, down_scales, dtype), topk_weights, topk_ids, renormalize, act)
