@@ -118,3 +118,37 @@ def _awq(raw, where: str, skip) -> QuantConfig:
         raise ConfigError(f'{where}: quantization_config.version is {version!r}; lmdp reads the AWQ GEMM layout '
                           "(version 'gemm', as AutoAWQ writes by default) only")
     return QuantConfig('awq', group_size=int(group), modules_to_not_convert=skip)
+
+
+def check_quantized_tensors(scheme: Optional[QuantConfig], tensors: dict, where: str = 'the checkpoint'):
+    """Raise ConfigError, before any weight is read, when the checkpoint's quantised tensors (`{name: info with
+    .shape}`, from the file headers) do not have the layout `scheme` describes: AWQ scales for another group size,
+    FP8 scales for other blocks, or 4-bit experts (lmdp runs AWQ checkpoints with unquantised experts only)."""
+    if scheme is None:
+        return
+    for name, info in tensors.items():
+        shape = tuple(info.shape)
+        if scheme.method == 'awq' and name.endswith('.qweight'):
+            prefix = name[:-len('.qweight')]
+            if '.experts.' in name:
+                raise ConfigError(f'{where}: {name} holds 4-bit experts; lmdp runs AWQ checkpoints whose mixture-of-'
+                                  'experts weights are unquantised (listed in modules_to_not_convert), as `lmdp '
+                                  'quantize --awq` writes them. Use an FP8 checkpoint for this model instead')
+            scales = tensors.get(prefix + '.scales')
+            k = shape[0] if len(shape) == 2 else None
+            if scales is None or k is None or tuple(scales.shape) != (k // scheme.group_size, shape[1] * 8):
+                got = None if scales is None else tuple(scales.shape)
+                raise ConfigError(f'{where}: {prefix}.scales has shape {got}, but {name} {shape} with '
+                                  f'quantization_config.group_size {scheme.group_size} needs '
+                                  f'{(k // scheme.group_size if k else "?", shape[1] * 8 if k else "?")}: the '
+                                  'config and the tensors disagree on the group size (fix group_size in config.json)')
+        if scheme.method == 'fp8' and name.endswith('.weight_scale_inv'):
+            weight = tensors.get(name[:-len('_scale_inv')])
+            if weight is None or len(weight.shape) != 2:
+                continue
+            n, k = weight.shape
+            blocks = (-(-n // scheme.block[0]), -(-k // scheme.block[1]))
+            if shape != blocks:
+                raise ConfigError(f'{where}: {name} has shape {list(shape)}, but the weight [{n}, {k}] in '
+                                  f'{scheme.block[0]}x{scheme.block[1]} blocks needs {list(blocks)}: this '
+                                  'checkpoint was quantised with other blocks than its weight_block_size says')
