@@ -11,8 +11,8 @@ port's error apart from quantisation's.
 
 FP8 linear layers quantise their *input* at run time as well (per token, groups of 128 features, W8A8); that is
 part of the model's arithmetic, not of the port's, so the reference applies the same rounding with a forward
-wrapper around each of those layers' forward (`lmdp.kernels.quant.fp8_fake_quant`). Mixture-of-experts weights run against
-unquantised activations (W8A16) on both sides, so they need no hook.
+wrapper around each of those layers' forward (`lmdp.kernels.quant.fp8_fake_quant`). Mixture-of-experts weights run
+against unquantised activations (W8A16) on both sides, so they need no hook.
 
 The quantisation error itself, clearly apart from the port's: when the checkpoint records the unquantised folder
 it was made from (`lmdp quantize` writes `lmdp_quantize.json`), `quantization_error` runs transformers on that

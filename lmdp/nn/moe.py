@@ -22,10 +22,10 @@ from torch import nn
 from .. import kernels
 from ..distributed import all_reduce as _all_reduce, get_tp_world_rank
 from ..errors import WeightLoadError
-from ..weight_loader.loaders import check_shape, set_weight_loader, split_for_rank
-from ..weight_loader.tracker import record_load
 from ..kernels.quant import FP8_DTYPE, FP8_GROUP
 from ..quant_config import parse_quant_config
+from ..weight_loader.loaders import check_shape, set_weight_loader, split_for_rank
+from ..weight_loader.tracker import record_load
 from .linear import ColwiseParallelLinear, check_quant_config
 from .quant_linear import keep_dtype
 

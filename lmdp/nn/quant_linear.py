@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import kernels
 from ..errors import WeightLoadError
-from ..kernels.quant import AWQ_PACK, FP8_DTYPE, FP8_GROUP, awq_unpack, pack_rows
+from ..kernels.quant import AWQ_PACK, FP8_DTYPE, awq_unpack, pack_rows
 from ..quant_config import QuantConfig, parse_quant_config
 from ..weight_loader.loaders import check_shape, set_weight_loader
 from ..weight_loader.tracker import describe_param, record_load
