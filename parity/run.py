@@ -31,7 +31,8 @@ from .options import check_compare
 from .port import load_port, run_port
 from .progress import Progress
 from .prompts import PromptSpec, make_prompts
-from .reference import load_reference, run_reference
+from .quantized import quantization_error, reference_checkpoint
+from .reference import run_reference
 from .report import ParityReport, TapResult
 from .taps import Tap, reference_taps
 
@@ -78,6 +79,7 @@ class References:
     floor_local: CaptureSet            # transformers in dtype, every layer fed the truth's input
     tokens: List[List[int]]            # the truth's greedy tokens per prompt, decode_steps + 1 of them
     timings: Dict[str, float] = field(default_factory=dict)
+    quantization: Optional[dict] = None   # a quantised checkpoint's own error (parity/quantized.py)
 
     @property
     def ref32(self) -> CaptureSet:     # the name the whole-model checks know the truth by
@@ -97,13 +99,14 @@ def run_references(model_path: str, dtype='float32', device='auto', prompts: Pro
     vocab = (getattr(hf_config, 'text_config', None) or hf_config).vocab_size
     prompt_ids = make_prompts(prompts, vocab, model_path, seed)
     timings = {}
+    reference = reference_checkpoint(model_path)    # a quantised checkpoint: its dequantised copy
 
     def load(run_dtype):
         name = str(run_dtype).replace('torch.', '')
         if progress:
             progress.stage(f'loading transformers {name}')
         t0 = time.perf_counter()
-        model = load_reference(model_path, run_dtype, device)
+        model = reference.load(run_dtype, device)
         timings[f'load_reference_{name}'] = time.perf_counter() - t0
         if progress:
             progress.update(1)
@@ -117,6 +120,9 @@ def run_references(model_path: str, dtype='float32', device='auto', prompts: Pro
     timings[f'run_reference_{name}'] = truth.seconds
     del model
     _free(device)
+    quantization = quantization_error(reference, hf_config, prompt_ids, decode_steps, taps, tokens, truth,
+                                      truth_dtype(torch_dtype), device, tap_overrides)
+    _free(device)
     model, name = load(torch_dtype)
     floor, _ = run_reference(model, hf_config, prompt_ids, decode_steps, taps, tokens=tokens, overrides=tap_overrides,
                              progress=progress)
@@ -126,7 +132,7 @@ def run_references(model_path: str, dtype='float32', device='auto', prompts: Pro
     del model
     _free(device)
     return References(model_path, hf_config, torch_dtype, device, prompt_ids, decode_steps, taps, truth, floor,
-                      floor_local, tokens, timings)
+                      floor_local, tokens, timings, quantization)
 
 
 VIEWS = ('local', 'accumulated')
@@ -250,6 +256,7 @@ def _build_report(refs: References, port: CaptureSet, port_local: CaptureSet, co
                           prompt_lengths=[len(p) for p in refs.prompts], decode_steps=refs.decode_steps,
                           rule=rule_text(refs.dtype), reference_tokens=refs.tokens)
     report.taps = _compare_taps(refs, port, port_local)
+    report.quantization = refs.quantization
     for phase in PHASES:
         if port.get(phase, 'logits') is not None and refs.truth.get(phase, 'logits') is not None:
             report.checks += checks.logprob_checks(refs.truth, port, refs.floor, refs.dtype, phase)
