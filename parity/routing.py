@@ -41,6 +41,17 @@ def router_taps(num_layers: int) -> List[Tap]:
     return [Tap(f'layers.{i}.router', 'router', i) for i in range(num_layers)]
 
 
+def present_router_taps(model: torch.nn.Module, hf_config, overrides=None) -> List[Tap]:
+    """The router taps the reference `model` has (its sparse layers'); none for a dense model."""
+    from .taps import Site, TapResolver
+    cfg = getattr(hf_config, 'text_config', None) or hf_config
+    if not (getattr(cfg, 'num_experts_per_tok', None) or getattr(cfg, 'moe_topk', None)):
+        return []
+    taps = router_taps(int(cfg.num_hidden_layers))
+    sites = TapResolver(model, 'reference', hf_config, overrides).resolve(taps)
+    return [t for t in taps if isinstance(sites[t.name], Site)]
+
+
 def top_k_of(hf_config) -> int:
     cfg = getattr(hf_config, 'text_config', None) or hf_config
     k = getattr(cfg, 'num_experts_per_tok', None) or getattr(cfg, 'moe_topk', None)
