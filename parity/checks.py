@@ -48,7 +48,7 @@ def _kl_check(phase: str, kl: torch.Tensor, floor: Optional[torch.Tensor], dtype
     floor_txt = '' if floor_kl is None else f' (floor {floor_kl:.2e})'
     detail = (f'mean KL(transformers float32 || port) over {kl.numel()} positions {mean_kl:.2e} nats, max '
               f'{kl.max().item():.2e}; bound {bound:.2e}{floor_txt}')
-    data = {'max_kl': kl.max().item(), 'floor_kl': floor_kl}
+    data = {'max_kl': kl.max().item(), 'floor_kl': floor_kl, 'mean_kl': mean_kl, 'bound_all_positions': bound}
     forgiven = torch.tensor([f is not None for f in flips], dtype=torch.bool)
     if mean_kl <= bound or not forgiven.any():
         return CheckResult('logprob_kl', phase, 'passed' if mean_kl <= bound else 'failed', detail, value=mean_kl,

@@ -31,11 +31,23 @@ _REPORT_PATHS = pytest.StashKey[dict]()
 _FAILURE = pytest.StashKey[BaseException]()
 
 
-def _checks():
+def _checks(moe: bool = False):
     from .checks import TOP_K
-    return [('logprob_kl', 'prefill'), (f'top{TOP_K}', 'prefill'), ('logprob_kl', 'decode'),
-            (f'top{TOP_K}', 'decode'), ('greedy', None), ('weight_coverage', None), ('cuda_graph', None),
-            ('cuda_graph_padded', None)]
+    routing = [('routing', 'prefill'), ('routing', 'decode')] if moe else []
+    return routing + [('logprob_kl', 'prefill'), (f'top{TOP_K}', 'prefill'), ('logprob_kl', 'decode'),
+                      (f'top{TOP_K}', 'decode'), ('greedy', None), ('weight_coverage', None), ('cuda_graph', None),
+                      ('cuda_graph_padded', None)]
+
+
+def _is_moe(path: str) -> bool:
+    """Whether the checkpoint routes tokens to experts (its runs then have 'routing' checks)."""
+    from transformers import AutoConfig
+
+    from .routing import is_moe
+    try:
+        return is_moe(AutoConfig.from_pretrained(path))
+    except Exception as e:  # noqa: BLE001 - any unreadable config is a usage error here
+        raise pytest.UsageError(f'lmdp parity: cannot read the config of --model {path!r}: {e}') from e
 
 
 def _option(config, keyword):
@@ -131,7 +143,7 @@ def pytest_generate_tests(metafunc):
         params = [(phase, tap.name) for phase in phases for tap in taps]
         metafunc.parametrize('parity_tap', params, ids=[f'{p}-{n}' for p, n in params])
     if 'parity_check' in metafunc.fixturenames:
-        params = [(n, p) for n, p in _checks() if p is None or p in phases]
+        params = [(n, p) for n, p in _checks(_is_moe(_model_path(config))) if p is None or p in phases]
         metafunc.parametrize('parity_check', params, ids=[f'{n}-{p}' if p else n for n, p in params])
 
 

@@ -44,17 +44,26 @@ def router_taps(num_layers: int) -> List[Tap]:
 def present_router_taps(model: torch.nn.Module, hf_config, overrides=None) -> List[Tap]:
     """The router taps the reference `model` has (its sparse layers'); none for a dense model."""
     from .taps import Site, TapResolver
-    cfg = getattr(hf_config, 'text_config', None) or hf_config
-    if not (getattr(cfg, 'num_experts_per_tok', None) or getattr(cfg, 'moe_topk', None)):
+    if not is_moe(hf_config):
         return []
+    cfg = getattr(hf_config, 'text_config', None) or hf_config
     taps = router_taps(int(cfg.num_hidden_layers))
     sites = TapResolver(model, 'reference', hf_config, overrides).resolve(taps)
     return [t for t in taps if isinstance(sites[t.name], Site)]
 
 
-def top_k_of(hf_config) -> int:
+def _top_k(hf_config) -> Optional[int]:
     cfg = getattr(hf_config, 'text_config', None) or hf_config
-    k = getattr(cfg, 'num_experts_per_tok', None) or getattr(cfg, 'moe_topk', None)
+    return getattr(cfg, 'num_experts_per_tok', None) or getattr(cfg, 'moe_topk', None)
+
+
+def is_moe(hf_config) -> bool:
+    """Whether the config routes tokens to experts."""
+    return bool(_top_k(hf_config))
+
+
+def top_k_of(hf_config) -> int:
+    k = _top_k(hf_config)
     if not k:
         raise ValueError('routing parity: the config has no num_experts_per_tok; is this a mixture of experts?')
     return int(k)
