@@ -88,8 +88,10 @@ def _flip_text(layer: int, flip: Flip, positions: List[Tuple[int, int]]) -> str:
             f'preferred by {flip.margin:.3g} (allowed noise {flip.noise:.2g})')
 
 
-def routing_check(report: RoutingReport, prompt_lengths: Sequence[int], decode_steps: int) -> CheckResult:
-    """'routing' for one phase: passes unless a router flips hard (layer-local view)."""
+def routing_check(report: RoutingReport, prompt_lengths: Sequence[int], decode_steps: int,
+                  accumulated: Optional[RoutingReport] = None) -> CheckResult:
+    """'routing' for one phase: passes unless a router flips hard (layer-local view). `accumulated` (the end-to-end
+    run's routing) only adds how many tokens took other experts there, which the accumulated view's errors show."""
     positions = phase_positions(prompt_lengths, report.phase, decode_steps)
     agree = ', '.join(f'{r.agreement:.1%}' for r in report.layers)
     floor = [r.floor_agreement for r in report.layers]
@@ -105,6 +107,12 @@ def routing_check(report: RoutingReport, prompt_lengths: Sequence[int], decode_s
     data = {'agreement': {str(k): v for k, v in report.agreement().items()},
             'floor_agreement': {str(r.layer): r.floor_agreement for r in report.layers},
             'near_tie': near, 'hard': len(hard)}
+    if accumulated is not None:
+        moved = sorted({f.row for r in accumulated.layers for f in r.flips})
+        if moved:
+            data['end_to_end_rows'] = len(moved)
+            detail += (f'; end to end, {len(moved)} token(s) took other experts than transformers float32 in some '
+                       'layer, so the accumulated view\'s errors jump at those MLP taps')
     if hard:
         detail += (f'; {len(hard)} HARD flip(s), first at {_flip_text(*hard[0], positions)}: the router weights or '
                    'the norm in front of it differ')

@@ -257,15 +257,15 @@ def _routing(refs: References, port: CaptureSet, port_local: CaptureSet, phases,
     if not refs.router_taps:
         return None
     lengths = [len(p) for p in refs.prompts]
+    accumulated = {phase: routing_from_captures(refs.truth, port, refs.floor, refs.hf_config, phase)
+                   for phase in phases}
     for phase in phases:
         local = routing_from_captures(refs.truth, port_local, refs.floor_local, refs.hf_config, phase)
         if local.layers:
-            report.checks.append(routing_check(local, lengths, refs.decode_steps))
+            report.checks.append(routing_check(local, lengths, refs.decode_steps, accumulated[phase]))
         else:
             why = '; '.join(f'{t}: {w}' for t, w in list(local.missing.items())[:3]) or 'no router logits captured'
             report.checks.append(CheckResult('routing', phase, 'skipped', f'the routers could not be compared ({why})'))
-    accumulated = {phase: routing_from_captures(refs.truth, port, refs.floor, refs.hf_config, phase)
-                   for phase in phases}
     return RoutedPositions.from_routing(accumulated, lengths, refs.decode_steps)
 
 

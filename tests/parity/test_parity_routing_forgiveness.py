@@ -141,3 +141,13 @@ def test_greedy_token_k_is_predicted_at_position_len_minus_one_plus_k():
     assert token0.status == 'failed' and 'prompt 1 token 0' in token0.detail
     token1 = greedy_check(ref, _logits(_port((3, 0))), floor, torch.bfloat16, tokens, routed)
     assert token1.status == 'passed' and 'prompt 1 token 1' in token1.detail
+
+
+def test_the_routing_check_says_how_many_tokens_took_other_experts_end_to_end():
+    """The accumulated view's MLP errors jump where tokens took other experts; the check line says how many."""
+    _, clean = _routed()
+    _, flipped = _routed(prefill_flips=[1, 5])
+    check = routing_check(clean['prefill'], LENGTHS, STEPS, accumulated=flipped['prefill'])
+    assert check.status == 'passed' and check.data['end_to_end_rows'] == 2
+    assert 'end to end, 2 token(s) took other experts' in check.detail
+    assert 'end to end' not in routing_check(clean['prefill'], LENGTHS, STEPS, accumulated=clean['prefill']).detail
