@@ -2,8 +2,8 @@
 
 The suite is one parity run (`parity.compare`), made once per session, and one pytest item per tap and phase
 (`test_tap[prefill-layers.3.attn]`) plus one per whole-model check, so the first failing layer shows in pytest's
-own summary. For a mixture of experts the routers are compared too (`parity.routing.add_routing`: a 'routing'
-check per phase with the agreement rate per layer; a second, router-only run of both models). The console
+own summary. For a mixture of experts the run compares the routers too (a 'routing'
+check per phase with the agreement rate per layer; parity/routing_checks.py). The console
 table and `first divergence: ...` come at the end of the session.
 
 This module is a pytest11 entry point named `parity`: once lmdp is installed pytest loads it wherever it
@@ -35,14 +35,14 @@ _FAILURE = pytest.StashKey[BaseException]()
 
 def _checks(moe: bool = False):
     from .checks import TOP_K
-    checks = [('logprob_kl', 'prefill'), (f'top{TOP_K}', 'prefill'), ('logprob_kl', 'decode'),
-              (f'top{TOP_K}', 'decode'), ('greedy', None), ('weight_coverage', None), ('cuda_graph', None),
-              ('cuda_graph_padded', None)]
-    # a mixture of experts: the routers' choices against transformers' (parity/routing.py)
-    return checks + ([('routing', 'prefill'), ('routing', 'decode')] if moe else [])
+    routing = [('routing', 'prefill'), ('routing', 'decode')] if moe else []
+    return routing + [('logprob_kl', 'prefill'), (f'top{TOP_K}', 'prefill'), ('logprob_kl', 'decode'),
+                      (f'top{TOP_K}', 'decode'), ('greedy', None), ('weight_coverage', None), ('cuda_graph', None),
+                      ('cuda_graph_padded', None)]
 
 
 def _is_moe(path: str) -> bool:
+    """Whether the checkpoint routes tokens to experts (its runs then have 'routing' checks)."""
     from transformers import AutoConfig
 
     from .routing import is_moe
@@ -165,10 +165,6 @@ def parity_report(request):
                              custom_module_map=_option(config, 'custom_module_map'),
                              block_size=_option(config, 'block_size'), qkv_taps=_option(config, 'qkv_taps'),
                              progress=sys.stderr.isatty())
-            if _is_moe(_model_path(config)):
-                from .routing import add_routing
-                add_routing(report, _option(config, 'prompts'), _option(config, 'custom_module_map'),
-                            _option(config, 'block_size'))
     except Exception as e:  # noqa: BLE001 - reported once, in full, by pytest_terminal_summary
         config.stash[_FAILURE] = e
     if _FAILURE in config.stash:   # outside the except block, so pytest shows no exception chain per item

@@ -19,9 +19,8 @@ transformers 5's Mixtral and `block_sparse_moe.gate` in the port), as the extra 
   `router_taps(...)`;
 - `routing_parity(model_path, dtype, device, prompts, decode_steps)`: runs both models itself.
 
-`add_routing(report, prompts)` adds the result to a `ParityReport` as one whole-model check per phase
-('routing'), whose detail gives the agreement rate per layer: `pytest parity` does this for every mixture of
-experts, so its console table, JSON and HTML carry the routers beside the taps.
+`parity.compare` captures the routers in every run of a mixture of experts and judges them as one 'routing'
+check per phase (parity/routing_checks.py), so its console table, JSON and HTML carry the routers beside the taps.
 """
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -45,15 +44,29 @@ def router_taps(num_layers: int) -> List[Tap]:
     return [Tap(f'layers.{i}.router', 'router', i) for i in range(num_layers)]
 
 
-def is_moe(hf_config) -> bool:
-    """Whether the config routes tokens to experts (a router to compare)."""
+def present_router_taps(model: torch.nn.Module, hf_config, overrides=None) -> List[Tap]:
+    """The router taps the reference `model` has (its sparse layers'); none for a dense model."""
+    from .taps import Site, TapResolver
+    if not is_moe(hf_config):
+        return []
     cfg = getattr(hf_config, 'text_config', None) or hf_config
-    return bool(getattr(cfg, 'num_experts_per_tok', None) or getattr(cfg, 'moe_topk', None))
+    taps = router_taps(int(cfg.num_hidden_layers))
+    sites = TapResolver(model, 'reference', hf_config, overrides).resolve(taps)
+    return [t for t in taps if isinstance(sites[t.name], Site)]
+
+
+def _top_k(hf_config) -> Optional[int]:
+    cfg = getattr(hf_config, 'text_config', None) or hf_config
+    return getattr(cfg, 'num_experts_per_tok', None) or getattr(cfg, 'moe_topk', None)
+
+
+def is_moe(hf_config) -> bool:
+    """Whether the config routes tokens to experts."""
+    return bool(_top_k(hf_config))
 
 
 def top_k_of(hf_config) -> int:
-    cfg = getattr(hf_config, 'text_config', None) or hf_config
-    k = getattr(cfg, 'num_experts_per_tok', None) or getattr(cfg, 'moe_topk', None)
+    k = _top_k(hf_config)
     if not k:
         raise ValueError('routing parity: the config has no num_experts_per_tok; is this a mixture of experts?')
     return int(k)
@@ -239,51 +252,3 @@ def routing_parity(model_path: str, dtype='float32', device='auto', prompts=3, d
     floor = captures[1] if len(captures) > 1 else None
     phases = ('prefill', 'decode') if decode_steps else ('prefill', )
     return {phase: routing_from_captures(captures[0], port, floor, hf_config, phase) for phase in phases}
-
-
-def routing_check(report: RoutingReport):
-    """`report` as a whole-model check named 'routing': failed on any hard flip; the detail gives every layer's
-    agreement rate (and transformers' own in the test dtype, where there is one) and counts the flips."""
-    from .report import CheckResult
-    if not report.layers:
-        return CheckResult('routing', report.phase, 'failed', 'no layer had router logits on both sides: '
-                           + ('; '.join(f'{k}: {v}' for k, v in list(report.missing.items())[:3]) or 'no MoE layers')
-                           + '. Map the router module with TAP_OVERRIDES (kind "router") if it has another name')
-    cells = []
-    for r in report.layers:
-        floor = '' if r.floor_agreement is None else f' (transformers {r.floor_agreement:.0%})'
-        cells.append(f'{r.layer} {r.agreement:.1%}{floor}')
-    near = sum(len(r.flips) - len(r.hard_flips) for r in report.layers)
-    hard = sum(len(r.hard_flips) for r in report.layers)
-    detail = (f'top-{report.top_k} experts agree with transformers per layer: ' + ', '.join(cells)
-              + f'; {near} flip(s) within the noise of a tie, {hard} hard')
-    if report.unrouted:
-        detail += (f'; layers {report.unrouted} route tokens in transformers but have no router logits in the port '
-                   "(no router module under the usual names: map the 'router' tap with TAP_OVERRIDES)")
-    found = report.first_hard_flip()
-    if found:
-        layer, f = found
-        detail += (f'. First hard flip: layer {layer}, row {f.row}: the port chose experts {f.added} over '
-                   f'{f.dropped}, which transformers preferred by {f.margin:.3g} (noise {f.noise:.2g}): that '
-                   "layer's router weights or its input differ")
-    return CheckResult('routing', report.phase, 'passed' if report.passed else 'failed', detail,
-                       value=min(r.agreement for r in report.layers), data=report.to_dict())
-
-
-def add_routing(report, prompts=3, custom_module_map=None, block_size: int = 16):
-    """Run `routing_parity` on `report`'s checkpoint, dtype, device and decode steps (pass the same `prompts` as
-    the parity run) and append one 'routing' check per phase to `report.checks`. An error in that run becomes a
-    failed check saying what went wrong, so the taps' report is never lost to it. Returns `report`."""
-    import time
-    phases = ('prefill', 'decode') if report.decode_steps else ('prefill', )
-    start = time.perf_counter()
-    try:
-        reports = routing_parity(report.model_path, report.dtype, report.device, prompts, report.decode_steps,
-                                 custom_module_map, block_size)
-        report.checks += [routing_check(reports[phase]) for phase in phases]
-    except Exception as e:  # noqa: BLE001 - reported as the check's failure
-        from .report import CheckResult
-        report.checks += [CheckResult('routing', phase, 'failed', f'routing parity could not run: '
-                                      f'{type(e).__name__}: {e}') for phase in phases]
-    report.timings['routing'] = time.perf_counter() - start
-    return report

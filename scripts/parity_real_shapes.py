@@ -64,7 +64,6 @@ def routing_line(report) -> str:
 
 def run_one(family: str, size: str, args) -> dict:
     import parity
-    from parity.routing import add_routing, is_moe
     out = os.path.join(args.out, f'{family}-{size}')
     with tempfile.TemporaryDirectory(prefix=f'parity-{family}-{size}-') as tmp:
         start = time.perf_counter()
@@ -72,8 +71,6 @@ def run_one(family: str, size: str, args) -> dict:
         built = time.perf_counter() - start
         report = parity.compare(path, dtype=args.dtype, device=args.device, prompts=args.prompts,
                                 decode_steps=args.decode_steps)
-        if is_moe(report_config(path)):
-            add_routing(report, args.prompts)
         report.save(out)
     print(report.summary(), flush=True)
     row = dict(family=family, size=size, passed=report.passed, divergence=report.divergence_line(),
@@ -81,11 +78,6 @@ def run_one(family: str, size: str, args) -> dict:
                parity_s=round(time.perf_counter() - start - built, 1),
                failed_checks=[c.id for c in report.checks if c.status == 'failed'])
     return row
-
-
-def report_config(path: str):
-    from transformers import AutoConfig
-    return AutoConfig.from_pretrained(path)
 
 
 def table(rows) -> str:
