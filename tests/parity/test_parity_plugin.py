@@ -58,8 +58,8 @@ def test_pytest_parity_compares_the_routers_of_a_mixture_of_experts(tmp_path):
     assert 'FAILED parity/test_parity.py::test_check[routing-prefill]' in out
     assert 'FAILED parity/test_parity.py::test_check[routing-decode]' in out
     line = next(x for x in out.splitlines() if x.startswith('[FAIL] routing (prefill)'))
-    assert 'per layer: 0 100.0%, 1 ' in line and 'First hard flip: layer 1,' in line
+    assert 'for layers [0, 1, 2] at 100.0%, ' in line and 'HARD flip(s), first at layer 1,' in line
     report = json.loads((tmp_path / 'report' / 'report.json').read_text())
     routing = {c['phase']: c for c in report['checks'] if c['name'] == 'routing'}
-    assert routing['prefill']['data']['layers'][0]['agreement'] == 1.0
-    assert routing['prefill']['data']['layers'][1]['agreement'] < 0.5
+    assert routing['prefill']['data']['agreement']['0'] == 1.0
+    assert routing['prefill']['data']['agreement']['1'] < 0.5
