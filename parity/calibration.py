@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .run import compare, run_references
-from .sensitivity import MODULE_KINDS, planted_scale
+from .sensitivity import MODULE_KINDS, expected_tap, planted_scale
 
 GRID = [10.0**(k / 4) for k in range(-28, -3)]      # 1e-7 ... 0.056, four steps a decade
 
@@ -78,10 +78,11 @@ def port_class(model_path: str):
 def detect_scale(model_path: str, refs, kind: str, delta: float, layer: int) -> Detection:
     arch, base = port_class(model_path)
     spec = MODULE_KINDS[kind]
+    tap = expected_tap(kind, {t.kind for t in refs.taps})
     report = compare(model_path, references=refs, custom_module_map={arch: planted_scale(base, kind, layer, delta)})
     first = report.first_divergence
-    named = (first is not None and first.kind == spec.tap and (not spec.per_layer or first.layer == layer))
-    where = f'layer {layer}, {spec.tap}' if spec.per_layer else spec.tap
+    named = (first is not None and first.kind == tap and (not spec.per_layer or first.layer == layer))
+    where = f'layer {layer}, {tap}' if spec.per_layer else tap
     return Detection('', '', f'scale:{kind}@{delta:g}', where, named, report.divergence_line(), delta)
 
 

@@ -39,6 +39,28 @@ def _scale_first(factor: float) -> Callable:
     return hook
 
 
+def _scale_all(output, factor: float):
+    """Every tensor in `output` scaled (a rotary module returns (cos, sin), or a dict of such pairs by layer type)."""
+    if isinstance(output, dict):
+        return {k: _scale_all(v, factor) for k, v in output.items()}
+    if isinstance(output, (tuple, list)):
+        return type(output)(_scale_all(x, factor) for x in output)
+    return output * factor if isinstance(output, torch.Tensor) else output
+
+
+# where a scale error in q/k/v shows first when the reference has no tap of its own for it (transformers' fused
+# qkv projection, as in Phi-3, is not cut): the next tap downstream that the reference has
+DOWNSTREAM = {'q': ('q_norm', 'q_rot'), 'k': ('k_norm', 'k_rot'), 'v': ('attn_core',)}
+
+
+def expected_tap(kind: str, tap_kinds) -> str:
+    """The tap kind a planted (1 + delta) scale in `kind` must be named at, given the kinds the run has."""
+    tap = MODULE_KINDS[kind].tap
+    if tap in tap_kinds:
+        return tap
+    return next((t for t in DOWNSTREAM.get(tap, ()) if t in tap_kinds), tap)
+
+
 def _scale_part(factor: float, index: int, sizes) -> Callable:
     """Scale one of q/k/v in a fused qkv projection's output."""
     def hook(module, args, output):
@@ -68,7 +90,7 @@ def plant(model: torch.nn.Module, kind: str, layer: int, delta: float, hf_config
         return [fused.register_forward_hook(_scale_part(factor, index, qkv_sizes(hf_config)))]
     if kind == 'rotary':
         rotary = _find(model, ['model.rotary_emb'])
-        return [rotary.register_forward_hook(lambda m, a, out: tuple(x * factor for x in out))]
+        return [rotary.register_forward_hook(lambda m, a, out: _scale_all(out, factor))]
     if kind == 'attn_core':
         from lmdp.nn.attention import Attention
         inner = [m for n, m in model.named_modules() if n.startswith(attn + '.') and isinstance(m, Attention)]

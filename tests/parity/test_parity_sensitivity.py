@@ -54,3 +54,26 @@ def test_the_local_view_keeps_a_layer_0_bug_out_of_later_layers(tiny_llama, refe
         assert later and all(t.passed for t in later), [t.describe() for t in later if not t.passed][:3]
         carried = [t for t in report.phase_results(phase, 'accumulated') if t.layer is not None and t.layer > 0]
         assert not all(t.passed for t in carried)
+
+
+def test_a_scale_in_a_fused_reference_projection_is_expected_at_the_next_tap():
+    """Phi-3's transformers fuses q/k/v (no q/k/v taps): the planted scale must be named downstream, not missed."""
+    from parity.sensitivity import expected_tap
+    dense = {'q', 'k', 'v', 'q_norm', 'k_norm', 'q_rot', 'k_rot', 'attn_core'}
+    assert [expected_tap(k, dense) for k in ('q_proj', 'k_proj', 'v_proj')] == ['q', 'k', 'v']
+    fused = {'q_rot', 'k_rot', 'attn_core', 'attn'}
+    assert [expected_tap(k, fused) for k in ('q_proj', 'k_proj', 'v_proj')] == ['q_rot', 'k_rot', 'attn_core']
+    assert expected_tap('q_proj', fused | {'q_norm'}) == 'q_norm'
+    assert expected_tap('mlp', fused) == 'mlp'
+
+
+def test_a_planted_rotary_scale_reaches_every_layer_type():
+    """Gemma 3's rotary returns a dict of (cos, sin) per layer type; a scale that skipped it planted nothing."""
+    import torch
+
+    from parity.sensitivity import _scale_all
+    out = {'full_attention': (torch.ones(2), torch.ones(2)), 'sliding_attention': [torch.ones(3), 2 * torch.ones(3)]}
+    scaled = _scale_all(out, 1.5)
+    assert set(scaled) == set(out)
+    assert all(torch.equal(a, 1.5 * b) for k in out for a, b in zip(scaled[k], out[k]))
+    assert isinstance(scaled['sliding_attention'], list)
