@@ -7,7 +7,7 @@
 #   phase 2, alone (timed): scripts/issues13_14_gpu.sh's parts c (MoE bench beside lmdeploy) and d (the
 #   transformers fallback beside the native port).
 #
-#     bash scripts/release_gpu.sh        # repository root, on the GPU machine; .carry/lmdeploy carried for part c
+#     [P1=215 END=560 PHASE2="c d"] bash scripts/release_gpu.sh   # repository root, on the GPU machine; .carry/lmdeploy carried for part c
 set -u -o pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/lmdp_release_gpu}
@@ -36,7 +36,7 @@ sens sens_1b_b --families mistral,gemma,qwen2 --shapes 1b --seeds 0,1,2 --no-pla
 OUT=$out/b PARTS=b DEADLINE=$P1 bash scripts/issues13_14_gpu.sh > "$out/b.log" 2>&1 &
 wait
 echo "phase 1 done after $SECONDS s" >> "$out/rc.txt"
-OUT=$out/cd PARTS="c d" DEADLINE=$((END - SECONDS)) bash scripts/issues13_14_gpu.sh > "$out/cd.log" 2>&1
+OUT=$out/cd PARTS="${PHASE2:-c d}" DEADLINE=$((END - SECONDS)) bash scripts/issues13_14_gpu.sh > "$out/cd.log" 2>&1
 echo "phase 2 done after $SECONDS s" >> "$out/rc.txt"
 
 cat "$out/rc.txt"
