@@ -54,11 +54,10 @@ def routing_line(report) -> str:
         return ''
     parts = []
     for c in checks:
-        layers = (c.data or {}).get('layers', [])
-        flips = sum(len(x['flips']) for x in layers)
-        hard = sum(not f['near_tie'] for x in layers for f in x['flips'])
-        low = min((x['agreement'] for x in layers), default=float('nan'))
-        parts.append(f'{c.phase} {"ok" if c.passed else "FAIL"} min {low:.1%} ({flips - hard} near-tie, {hard} hard)')
+        data = c.data or {}
+        low = min(data.get('agreement', {}).values(), default=float('nan'))    # the check's per-layer rates
+        parts.append(f'{c.phase} {"ok" if c.passed else "FAIL"} min {low:.1%} ({data.get("near_tie", 0)} near-tie, '
+                     f'{data.get("hard", 0)} hard)')
     return 'routing ' + '; '.join(parts)
 
 
