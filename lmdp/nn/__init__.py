@@ -7,6 +7,7 @@ into one kernel where they can (`lmdp.nn.fusion`).
 from .activation import GeluAndMul, SiluAndMul
 from .attention import Attention
 from .embedding import ParallelEmbedding, build_embedding
+from .lm_head import ParallelLMHead, build_lm_head
 from .linear import (build_colwise_linear, build_down_linear, build_gateup_linear, build_merged_colwise_linear,
                      build_o_proj, build_qkv_proj, build_rowwise_linear)
 from .mlp import GatedMLP, build_gated_activation
@@ -20,4 +21,5 @@ __all__ = ['ApplyRotaryEmb', 'Attention', 'GatedMLP', 'GeluAndMul', 'ParallelEmb
            'build_gated_activation', 'build_gateup_linear', 'build_merged_colwise_linear', 'build_o_proj',
            'build_qkv_proj', 'build_rotary_embedding', 'build_rotary_embedding_from_config', 'build_rotary_params',
            'build_rowwise_linear']
+__all__ += ['ParallelLMHead', 'build_lm_head']
 __all__ += ['FusedMoE', 'SharedExpertGate', 'SoftmaxTopK', 'build_fused_moe', 'build_shared_expert_gate']
