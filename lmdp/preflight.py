@@ -1,11 +1,12 @@
-"""The checks a checkpoint folder must pass before lmdp loads its weights, shared by `pipeline()` (which stops at
-the first problem) and `lmdp check` (which reports every problem), so the two agree, in the same words.
+"""The checks a checkpoint folder must pass before lmdp loads its weights, shared by `pipeline()` (which stops at the
+first problem) and `lmdp check` (which reports every problem), so the two agree, in the same words.
 
-In order: the custom module map runs; config.json parses (before the tokenizer, which would parse it again and
-fail less clearly); a model class serves it (its port, or the transformers fallback); the ModelConfig builds
-(required fields, rope settings) and the model builds on the meta device; generation_config.json holds valid settings; the tokenizer loads; every weight file's
-header reads and no tensor is in two files; the tensor shapes agree with the config. All of it takes milliseconds
-beyond the tokenizer's load: no weight is read and no memory is allocated for the model.
+In order: the custom module map runs; config.json parses (before the tokenizer, which would parse it again and fail
+less clearly); a model class serves it (its port, or the transformers fallback); the ModelConfig builds (required
+fields, rope settings) and the model builds on the meta device; generation_config.json holds valid settings; the
+tokenizer loads; every weight file's header reads and no tensor is in two files; the tensor shapes agree with the
+config. All of it takes milliseconds beyond the tokenizer's load: no weight is read and no memory is allocated for
+the model.
 """
 import os
 from dataclasses import dataclass, field
@@ -74,9 +75,6 @@ def _model_class(state: Preflight):
     if choice.impl != 'lmdp':
         state.notes.append('CUDA graphs for decode: ' + (cuda_graph_refusal(state.hf_config)
                                                          or "yes, the model's transformers code allows them"))
-    if not isinstance(cls, type):
-        raise ArchitectureError(f'the module map entry for {state.hf_config.architectures[0]!r} is {cls!r:.80}, not '
-                                'a class; map the architecture to a model class or its dotted path')
     state.model_class = cls
     for attr in ('forward', 'prepare_inputs_for_generation', 'load_weights'):
         if not callable(getattr(cls, attr, None)):

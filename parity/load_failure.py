@@ -46,6 +46,12 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _fail(exc: Exception):
+    # lmdp wraps a constructor's failure in a ConfigError that blames config.json; when the user's own code raised
+    # it, that code is what to fix, so the verdict names the original error at its line in the user's file
+    from lmdp.errors import ConfigError
+    cause = exc.__cause__
+    if isinstance(exc, ConfigError) and cause is not None and _user_frames(cause):
+        exc = cause
     raise PortLoadError(f'{_VERDICT}: {_one_line(exc)}') from exc
 
 

@@ -1,9 +1,12 @@
-"""Copies of the lmdp Llama port with one porting bug planted in each: the harness must name where each goes wrong.
+"""Copies of the lmdp Llama and Qwen3 ports with one porting bug planted in each: the harness must name where each goes
+wrong.
 
-Each bug is a subclass of `lmdp.models.llama.LlamaForCausalLM`, handed to lmdp as a custom module map entry, and
-states the phase and the first tap where a correct harness sees it diverge. The harness's tests (tests/parity)
-and its GPU self-test (`python -m parity.selftest`) run every one of them.
+Each bug is a subclass of a port class (Llama, or Qwen3 for mistakes inside attention), handed to lmdp as a custom
+module map entry, and states the phase and the first tap where a correct harness sees it diverge. The harness's
+tests (tests/parity) and its GPU self-test (`python -m parity.selftest`) run every one of them.
 """
+import copy
+import types
 from dataclasses import dataclass
 from typing import Dict, List
 
@@ -11,7 +14,9 @@ import torch
 from torch import nn
 
 from lmdp.models.llama import LlamaDecoderLayer, LlamaForCausalLM
-from lmdp.nn import RMSNorm
+from lmdp.models.qwen3 import Qwen3ForCausalLM
+from lmdp.nn import RMSNorm, build_rotary_embedding_from_config
+from lmdp.nn.rotary_embedding import as_rows
 
 WRONG_EPS = 0.1   # large enough to move the norm of order-one activations by ~5%: visible above bf16 rounding
 
@@ -91,6 +96,72 @@ class DecodePositionOffByOne(LlamaForCausalLM):
         return inputs
 
 
+# ---- a Qwen3-style port (per-head q/k norms before rotary): mistakes inside attention ------------------------
+
+def _qwen3_attention_forward(norm_k: bool = True, norm_after_rotary: bool = False):
+    """Qwen3Attention.forward with one mistake (see the classes below)."""
+
+    def forward(self, hidden_states, rotary_pos_emb, past_key_value, attn_metadata=None):
+        q, k, v = self.qkv_proj.split_qkv(self.qkv_proj(hidden_states).flatten(0, -2))
+        if norm_after_rotary:
+            cos, sin = (as_rows(t) for t in rotary_pos_emb)
+            q, k = self.attn_fwd.rotary(q, k, cos, sin, inplace=False)
+            q, k = self.q_norm(q), self.k_norm(k)
+            out = self.attn_fwd(q, k, v, past_key_value[0], past_key_value[1], attn_metadata)
+        else:
+            q = self.q_norm(q)
+            k = self.k_norm(k) if norm_k else k
+            out = self.attn_fwd(q, k, v, past_key_value[0], past_key_value[1], attn_metadata,
+                                rotary_pos_emb=rotary_pos_emb)
+        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
+    return forward
+
+
+def _patch_attention(model, forward):
+    for layer in model.model.layers:
+        layer.self_attn.forward = types.MethodType(forward, layer.self_attn)
+
+
+class Qwen3MissingKNorm(Qwen3ForCausalLM):
+    """k_norm is built and loaded but never applied: keys go to rotary unnormed."""
+
+    def __init__(self, config, ctx_mgr, dtype=None, device=None):
+        super().__init__(config, ctx_mgr, dtype=dtype, device=device)
+        _patch_attention(self, _qwen3_attention_forward(norm_k=False))
+
+
+class Qwen3NormAfterRotary(Qwen3ForCausalLM):
+    """q_norm and k_norm are applied after rotary instead of before it."""
+
+    def __init__(self, config, ctx_mgr, dtype=None, device=None):
+        super().__init__(config, ctx_mgr, dtype=dtype, device=device)
+        _patch_attention(self, _qwen3_attention_forward(norm_after_rotary=True))
+
+
+class Qwen3WrongRopeBase(Qwen3ForCausalLM):
+    """The rotary tables use a base 100 times the config's rope_theta (another checkpoint's default)."""
+
+    def __init__(self, config, ctx_mgr, dtype=None, device=None):
+        super().__init__(config, ctx_mgr, dtype=dtype, device=device)
+        wrong = copy.deepcopy(config)
+        params = dict(getattr(wrong, 'rope_parameters', None) or {})
+        theta = params.get('rope_theta', getattr(wrong, 'rope_theta', 10000.0))
+        params['rope_theta'] = theta * 100
+        wrong.rope_parameters = params
+        if hasattr(wrong, 'rope_theta'):
+            wrong.rope_theta = theta * 100
+        self.model.rotary_emb = build_rotary_embedding_from_config(wrong, device=device)
+
+
+class Qwen3WrongQKNormEps(Qwen3ForCausalLM):
+    """q_norm and k_norm use eps 1e-5 instead of config.rms_norm_eps (1e-6); every other norm is right."""
+
+    def __init__(self, config, ctx_mgr, dtype=None, device=None):
+        super().__init__(config, ctx_mgr, dtype=dtype, device=device)
+        for layer in self.model.layers:
+            layer.self_attn.q_norm.eps = layer.self_attn.k_norm.eps = 1e-5
+
+
 @dataclass(frozen=True)
 class PlantedBug:
     name: str
@@ -117,6 +188,20 @@ PLANTED_BUGS: List[PlantedBug] = [
 ]
 
 
-def planted_bugs_for(family: str) -> List[PlantedBug]:
-    """The planted bugs written for a family's port (model_type)."""
-    return {'llama': PLANTED_BUGS, 'mistral': PLANTED_BUGS}.get(family, [])
+QWEN3_PLANTED_BUGS: List[PlantedBug] = [
+    # float32 checks all four; the eps error (a 5e-6 relative change) is below bfloat16's rounding by design
+    PlantedBug('qwen3_missing_k_norm', Qwen3MissingKNorm, 'prefill', 'layers.0.k_norm',
+               ('Qwen3ForCausalLM', )),
+    PlantedBug('qwen3_norm_after_rotary', Qwen3NormAfterRotary, 'prefill', 'layers.0.q_norm',
+               ('Qwen3ForCausalLM', )),
+    PlantedBug('qwen3_wrong_rope_base', Qwen3WrongRopeBase, 'prefill', 'layers.0.q_rot',
+               ('Qwen3ForCausalLM', )),
+    PlantedBug('qwen3_wrong_qk_norm_eps', Qwen3WrongQKNormEps, 'prefill', 'layers.0.q_norm',
+               ('Qwen3ForCausalLM', )),
+]
+
+
+def planted_bugs_for(family: str, dtype: str = 'float32') -> List[PlantedBug]:
+    """The planted bugs written for a family's port (model_type) that the harness must name in `dtype`."""
+    qwen3 = [b for b in QWEN3_PLANTED_BUGS if dtype == 'float32' or 'eps' not in b.name]
+    return {'llama': PLANTED_BUGS, 'mistral': PLANTED_BUGS, 'qwen3': qwen3}.get(family, [])

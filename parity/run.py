@@ -24,8 +24,8 @@ import torch
 
 from . import checks
 from .capture_set import PHASES, CaptureSet
-from .metrics import diff
 from .load_failure import port_loaded
+from .metrics import diff
 from .noise_floor import judge, rule_text, tolerance
 from .options import check_compare
 from .port import load_port, run_port

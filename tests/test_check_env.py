@@ -2,7 +2,6 @@
 import json
 import shutil
 
-
 from lmdp.check_env import check_model
 from lmdp.cli import main
 

@@ -3,8 +3,13 @@ import pytest
 import torch
 
 from lmdp.errors import WeightLoadError
-from lmdp.nn import build_colwise_linear, build_merged_colwise_linear, build_qkv_proj, build_rowwise_linear
-from lmdp.nn import linear as linear_mod
+from lmdp.nn import (
+    build_colwise_linear,
+    build_merged_colwise_linear,
+    build_qkv_proj,
+    build_rowwise_linear,
+    linear as linear_mod,
+)
 
 
 def _as_rank(monkeypatch, world, rank):
@@ -86,8 +91,8 @@ from lmdp.weight_loader.tracker import tracking  # noqa: E402
 
 
 @settings(max_examples=40, deadline=None)
-@given(kv_heads=st.integers(1, 4), group=st.integers(1, 3), head=st.sampled_from([2, 4]), head_v=st.sampled_from([2, 6]),
-       world=st.sampled_from([1, 2, 4]), bias=st.booleans(), seed=st.integers(0, 2**16))
+@given(kv_heads=st.integers(1, 4), group=st.integers(1, 3), head=st.sampled_from([2, 4]),
+       head_v=st.sampled_from([2, 6]), world=st.sampled_from([1, 2, 4]), bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_a_fused_qkv_tensor_loads_as_its_three_shards_on_every_rank(kv_heads, group, head, head_v, world, bias, seed):
     """Per rank, loading q|k|v fused (no shard_id) gives exactly what loading q, k and v one by one gives."""
     q_heads = kv_heads * group

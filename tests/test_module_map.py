@@ -3,8 +3,7 @@ import textwrap
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from lmdp.config import ModelConfig
 from lmdp.engine import StepRunner

@@ -7,14 +7,23 @@ import pytest
 import torch
 from transformers import Gemma3TextConfig, LlamaConfig, Phi3Config
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf_apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import (
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb as hf_apply_rotary_pos_emb,
+)
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
 from lmdp.kernels.rotary import apply_rotary_pos_emb
-from lmdp.nn.rotary_embedding import (ApplyRotaryEmb, DynamicNTKRotaryEmbedding, LongRoPERotaryEmbedding,
-                                      RopeType, RotaryEmbedding, build_rotary_embedding,
-                                      build_rotary_embedding_from_config, build_rotary_params)
+from lmdp.nn.rotary_embedding import (
+    ApplyRotaryEmb,
+    DynamicNTKRotaryEmbedding,
+    LongRoPERotaryEmbedding,
+    RopeType,
+    RotaryEmbedding,
+    build_rotary_embedding,
+    build_rotary_embedding_from_config,
+    build_rotary_params,
+)
 
 X32 = torch.empty(0, dtype=torch.float32)
 

@@ -54,7 +54,8 @@ def hidden_stds(model, ids):
 @pytest.mark.parametrize('mt', FAMILIES)
 def test_loads_and_ids_agree(mt, ckpt_dirs, models):
     d = ckpt_dirs[mt]
-    for name in ('config.json', 'generation_config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json'):
+    for name in ('config.json', 'generation_config.json', 'model.safetensors', 'tokenizer.json',
+                 'tokenizer_config.json'):
         assert (d / name).is_file(), name
     model, hf_tok = models[mt], AutoTokenizer.from_pretrained(d)
     cfg = model.config
@@ -228,7 +229,8 @@ def test_hf_default_init_would_fail_the_bounds(mt, tok):
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path, ckpt_dirs):
     a = make_tiny('llama', tmp_path / 'a')
-    digest = lambda d: hashlib.sha256((d / 'model.safetensors').read_bytes()).hexdigest()
+    def digest(d):
+        return hashlib.sha256((d / 'model.safetensors').read_bytes()).hexdigest()
     assert digest(a) == digest(ckpt_dirs['llama'])  # fixture also used seed 0
     ta, tb = read_tensors(a), read_tensors(make_tiny('llama', tmp_path / 'b', seed=1))
     assert ta.keys() == tb.keys()

@@ -89,7 +89,7 @@ def lmdp_figures(model_path: str, throughput: bool = True, eager_mode: bool = Fa
         out.update(tp_requests=len(prompts), tp_out_tokens=generated, tp_wall_s=round(seconds, 2),
                    tp_out_tok_s=round(generated / seconds, 1))
     pipe.close()
-    del pipe
+    pipe = None        # (the closure above holds the name: drop the engine, keep the cell)
     import gc
     gc.collect()      # the next pipeline of the same call gets the memory back for its KV pool
     if torch.cuda.is_available():
@@ -126,6 +126,6 @@ def hf_batch1_decode(model_path: str, new_tokens: int = 256) -> float:
         return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=1)
     with torch.inference_mode():
         figure = batch1_decode(generate_one, new_tokens=new_tokens, pairs=1)
-    del model
+    model = None
     torch.cuda.empty_cache()
     return figure

@@ -23,7 +23,9 @@ class AutoModelConfigBuilder:
     def register_builder(cls, sub_cls):
         registry = AutoModelConfigBuilder._sub_classes
         # redefining a class (re-running a notebook cell) replaces the old one instead of stacking copies
-        registry[:] = [b for b in registry if b.__qualname__ != sub_cls.__qualname__ or b.__module__ != sub_cls.__module__]
+        def same(b):
+            return b.__qualname__ == sub_cls.__qualname__ and b.__module__ == sub_cls.__module__
+        registry[:] = [b for b in registry if not same(b)]
         registry.append(sub_cls)
 
     @staticmethod

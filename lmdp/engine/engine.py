@@ -25,10 +25,10 @@ from . import request_checks
 from .cache_engine import CacheEngine, plan_num_blocks
 from .model_agent import ModelAgent
 from .model_runner import ModelRunner
-from .tp import LeaderModelRunner, RankPlan, start_ranks
 from .sampler import Sampler, logprob_dicts
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import SamplingParams, Sequence
+from .tp import LeaderModelRunner, RankPlan, start_ranks
 
 logger = logging.getLogger('lmdp')
 

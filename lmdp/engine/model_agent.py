@@ -53,9 +53,11 @@ def build_model(model_config: ModelConfig, model_path: str | None = None, device
     if hasattr(model, 'adjust_model_config'):   # a model that sizes its KV cache its own way (the fallback)
         model.adjust_model_config(model_config)
     # a port written without dtype/device plumbing (plain nn.Linear) still ends up where asked
+    # (a parameter marked `keep_dtype` keeps its own: Gemma's float32 norm gains)
     for param in model.parameters():
-        if param.is_floating_point() and (param.dtype != model_config.dtype or param.device != torch.device(device)):
-            param.data = param.data.to(device=device, dtype=model_config.dtype)
+        dtype = param.dtype if getattr(param, 'keep_dtype', False) else model_config.dtype
+        if param.is_floating_point() and (param.dtype != dtype or param.device != torch.device(device)):
+            param.data = param.data.to(device=device, dtype=dtype)
     model.eval()
     if load_weights:
         load_weights_with_report(model, model_path, strict=strict)

@@ -46,6 +46,10 @@ def choose_model_class(hf_config, custom_module_map=None, model_impl: str = 'aut
     registered = [a for a in archs if a in merged_module_map(custom_module_map)]
     if model_impl != 'transformers' and (registered or model_impl == 'lmdp'):
         cls = get_model_class(hf_config, custom_module_map)    # raises, saying what is registered, for 'lmdp'
+        if not isinstance(cls, type):
+            raise ArchitectureError(f'the module map entry for {registered[0] if registered else arch!r} is '
+                                    f'{cls!r:.80}, not a class; map the architecture to a model class or its dotted '
+                                    'path')
         impl = impl_of(cls)
         name = f'{cls.__module__}.{cls.__qualname__}'
         what = {'lmdp': 'the lmdp port', 'hybrid': 'a partial port on the transformers fallback',

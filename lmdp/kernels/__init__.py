@@ -1,7 +1,18 @@
 """Fused ops. Each has a pure-torch reference here (the ground truth and the CPU path); `dispatch` picks Triton
 kernels for CUDA tensors."""
-from .dispatch import (act_and_mul_linear, apply_rotary_pos_emb, fill_kv_cache, fused_moe, gelu_and_mul, linear,
-                       paged_attention_fwd, rms_norm, rotary_fill_kv_cache, silu_and_mul, softmax_topk)
+from .dispatch import (
+                       act_and_mul_linear,
+                       apply_rotary_pos_emb,
+                       fill_kv_cache,
+                       fused_moe,
+                       gelu_and_mul,
+                       linear,
+                       paged_attention_fwd,
+                       rms_norm,
+                       rotary_fill_kv_cache,
+                       silu_and_mul,
+                       softmax_topk,
+)
 
 __all__ = ['act_and_mul_linear', 'apply_rotary_pos_emb', 'fill_kv_cache', 'fused_moe', 'gelu_and_mul', 'linear',
            'paged_attention_fwd', 'rms_norm', 'rotary_fill_kv_cache', 'silu_and_mul', 'softmax_topk']

@@ -108,6 +108,12 @@ class GemmaForCausalLM(LlamaForCausalLM):
                  model_type=GemmaModel):
         super().__init__(config, ctx_mgr, dtype=dtype, device=device, model_type=model_type)
         self.final_logit_softcapping = getattr(config, 'final_logit_softcapping', None)
+        # transformers multiplies by (1 + w) in float32; a folded gain rounded to bfloat16 would put a fixed error
+        # of up to half a unit on every channel, so the folded gains stay float32 (lmdp.kernels.rms_norm)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.data = module.weight.data.float()
+                module.weight.keep_dtype = True
 
     def get_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden_states)
@@ -118,7 +124,7 @@ class GemmaForCausalLM(LlamaForCausalLM):
 
     def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]):
         def fold_norms(pairs):
-            # Gemma's norms multiply by (1 + w): fold the 1 in once, in float32, at load time
+            # Gemma's norms multiply by (1 + w): fold the 1 in once, in float32, at load time (kept float32)
             for name, tensor in pairs:
                 if name.endswith('norm.weight'):
                     tensor = tensor.float() + 1

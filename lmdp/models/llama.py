@@ -10,8 +10,16 @@ import torch
 from torch import nn
 
 from ..model_inputs import StepContext, StepContextManager
-from ..nn import (Attention, GatedMLP, ParallelEmbedding, RMSNorm, build_lm_head, build_o_proj, build_qkv_proj,
-                  build_rotary_embedding_from_config)
+from ..nn import (
+    Attention,
+    GatedMLP,
+    ParallelEmbedding,
+    RMSNorm,
+    build_lm_head,
+    build_o_proj,
+    build_qkv_proj,
+    build_rotary_embedding_from_config,
+)
 from ..weight_loader import load_weight
 
 

@@ -190,7 +190,8 @@ class QKVParallelLinear(MergedColwiseLinear):
             heads = heads.repeat_interleave(self.num_replicate_kv_heads, 0)
         local = self.num_q_heads if idx == 0 else self.num_kv_heads
         # fewer kv heads than ranks: neighbouring ranks share one kv head
-        start = self.tp_rank * local if heads.size(0) >= self.tp_world else self.tp_rank * heads.size(0) // self.tp_world
+        shared = heads.size(0) < self.tp_world
+        start = self.tp_rank * heads.size(0) // self.tp_world if shared else self.tp_rank * local
         return heads.narrow(0, start, local).flatten(0, 1)
 
     def split_qkv(self, x: torch.Tensor):

@@ -14,9 +14,17 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
-from .rope_frequencies import (Llama3Parameters, LongRoPEScalingParameters, YarnParameters,  # noqa: F401
-                               _default_inv_freq, _llama3_inv_freq, _longrope_inv_freq, _rope_exponents,
-                               _yarn_attention_factor, _yarn_inv_freq)
+from .rope_frequencies import (  # noqa: F401
+    Llama3Parameters,
+    LongRoPEScalingParameters,
+    YarnParameters,
+    _default_inv_freq,
+    _llama3_inv_freq,
+    _longrope_inv_freq,
+    _rope_exponents,
+    _yarn_attention_factor,
+    _yarn_inv_freq,
+)
 
 
 class RopeType(str, enum.Enum):

@@ -35,7 +35,7 @@ class BlockManager:
         self._ref = [0] * num_blocks
         self._hash_of: Dict[int, int] = {}              # block -> key, for keyed blocks
         self._block_of: Dict[int, int] = {}             # key -> block
-        self._evictable: 'OrderedDict[int, None]' = OrderedDict()   # keyed blocks nobody uses, oldest first
+        self._evictable: OrderedDict[int, None] = OrderedDict()   # keyed blocks nobody uses, oldest first
         self.stats = PrefixCacheStats()
 
     @property

@@ -17,8 +17,7 @@ from typing import AsyncIterator, Dict, List, Optional, Tuple
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from fastapi.responses import Response as HTTPResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response as HTTPResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..messages import Response

@@ -6,8 +6,8 @@ from typing import Iterable, Optional, Tuple
 import torch
 
 from ..errors import WeightLoadError
-from .loaders import default_weight_loader
 from .checkpoint import iter_checkpoint
+from .loaders import default_weight_loader
 from .tracker import describe_param, record_load, tracking
 
 logger = logging.getLogger('lmdp')

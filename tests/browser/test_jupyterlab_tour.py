@@ -61,8 +61,8 @@ def _user_settings(settings_dir: str):
 def lab(tmp_path):
     """A JupyterLab server on 127.0.0.1 over a copy of the notebooks (the committed ones stay output-free)."""
     try:
-        import jupyterlab  # noqa: F401
         import ipywidgets  # noqa: F401
+        import jupyterlab  # noqa: F401
     except ImportError as e:
         _missing(f"{e.name} is not installed (pip install -e '.[notebooks]')")
     work = tmp_path / 'notebooks'
@@ -167,11 +167,15 @@ def _run_tour(browser, lab: str):
 
 
 def test_tour_runs_in_jupyterlab_and_shows_the_per_layer_view(lab, browser):
+    import torch
     from selenium.webdriver.common.by import By
+    from transformers import AutoModelForCausalLM
 
     from lmdp.tiny import tiny_config
-    from parity import tap_list
-    taps = tap_list(tiny_config('llama').num_hidden_layers)     # what the tour's tiny llama has
+    from parity.taps import reference_taps
+    config = tiny_config('llama')                               # what the tour's tiny llama has
+    with torch.device('meta'):
+        taps = reference_taps(AutoModelForCausalLM.from_config(config, attn_implementation='eager'), config)
 
     try:
         table = _run_tour(browser, lab)
@@ -180,6 +184,7 @@ def test_tour_runs_in_jupyterlab_and_shows_the_per_layer_view(lab, browser):
         raise
     rows = table.find_elements(By.CSS_SELECTOR, 'tr.lmdp-tap-row')
     assert len(rows) == len(taps) == int(table.get_attribute('data-rows'))
+    assert table.get_attribute('data-view') == 'local'          # verdicts come from the layer-local view
     assert [r.get_attribute('data-tap') for r in rows] == [t.name for t in taps]
     view = table.find_element(By.XPATH, './ancestor::div[contains(@class, "widget-vbox")][1]')
     points = view.find_elements(By.CSS_SELECTOR, 'svg.lmdp-layer-plot circle.lmdp-point')

@@ -11,11 +11,11 @@ import math
 
 import pytest
 import torch
+from sampler_reference import adjusted_row, greedy_token, sampled_token, scaled_row, support
 
 from lmdp.engine.sampler import Sampler
 from lmdp.engine.scheduler import finish_reason
 from lmdp.engine.sequence import SamplingParams, Sequence, SequenceStatus
-from sampler_reference import adjusted_row, greedy_token, sampled_token, scaled_row, support
 
 pytest.importorskip('hypothesis', reason='the property tests need hypothesis (the [test] extra)')
 from hypothesis import given, settings, strategies as st  # noqa: E402

@@ -4,16 +4,26 @@
 from typing import Any, Iterable, List, Optional, Tuple
 
 import torch
-from torch import nn
-from transformers.configuration_utils import PretrainedConfig
-
 from lmdeploy.pytorch.model_inputs import StepContext, StepContextManager
 from lmdeploy.pytorch.models.utils.cudagraph import CudaGraphMixin
-from lmdeploy.pytorch.nn import (ApplyRotaryEmb, Attention, ParallelEmbedding, RMSNorm, SiluAndMul,
-                                 build_rotary_embedding_from_config)
-from lmdeploy.pytorch.nn.linear import (build_down_linear, build_gateup_linear, build_o_proj, build_qkv_proj,
-                                        build_rowwise_linear)
+from lmdeploy.pytorch.nn import (
+    ApplyRotaryEmb,
+    Attention,
+    ParallelEmbedding,
+    RMSNorm,
+    SiluAndMul,
+    build_rotary_embedding_from_config,
+)
+from lmdeploy.pytorch.nn.linear import (
+    build_down_linear,
+    build_gateup_linear,
+    build_o_proj,
+    build_qkv_proj,
+    build_rowwise_linear,
+)
 from lmdeploy.pytorch.weight_loader.model_weight_loader import load_weight
+from torch import nn
+from transformers.configuration_utils import PretrainedConfig
 
 
 class Qwen3Attention(nn.Module):

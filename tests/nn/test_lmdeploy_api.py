@@ -7,10 +7,19 @@ import torch
 
 from lmdp.model_inputs import AttentionMetadata
 from lmdp.models.utils.cudagraph import CudaGraphMixin
-from lmdp.nn import (Attention, ParallelEmbedding, RMSNorm, build_colwise_linear, build_down_linear,
-                     build_gateup_linear, build_merged_colwise_linear, build_o_proj, build_qkv_proj,
-                     build_rowwise_linear)
-from lmdp.nn import linear as linear_mod
+from lmdp.nn import (
+    Attention,
+    ParallelEmbedding,
+    RMSNorm,
+    build_colwise_linear,
+    build_down_linear,
+    build_gateup_linear,
+    build_merged_colwise_linear,
+    build_o_proj,
+    build_qkv_proj,
+    build_rowwise_linear,
+    linear as linear_mod,
+)
 from lmdp.nn.linear import ColwiseParallelLinear, MergedColwiseLinear, RowwiseParallelLinear
 
 BUILDERS = {

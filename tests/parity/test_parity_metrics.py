@@ -4,9 +4,7 @@ import sys
 
 import pytest
 import torch
-
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from parity.metrics import diff
 from parity.noise_floor import EPS, GAIN, MULTIPLE, judge, kl_bound, noise_margin, tolerance

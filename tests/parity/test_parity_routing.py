@@ -4,8 +4,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from parity.routing import compare_routing, routing_from_captures
 from parity.capture_set import CaptureSet
+from parity.routing import compare_routing, routing_from_captures
 
 
 def _logits(tokens=20, experts=8, seed=0):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from lmdp.check_env import check_model
-from lmdp.errors import ArchitectureError, ConfigError, TokenizerError
+from lmdp.errors import ConfigError, TokenizerError
 
 
 def _pop(*names):
@@ -69,8 +69,10 @@ CONFIGS = {
                                   ['generation_config.json', 'top_p must be in (0, 1]'], True),
     'generation_config eos a string': ({'generation_config.json': '{"eos_token_id": "</s>"}'}, ConfigError,
                                        ['generation_config.json', 'eos_token_id must be a token id'], True),
-    'unregistered architecture': (_set(architectures=['FancyNewForCausalLM']), ArchitectureError,
-                                  ["'FancyNewForCausalLM' is not registered", 'custom_module_map'], True),
+    # an unported architecture of a known model_type runs on the transformers fallback (tests/fallback); one that
+    # transformers does not know either can't be served at all
+    'architecture unknown everywhere': (_set(architectures=['FancyNewForCausalLM'], model_type='fancy_new'),
+                                        ConfigError, ["model_type 'fancy_new'", 'trust_remote_code'], True),
 }
 
 

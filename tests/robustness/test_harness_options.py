@@ -6,8 +6,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from lmdp.cli import build_parser
 from parity.options import OPTIONS, OptionError, check_options

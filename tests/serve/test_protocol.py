@@ -1,7 +1,6 @@
 """The request models and the metrics, without a server: what a request's fields mean to the engine."""
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from lmdp.serve.metrics import ServerMetrics, parse
 from lmdp.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest

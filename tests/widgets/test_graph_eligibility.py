@@ -7,8 +7,8 @@ import torch
 
 from lmdp.backends.cuda import CaptureResult
 from lmdp.models.llama import LlamaForCausalLM
-from lmdp.widgets.graph_eligibility_view import render_html
 from lmdp.widgets.graph_eligibility import graph_eligibility
+from lmdp.widgets.graph_eligibility_view import render_html
 
 
 class SmallBatchesOnly(LlamaForCausalLM):

@@ -3,10 +3,10 @@ import math
 import xml.etree.ElementTree as ET
 
 from lmdp.widgets import coverage_from_report
-from lmdp.widgets.weight_coverage_view import render_html as coverage_html
+from lmdp.widgets.layer_error_view import render_html as parity_html
 from lmdp.widgets.layer_errors import layer_error_table
 from lmdp.widgets.log_plot import render_svg
-from lmdp.widgets.layer_error_view import render_html as parity_html
+from lmdp.widgets.weight_coverage_view import render_html as coverage_html
 from parity import tap_list
 
 SVG = '{http://www.w3.org/2000/svg}'

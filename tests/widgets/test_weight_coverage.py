@@ -5,8 +5,8 @@ import torch
 
 from lmdp.models.llama import LlamaForCausalLM
 from lmdp.weight_loader import load_weight
-from lmdp.widgets.weight_coverage_view import render_html
 from lmdp.widgets.weight_coverage import coverage_of_checkpoint
+from lmdp.widgets.weight_coverage_view import render_html
 
 
 class NoStacking(LlamaForCausalLM):

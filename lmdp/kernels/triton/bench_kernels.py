@@ -97,7 +97,7 @@ def bench_decode(args):
                 results.sort(key=lambda r: r[0])
                 for ms_, kw in results[:4]:
                     print(f'         sweep: {ms_ * 1e3:8.1f} us {kv_bytes / ms_ / 1e6:6.0f} GB/s  {kw}')
-            del t, out
+            t = out = None      # free the cache before the next shape
             torch.cuda.empty_cache()
 
 
@@ -134,7 +134,7 @@ def bench_prefill(args):
             results.sort(key=lambda r: r[0])
             for ms_, kw in results[:3]:
                 print(f'         sweep: {ms_:8.3f} ms {flops / ms_ / 1e9:6.1f} TFLOP/s  {kw}')
-        del t, out
+        t = out = None
         torch.cuda.empty_cache()
 
 

@@ -1,7 +1,8 @@
 """RMSNorm with an optional fused residual add; one program per row, the whole row in one tile.
 
 Matches the reference's rounding: the sum `x + residual` is rounded to its dtype (and written out as the new
-residual stream) before the statistic; `x * rstd` is rounded to that dtype before the weight multiplies it.
+residual stream) before the statistic; `x * rstd` is rounded to that dtype before the weight multiplies it, except
+for a float32 weight on 16-bit activations (Gemma's convention, see the reference's `gain_in_float32`).
 """
 from typing import Optional
 
@@ -15,7 +16,7 @@ from ._common import next_pow2
 @triton.jit
 def _rms_norm_kernel(X, Residual, W, Out, ResOut, eps,
                      stride_x, stride_r, stride_o, stride_ro, N, heads, stride_xh,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < N
@@ -28,7 +29,9 @@ def _rms_norm_kernel(X, Residual, W, Out, ResOut, eps,
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, 0) / N
     rstd = 1.0 / tl.sqrt(var + eps)
-    normed = (xf * rstd).to(x.dtype).to(tl.float32)
+    normed = xf * rstd
+    if ROUND_NORMED:
+        normed = normed.to(x.dtype).to(tl.float32)
     w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(Out + row * stride_o + offs, (normed * w).to(Out.dtype.element_ty), mask=mask)
 
@@ -50,7 +53,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
     shape = x.shape
     n = shape[-1]
     sum_dtype = x.dtype if residual is None else torch.result_type(x, residual)
-    out_dtype = torch.promote_types(weight.dtype, sum_dtype)
+    round_normed = not (weight.dtype == torch.float32 and sum_dtype in (torch.bfloat16, torch.float16))
+    out_dtype = torch.promote_types(weight.dtype, sum_dtype) if round_normed else sum_dtype
     heads, stride_xh = 1, 0
     if residual is None and x.dim() == 3 and x.stride(-1) == 1 and x.dtype == sum_dtype:
         # per-head rows of a strided view ([T, H, D] of a fused qkv): read in place, no copy
@@ -75,5 +79,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
         num_warps = 4 if block_n <= 1024 else (8 if block_n <= 4096 else 16)
         _rms_norm_kernel[(rows,)](x2, r2, weight, out2, ro2, float(eps),
                                   x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0), n, heads, stride_xh,
-                                  HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, num_warps=num_warps)
+                                  HAS_RESIDUAL=residual is not None, ROUND_NORMED=round_normed, BLOCK_N=block_n,
+                                  num_warps=num_warps)
     return out if residual is None else (out, res_out)
