@@ -136,9 +136,10 @@ class Watch:
         return time.monotonic() - s.beat_seen
 
     def casualties(self) -> list:
-        """Workers known to be gone or failed."""
+        """Workers known to be gone or failed. Silence counts only once a worker has beaten at all: a worker still
+        importing torch has not started its heartbeat yet (the start-up's own timeout covers one that never does)."""
         return [s for s in self.states.values()
-                if s.exit is not None or s.failed is not None or self.silent_for(s) > SILENT_S]
+                if s.exit is not None or s.failed is not None or (s.beat >= 0 and self.silent_for(s) > SILENT_S)]
 
     def diagnose(self, settle_s: float = 3.0) -> str:
         """Name the workers that died, failed or hang. A rank that just died needs a moment for its exit to
