@@ -131,9 +131,10 @@ class Ranks:
             for r in range(1, self.world):
                 if r not in values and self.store.check([f'{key}/{r}']):
                     values[r] = self.store.get(f'{key}/{r}')
+            if len(values) == self.world - 1:
+                break               # a worker that answered may end right after (an SPMD job's result)
             self.watch.poll()
-            gone = self.watch.casualties()
-            if gone:
+            if self.watch.casualties():
                 raise self._fail_start(what, self.watch.diagnose(settle_s=0.5))
             if time.monotonic() > deadline:
                 late = [r for r in range(1, self.world) if r not in values]
@@ -275,8 +276,11 @@ def spawn(world: int, device_type: str, job: dict) -> Ranks:
                         f'process hands them, and that could not be pickled ({e}); give custom_module_map as a .py '
                         'file or dotted paths, or classes defined at the top level of an importable module') from e
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    # on the CPU the ranks share this host's cores: each worker takes its part of this process's threads (OpenMP
+    # threads that outnumber the cores spin against each other, and every collective waits for the slowest rank)
+    threads = max(1, torch.get_num_threads() // world) if device_type == 'cpu' else None
     spec = dict(path=list(sys.path), store=['127.0.0.1', server.port], world=world, device_type=device_type,
-                parent=os.getpid(), job=job_path)
+                parent=os.getpid(), job=job_path, threads=threads)
     procs = {}
     for r in range(1, world):
         procs[r] = subprocess.Popen([sys.executable, '-c', _BOOT, json.dumps(dict(spec, rank=r))], env=env)

@@ -62,6 +62,9 @@ def main(spec: dict):
     """A spawned worker's whole life (its arguments: see launch.spawn)."""
     rank, world = spec['rank'], spec['world']
     _exit_with_parent(spec['parent'])
+    if spec.get('threads'):
+        import torch
+        torch.set_num_threads(spec['threads'])
     host, port = spec['store']
     ranks = Ranks(rank, world, rank_device(spec['device_type'], rank), (host, port))
     heartbeat = Heartbeat(ranks.connect, rank)
