@@ -29,8 +29,9 @@ def where_is(thread_id: int) -> str:
     if frame is None:
         return 'gone'
     stack = traceback.extract_stack(frame)
-    for f in stack:
-        if f'torch{os.sep}distributed' in f.filename:
+    # the innermost named call inside torch.distributed (its logging decorators are all called 'wrapper')
+    for f in reversed(stack):
+        if f'torch{os.sep}distributed' in f.filename and f.name != 'wrapper':
             return f'waiting in {f.name}'
     f = stack[-1]
     return f'at {os.path.basename(f.filename)}:{f.lineno} in {f.name}'
@@ -161,6 +162,12 @@ class Watch:
                              'or its host is unreachable)')
         if found:
             return '; '.join(found)
+        # a heartbeat that stopped only lately (SILENT_S not reached yet): stopped, frozen, or starved of CPU
+        stale = [s for s in self.states.values() if s.beat >= 0 and self.silent_for(s) > 3 * HEARTBEAT_S]
+        if stale:
+            return '; '.join(f'{s.name()} stopped answering (no heartbeat for {self.silent_for(s):.0f} s: the process '
+                             f'is stopped, frozen or starved of CPU; last seen in step {s.step} {s.where})'
+                             for s in stale)
         busy = [s for s in self.states.values() if s.state == 'busy' and not s.where.startswith('waiting in')]
         if busy:
             return '; '.join(f'{s.name()} is stuck in step {s.step} {s.where}' for s in busy)
