@@ -91,18 +91,24 @@ def main(spec: dict):
 
 
 def serve_env(model_path: str, config):
-    """A rank other than 0 under torchrun: serve rank 0's steps, then end this process (SystemExit(0)) once rank 0
-    closes its pipeline; the script's lines after `pipeline()` run on rank 0 alone."""
+    """A rank other than 0 under torchrun: serve rank 0's steps, then end this process once rank 0 closes its
+    pipeline (the script's lines after `pipeline()` run on rank 0 alone). The process ends by `os._exit`, as a
+    spawned worker does: interpreter teardown would run the process group's destructors, which abort the
+    process when a peer has already gone."""
     ranks = join_env(config.resolved_device())
     heartbeat = Heartbeat(ranks.connect, ranks.rank)
     heartbeat.start()
+    code = 0
     try:
         serve(model_path, config, ranks, heartbeat)
-    except SystemExit:
-        raise
-    except BaseException as e:
+    except SystemExit as e:          # rank 0 called the start-up off: it says why itself
+        code = 0 if e.code in (None, 0) else 1
+    except BaseException as e:       # noqa: BLE001 - rank 0 must hear it, and this process must end
         report_failure(ranks.store, ranks.rank, e)
-        raise
-    finally:
-        heartbeat.stop()
-    raise SystemExit(0)
+        print(f'lmdp tensor-parallel rank {ranks.rank} failed:', file=sys.stderr)
+        traceback.print_exc()
+        code = 1
+    heartbeat.stop()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
