@@ -58,6 +58,27 @@ def _exit_with_parent(parent: int):
     threading.Thread(target=watch, name='lmdp-tp-parent', daemon=True).start()
 
 
+def _exit_after(work, ranks: Ranks, heartbeat: Heartbeat):
+    """Run a worker's `work()`, then end the process: a failure is written to the store for rank 0 to report.
+    No interpreter teardown: a process group's destructor can block on, or abort for, peers that are gone."""
+    code = 0
+    try:
+        work()
+    except SystemExit as e:          # rank 0 called the start-up off: it says why itself
+        code = 0 if e.code in (None, 0) else 1
+    except BaseException as e:       # noqa: BLE001 - whatever it is, rank 0 must hear it and this process must end
+        if heartbeat.state != 'idle':
+            report_failure(ranks.store, ranks.rank, e)
+            print(f'lmdp tensor-parallel rank {ranks.rank} failed:', file=sys.stderr)
+            traceback.print_exc()
+            code = 1
+        # else: rank 0 went away between steps (its process ended without closing the pipeline); nothing was lost
+    heartbeat.stop()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(spec: dict):
     """A spawned worker's whole life (its arguments: see launch.spawn)."""
     rank, world = spec['rank'], spec['world']
@@ -69,46 +90,21 @@ def main(spec: dict):
     ranks = Ranks(rank, world, rank_device(spec['device_type'], rank), (host, port))
     heartbeat = Heartbeat(ranks.connect, rank)
     heartbeat.start()
-    code = 0
-    try:
+
+    def work():
         with open(spec['job'], 'rb') as f:
             job = pickle.load(f)
         ranks.store.set(f'ready/{rank}', '1')
         ranks.cpu_group = init_groups(rank, world, ranks.device,
                                       dist.TCPStore(host, port, is_master=False, timeout=CONTROL_TIMEOUT))
         _run(job, ranks, heartbeat)
-    except SystemExit as e:          # rank 0 called the start-up off: it says why itself
-        code = 0 if e.code in (None, 0) else 1
-    except BaseException as e:       # noqa: BLE001 - whatever it is, rank 0 must hear it and this process must end
-        report_failure(ranks.store, rank, e)
-        print(f'lmdp tensor-parallel rank {rank} failed:', file=sys.stderr)
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # no interpreter teardown: a process group's destructor can block on peers that are gone
-    os._exit(code)
+    _exit_after(work, ranks, heartbeat)
 
 
 def serve_env(model_path: str, config):
     """A rank other than 0 under torchrun: serve rank 0's steps, then end this process once rank 0 closes its
-    pipeline (the script's lines after `pipeline()` run on rank 0 alone). The process ends by `os._exit`, as a
-    spawned worker does: interpreter teardown would run the process group's destructors, which abort the
-    process when a peer has already gone."""
+    pipeline (the script's lines after `pipeline()` run on rank 0 alone; the process ends by `os._exit`)."""
     ranks = join_env(config.resolved_device())
     heartbeat = Heartbeat(ranks.connect, ranks.rank)
     heartbeat.start()
-    code = 0
-    try:
-        serve(model_path, config, ranks, heartbeat)
-    except SystemExit as e:          # rank 0 called the start-up off: it says why itself
-        code = 0 if e.code in (None, 0) else 1
-    except BaseException as e:       # noqa: BLE001 - rank 0 must hear it, and this process must end
-        report_failure(ranks.store, ranks.rank, e)
-        print(f'lmdp tensor-parallel rank {ranks.rank} failed:', file=sys.stderr)
-        traceback.print_exc()
-        code = 1
-    heartbeat.stop()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    _exit_after(lambda: serve(model_path, config, ranks, heartbeat), ranks, heartbeat)
