@@ -107,6 +107,33 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'lmdp.envs' has no attribute {name!r}")
 
 
+# set by torchrun (or any env:// launcher) for each rank; torch.distributed's env:// initialisation reads them too
+LAUNCHER_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
+
+
+def launcher() -> dict | None:
+    """{'rank', 'world', 'local_rank', 'master_addr', 'master_port'} when torchrun (env://) started this process,
+    else None (RANK or WORLD_SIZE unset)."""
+    if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
+        return None
+    found = {}
+    for key, name in (('rank', 'RANK'), ('world', 'WORLD_SIZE'), ('local_rank', 'LOCAL_RANK'),
+                      ('master_port', 'MASTER_PORT')):
+        raw = os.environ.get(name, os.environ['RANK'] if name == 'LOCAL_RANK' else None)
+        try:
+            found[key] = None if raw is None else int(raw)
+        except ValueError:
+            raise EnvError(f'environment variable {name}={raw!r} is not a whole number; torchrun sets it for each '
+                           'rank: unset RANK and WORLD_SIZE unless a launcher started this process') from None
+    found['master_addr'] = os.environ.get('MASTER_ADDR')
+    return found
+
+
+def without_launcher() -> dict:
+    """This process's environment less the launcher's variables: for a child process that is no torchrun rank."""
+    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+
+
 def describe() -> list[str]:
     """One line per variable: its name, the value in effect (or the error), and what it does."""
     lines = []

@@ -38,8 +38,6 @@ from .health import Watch
 
 # how long an idle worker waits for rank 0's next step
 CONTROL_TIMEOUT = timedelta(days=30)
-# torchrun's variables (env:// initialisation)
-TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
 # a spawned worker: restore the parent's sys.path (so the model classes it names import), then serve
 _BOOT = ("import json, sys; spec = json.loads(sys.argv[1]); sys.path[:] = spec['path']; "
          "from lmdp.engine.tp.worker import main; main(spec)")
@@ -55,10 +53,8 @@ class RankPlan:
 
 def env_rank() -> Optional[tuple]:
     """(rank, world, local_rank) when torchrun (or any env:// launcher) started this process, else None."""
-    if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
-        return None
-    rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-    return rank, world, int(os.environ.get('LOCAL_RANK', rank))
+    found = envs.launcher()
+    return None if found is None else (found['rank'], found['world'], found['local_rank'])
 
 
 def rank_device(device_type: str, local_rank: int) -> torch.device:
@@ -275,7 +271,7 @@ def spawn(world: int, device_type: str, job: dict) -> Ranks:
         raise TypeError(f'tensor parallelism starts worker processes that must rebuild the model from what this '
                         f'process hands them, and that could not be pickled ({e}); give custom_module_map as a .py '
                         'file or dotted paths, or classes defined at the top level of an importable module') from e
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env = envs.without_launcher()
     # on the CPU the ranks share this host's cores: each worker takes its part of this process's threads (OpenMP
     # threads that outnumber the cores spin against each other, and every collective waits for the slowest rank)
     threads = max(1, torch.get_num_threads() // world) if device_type == 'cpu' else None
@@ -301,7 +297,8 @@ def join_env(device_type: str) -> Ranks:
     device = rank_device(device_type, local_rank)
     cpu_group = init_groups(rank, world, device)
     # the store torchrun's rendezvous runs (or rank 0 hosts, in a hand-made env:// launch): lmdp's keys go there too
-    ranks = Ranks(rank, world, device, (os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT'])))
+    found = envs.launcher()
+    ranks = Ranks(rank, world, device, (found['master_addr'], found['master_port']))
     ranks.cpu_group = cpu_group
     _register(ranks)
     return ranks
