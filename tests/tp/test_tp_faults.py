@@ -39,16 +39,27 @@ def test_killing_a_rank_mid_generation_is_a_clear_error_and_ends_every_rank(tiny
     pipe.close()
 
 
-def test_a_rank_that_hangs_is_named_within_the_step_timeout(tiny_llama2, monkeypatch):
+@pytest.mark.parametrize('when', ['idle', 'mid-generation'])
+def test_a_rank_that_hangs_is_named_within_the_step_timeout(tiny_llama2, monkeypatch, when):
+    """SIGSTOP: the rank neither answers nor dies. Stopped while idle, it blocks rank 0's very first send (gloo's
+    send waits for the receiver); stopped mid-generation, a collective inside the step."""
     monkeypatch.setenv('LMDP_TP_TIMEOUT', '4')
     pipe = make_pipe(tiny_llama2, tp=2)
     worker = pipe.engine.ranks.procs[1]
     try:
-        error, seconds = _generate_until_broken(pipe, worker.pid, signal.SIGSTOP)
+        if when == 'idle':
+            os.kill(worker.pid, signal.SIGSTOP)
+            sent = time.monotonic()
+            with pytest.raises(TensorParallelError) as caught:
+                pipe([[1, 5, 6]], GenerationConfig(max_new_tokens=3))
+            error, seconds = caught.value, time.monotonic() - sent
+        else:
+            error, seconds = _generate_until_broken(pipe, worker.pid, signal.SIGSTOP)
     finally:
-        if alive(worker.pid):
+        left_running = alive(worker.pid)     # the engine must have ended it; the kill only cleans up after a bug
+        if left_running:
             os.kill(worker.pid, signal.SIGKILL)
+        pipe.close()
+    assert not left_running
     assert seconds < 30
-    assert 'rank 1' in str(error) and 'step' in str(error), str(error)
-    assert not alive(worker.pid)
-    pipe.close()
+    assert f'rank 1 (pid {worker.pid})' in str(error) and 'step' in str(error), str(error)

@@ -85,7 +85,10 @@ def init_groups(rank: int, world: int, device: torch.device, store=None):
         dist.init_process_group(init_method='env://', **kwargs)
     else:
         dist.init_process_group(store=dist.PrefixStore('pg', store), **kwargs)
-    cpu_group = dist.new_group(backend='gloo', timeout=CONTROL_TIMEOUT)
+    # a worker waits on the control group, idle, for as long as rank 0 has no work; rank 0's own sends on it give
+    # up after LMDP_TP_TIMEOUT (gloo's send waits for the receiver: a stopped worker would hold rank 0 forever)
+    control_timeout = timedelta(seconds=envs.LMDP_TP_TIMEOUT) if rank == 0 else CONTROL_TIMEOUT
+    cpu_group = dist.new_group(backend='gloo', timeout=control_timeout)
     set_tp_group(TPGroup(world, rank, dist.group.WORLD))
     return cpu_group
 
