@@ -1,4 +1,4 @@
-"""The `lmdp` command line: check, make-tiny, compare, parity, generate, bench, serve."""
+"""The `lmdp` command line: check, make-tiny, quantize, compare, parity, generate, bench, serve."""
 import argparse
 import logging
 import sys
@@ -23,8 +23,17 @@ def cmd_make_tiny(args) -> int:
     if args.layers is not None:
         overrides['num_hidden_layers'] = args.layers
     path = make_tiny(args.model_type, args.out_dir, seed=args.seed, dtype=args.dtype,
-                     max_shard_size=args.max_shard_size, **overrides)
+                     max_shard_size=args.max_shard_size, quantize=args.quantize, **overrides)
     print(f'wrote a tiny {args.model_type} checkpoint to {path}')
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .quantize import quantize_checkpoint
+    record = quantize_checkpoint(args.src, args.dst, 'fp8-block' if args.fp8_block else 'awq',
+                                 group_size=args.group_size, device=args.device)
+    print(f"wrote {args.dst}: {record['quantized_tensors']} linear weights quantised ({record['method']}), "
+          f"{record['bytes'] / 2**20:.1f} MiB of tensors")
     return 0
 
 
@@ -129,7 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
     p.add_argument('--max-shard-size', help='e.g. 200KB, to write a sharded checkpoint')
+    p.add_argument('--quantize', choices=['fp8-block', 'awq'],
+                   help='write it quantised (round-to-nearest), the unquantised original in OUT_DIR/unquantized')
     p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser('quantize', help="rewrite an unquantised checkpoint in transformers' FP8 (128x128 block) or "
+                       'AWQ 4-bit GEMM format, round-to-nearest, no calibration data')
+    p.add_argument('src')
+    p.add_argument('dst')
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument('--fp8-block', action='store_true', help='float8_e4m3fn weights, weight_scale_inv per 128x128')
+    how.add_argument('--awq', action='store_true', help='4-bit with zero points, qweight/qzeros/scales')
+    p.add_argument('--group-size', type=int, default=128, help='AWQ group of input features (16, 32, 64, 128)')
+    p.add_argument('--device', help='where to quantise (default: cuda if present)')
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser('compare', help='logits of lmdp vs transformers (packed prefill + paged decode)')
     p.add_argument('model_path', nargs='?', help='checkpoint folder (default: a fresh tiny llama)')

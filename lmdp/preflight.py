@@ -67,6 +67,18 @@ def _model_config(state: Preflight):
                            'be generated, so lmdp ignores it as a stop id')
 
 
+def _quantization(state: Preflight):
+    """A quantised checkpoint's scheme is one lmdp runs (lmdp.quant_config), before anything is built."""
+    from .quant_config import parse_quant_config
+    parse_quant_config(state.raw_config.get('quantization_config'), f'config.json in {state.model_path!r}')
+
+
+def _quantized_tensors(state: Preflight):
+    from .quant_config import check_quantized_tensors, parse_quant_config
+    scheme = parse_quant_config(state.raw_config.get('quantization_config'))
+    check_quantized_tensors(scheme, state.manifest.tensors, repr(state.model_path))
+
+
 def _model_class(state: Preflight):
     from .fallback import choose_model_class, cuda_graph_refusal
     choice = choose_model_class(state.hf_config, state.module_map or state.custom_module_map, state.model_impl)
@@ -146,6 +158,7 @@ def _shapes(state: Preflight):
 CHECKS: list[tuple] = [
     (_module_map, ()),
     (_config, ()),
+    (_quantization, ('raw_config',)),
     (_model_class, ('hf_config',)),
     (_model_config, ('hf_config',)),
     (_model_build, ('model_config', 'model_class')),
@@ -154,6 +167,7 @@ CHECKS: list[tuple] = [
     (_tokenizer, ('hf_config',)),
     (_weights, ()),
     (_shapes, ('model_config', 'manifest')),
+    (_quantized_tensors, ('raw_config', 'manifest')),
 ]
 
 
@@ -169,7 +183,7 @@ def run_checks(state: Preflight, collect: bool) -> Preflight:
             if not collect:
                 raise
             state.problems.append(str(e))
-            if check in (_module_map, _config):
+            if check in (_module_map, _config, _quantization):
                 break
     return state
 

@@ -226,6 +226,7 @@ def make_tiny(
     seed: int = 0,
     dtype: str = 'float32',
     max_shard_size=None,
+    quantize: str | None = None,
     **config_overrides,
 ) -> Path:
     """Write a tiny random-weight `model_type` checkpoint into `out_dir`.
@@ -236,11 +237,16 @@ def make_tiny(
     `config_overrides` replace any config field (e.g. num_hidden_layers=2,
     rope_theta=5e5, rope_parameters={...}, tie_word_embeddings=True).
     Same seed -> identical bytes. Returns the directory as a Path.
+    `quantize` ('fp8-block' | 'awq'): the checkpoint is written unquantised into `out_dir/unquantized` and
+    quantised from there into `out_dir` (`lmdp.quantize`; AWQ with the largest group that fits the tiny shapes).
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     if dtype not in _DTYPES:
         raise ValueError(f'make_tiny: unsupported dtype {dtype!r}; supported: {", ".join(_DTYPES)}')
+    if quantize is not None:
+        return _make_tiny_quantized(model_type, out_dir, quantize, seed=seed, dtype=dtype,
+                                    max_shard_size=max_shard_size, **config_overrides)
     cfg = tiny_config(model_type, **config_overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,4 +264,18 @@ def make_tiny(
     with quiet_transformers():  # a "Writing model shards" bar per test is noise
         model.save_pretrained(out, **save_kwargs)
     tiny_tokenizer.save_tokenizer(out)
+    return out
+
+
+def _make_tiny_quantized(model_type: str, out_dir, method: str, **kwargs) -> Path:
+    import json
+
+    from lmdp.quantize import METHODS, RECORD, quantize_checkpoint
+    if method not in METHODS:
+        raise ValueError(f'make_tiny: quantize must be one of {", ".join(METHODS)}, got {method!r}')
+    out = Path(out_dir)
+    source = make_tiny(model_type, out / 'unquantized', **kwargs)
+    record = quantize_checkpoint(str(source), str(out), method, group_size=None, device='cpu')
+    record['source'] = 'unquantized'      # relative: the folder may move
+    (out / RECORD).write_text(json.dumps(record, indent=1))
     return out

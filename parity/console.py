@@ -50,6 +50,8 @@ def format_report(report) -> str:
     if report.timings:
         lines.append(f"time: {report.timings.get('total', 0.0):.1f} s (" + ', '.join(
             f'{k} {v:.1f}' for k, v in report.timings.items() if k != 'total') + ')')
+    from .quantized import describe_quantization
+    lines += describe_quantization(report.quantization)
     lines.append(report.divergence_line())
     failed = [t for t in report.main_taps if not t.passed]
     failed_checks = [c for c in report.checks if c.status == 'failed']

@@ -2,7 +2,9 @@
 
 The suite is one parity run (`parity.compare`), made once per session, and one pytest item per tap and phase
 (`test_tap[prefill-layers.3.attn]`) plus one per whole-model check, so the first failing layer shows in pytest's
-own summary. The console table and `first divergence: ...` come at the end of the session.
+own summary. For a mixture of experts the run compares the routers too (a 'routing'
+check per phase with the agreement rate per layer; parity/routing_checks.py). The console
+table and `first divergence: ...` come at the end of the session.
 
 This module is a pytest11 entry point named `parity`: once lmdp is installed pytest loads it wherever it
 runs, and `pytest parity` (from a folder with no `parity` of its own, the argument means the installed suite),
@@ -31,11 +33,23 @@ _REPORT_PATHS = pytest.StashKey[dict]()
 _FAILURE = pytest.StashKey[BaseException]()
 
 
-def _checks():
+def _checks(moe: bool = False):
     from .checks import TOP_K
-    return [('logprob_kl', 'prefill'), (f'top{TOP_K}', 'prefill'), ('logprob_kl', 'decode'),
-            (f'top{TOP_K}', 'decode'), ('greedy', None), ('weight_coverage', None), ('cuda_graph', None),
-            ('cuda_graph_padded', None)]
+    routing = [('routing', 'prefill'), ('routing', 'decode')] if moe else []
+    return routing + [('logprob_kl', 'prefill'), (f'top{TOP_K}', 'prefill'), ('logprob_kl', 'decode'),
+                      (f'top{TOP_K}', 'decode'), ('greedy', None), ('weight_coverage', None), ('cuda_graph', None),
+                      ('cuda_graph_padded', None)]
+
+
+def _is_moe(path: str) -> bool:
+    """Whether the checkpoint routes tokens to experts (its runs then have 'routing' checks)."""
+    from transformers import AutoConfig
+
+    from .routing import is_moe
+    try:
+        return is_moe(AutoConfig.from_pretrained(path))
+    except Exception:  # noqa: BLE001 - an unreadable config is reported by _taps, as a usage error
+        return False
 
 
 def _option(config, keyword):
@@ -131,7 +145,7 @@ def pytest_generate_tests(metafunc):
         params = [(phase, tap.name) for phase in phases for tap in taps]
         metafunc.parametrize('parity_tap', params, ids=[f'{p}-{n}' for p, n in params])
     if 'parity_check' in metafunc.fixturenames:
-        params = [(n, p) for n, p in _checks() if p is None or p in phases]
+        params = [(n, p) for n, p in _checks(_is_moe(_model_path(config))) if p is None or p in phases]
         metafunc.parametrize('parity_check', params, ids=[f'{n}-{p}' if p else n for n, p in params])
 
 

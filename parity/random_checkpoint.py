@@ -21,8 +21,12 @@ LLAMA_1B_SHAPE = dict(hidden_size=2048, num_hidden_layers=16, num_attention_head
 SMALL_SHAPE = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                    intermediate_size=1024, tie_word_embeddings=False)
 
-# One real layer shape per family, for parity at real sizes ('1b' in scripts/parity_sensitivity.py). Layer
-# counts other than Llama's are cut to 4: the layer shape is what kernels and rounding see.
+# One real layer shape per family, for parity at real sizes ('1b' in scripts/parity_sensitivity.py,
+# scripts/parity_real_shapes.py). Layer counts other than Llama's are cut (to 4; 2 for the mixtures of experts,
+# whose layers are 0.6-2.8 GB each): the layer shape is what kernels and rounding see. What the shapes leave
+# alone keeps the tiny preset's quirks (e.g. its 32-token windows, which the parity prompts cross).
+_LONGROPE_48 = dict(rope_type='longrope', rope_theta=10000.0, partial_rotary_factor=0.75,
+                    short_factor=[1.0 + 0.02 * i for i in range(48)], long_factor=[1.0 + 0.6 * i for i in range(48)])
 REAL_SHAPES = {
     'llama': LLAMA_1B_SHAPE,
     'mistral': dict(LLAMA_1B_SHAPE, sliding_window=4096, rope_parameters={'rope_type': 'default',
@@ -36,6 +40,25 @@ REAL_SHAPES = {
                   intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),       # Qwen2-1.5B
     'qwen3': dict(hidden_size=2048, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                   intermediate_size=6144, vocab_size=151936, tie_word_embeddings=True),       # Qwen3-1.7B
+    # Phi-4-mini: tied, partial rotary 3/4 of 128, LongRoPE with 48 factors switching past 4096 tokens
+    'phi3': dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=4, num_attention_heads=24,
+                 num_key_value_heads=8, vocab_size=200064, max_position_embeddings=131072,
+                 original_max_position_embeddings=4096, tie_word_embeddings=True, rope_parameters=_LONGROPE_48),
+    # Gemma-3-4B: head_dim 256; five local layers, then a global one (its own rope base and scaling)
+    'gemma3_text': dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=6, num_attention_heads=8,
+                        num_key_value_heads=4, head_dim=256, vocab_size=262208, max_position_embeddings=131072,
+                        query_pre_attn_scalar=256, layer_types=['sliding_attention'] * 5 + ['full_attention']),
+    # Mixtral-8x7B: 8 experts of 14336, top-2
+    'mixtral': dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
+                    num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000),
+    # Qwen1.5-MoE-A2.7B: 60 experts of 1408, top-4 not renormalised, a shared expert of 5632
+    'qwen2_moe': dict(hidden_size=2048, num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=16,
+                      intermediate_size=5632, moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+                      num_experts=60, num_experts_per_tok=4, mlp_only_layers=[], vocab_size=151936),
+    # Qwen3-30B-A3B: 128 experts of 768, top-8 renormalised, 32/4 heads of 128
+    'qwen3_moe': dict(hidden_size=2048, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=4,
+                      head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                      num_experts_per_tok=8, vocab_size=151936),
 }
 
 _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}

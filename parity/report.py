@@ -103,6 +103,9 @@ class ParityReport:
     # a port on the transformers fallback (lmdp.fallback): per tap, whether the module behind it is 'native' (an
     # lmdp module swapped in), 'mixed' or 'fallback' (transformers' code); None for a port native throughout
     module_impls: Optional[Dict[str, Optional[str]]] = None
+    # a quantised checkpoint whose unquantised original is known: transformers on the original against the
+    # dequantised reference, per tap (parity/quantized.py): the quantisation error, apart from the port's
+    quantization: Optional[dict] = None
 
     @property
     def main_taps(self) -> List[TapResult]:

@@ -18,6 +18,9 @@ transformers 5's Mixtral and `block_sparse_moe.gate` in the port), as the extra 
 - `routing_from_captures(ref32, port, ref_dt, hf_config, phase)`: from `CaptureSet`s whose taps include
   `router_taps(...)`;
 - `routing_parity(model_path, dtype, device, prompts, decode_steps)`: runs both models itself.
+
+`parity.compare` captures the routers in every run of a mixture of experts and judges them as one 'routing'
+check per phase (parity/routing_checks.py), so its console table, JSON and HTML carry the routers beside the taps.
 """
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -41,9 +44,29 @@ def router_taps(num_layers: int) -> List[Tap]:
     return [Tap(f'layers.{i}.router', 'router', i) for i in range(num_layers)]
 
 
-def top_k_of(hf_config) -> int:
+def present_router_taps(model: torch.nn.Module, hf_config, overrides=None) -> List[Tap]:
+    """The router taps the reference `model` has (its sparse layers'); none for a dense model."""
+    from .taps import Site, TapResolver
+    if not is_moe(hf_config):
+        return []
     cfg = getattr(hf_config, 'text_config', None) or hf_config
-    k = getattr(cfg, 'num_experts_per_tok', None) or getattr(cfg, 'moe_topk', None)
+    taps = router_taps(int(cfg.num_hidden_layers))
+    sites = TapResolver(model, 'reference', hf_config, overrides).resolve(taps)
+    return [t for t in taps if isinstance(sites[t.name], Site)]
+
+
+def _top_k(hf_config) -> Optional[int]:
+    cfg = getattr(hf_config, 'text_config', None) or hf_config
+    return getattr(cfg, 'num_experts_per_tok', None) or getattr(cfg, 'moe_topk', None)
+
+
+def is_moe(hf_config) -> bool:
+    """Whether the config routes tokens to experts."""
+    return bool(_top_k(hf_config))
+
+
+def top_k_of(hf_config) -> int:
+    k = _top_k(hf_config)
     if not k:
         raise ValueError('routing parity: the config has no num_experts_per_tok; is this a mixture of experts?')
     return int(k)
@@ -83,10 +106,11 @@ class RoutingReport:
     top_k: int
     layers: List[LayerRouting]
     missing: Dict[str, str] = field(default_factory=dict)     # tap -> why it has no capture (e.g. a dense layer)
+    unrouted: List[int] = field(default_factory=list)         # layers the reference routes and the port does not
 
     @property
     def passed(self) -> bool:
-        return all(layer.passed for layer in self.layers)
+        return not self.unrouted and all(layer.passed for layer in self.layers)
 
     def agreement(self) -> Dict[int, float]:
         """Agreement rate per layer."""
@@ -99,14 +123,17 @@ class RoutingReport:
         return None
 
     def summary(self) -> str:
-        lines = [f'routing ({self.phase}, top-{self.top_k}): '
-                 + ('every flip is within the noise of a tie' if self.passed else 'HARD FLIPS: a router disagrees'),
+        verdict = ('every flip is within the noise of a tie' if self.passed else
+                   'HARD FLIPS: a router disagrees' if self.first_hard_flip() else 'a layer of the port has no router')
+        lines = [f'routing ({self.phase}, top-{self.top_k}): ' + verdict,
                  f"{'layer':>5} {'tokens':>6} {'agree':>7} {'floor':>7} {'near-tie':>8} {'hard':>5} {'logits rel':>10}"]
         for r in self.layers:
             floor = '-' if r.floor_agreement is None else f'{r.floor_agreement:.1%}'
             near = len(r.flips) - len(r.hard_flips)
             lines.append(f'{r.layer:>5} {r.tokens:>6} {r.agreement:>7.1%} {floor:>7} {near:>8} {len(r.hard_flips):>5} '
                          f'{r.logits_rel_l2:>10.2e}')
+        if self.unrouted:
+            lines.append(f'layers {self.unrouted}: transformers routes them, the port has no router logits there')
         hard = self.first_hard_flip()
         if hard:
             layer, f = hard
@@ -170,7 +197,7 @@ def compare_routing(reference: Mapping[int, Rows], port: Mapping[int, Rows], top
     layers = sorted(set(reference) & set(port))
     missing = {f'layers.{i}.router': 'the port has no router logits for this layer' for i in set(reference) - set(port)}
     out = [compare_layer(i, reference[i], port[i], top_k, None if floor is None else floor.get(i)) for i in layers]
-    return RoutingReport(phase, top_k, out, missing)
+    return RoutingReport(phase, top_k, out, missing, sorted(set(reference) - set(port)))
 
 
 def routing_from_captures(ref32, port, ref_dt, hf_config, phase: str = 'prefill') -> RoutingReport:

@@ -29,8 +29,11 @@ from .noise_floor import judge, rule_text, tolerance
 from .options import check_compare
 from .progress import Progress
 from .prompts import PromptSpec, make_prompts
-from .reference import load_reference, run_reference
-from .report import ParityReport, TapResult
+from .quantized import quantization_error, reference_checkpoint
+from .reference import run_reference
+from .report import CheckResult, ParityReport, TapResult
+from .routing import present_router_taps, routing_from_captures
+from .routing_checks import RoutedPositions, routing_check
 from .taps import Tap, reference_taps
 from .tensor_parallel import run_port_ranks
 
@@ -77,6 +80,13 @@ class References:
     floor_local: CaptureSet            # transformers in dtype, every layer fed the truth's input
     tokens: List[List[int]]            # the truth's greedy tokens per prompt, decode_steps + 1 of them
     timings: Dict[str, float] = field(default_factory=dict)
+    quantization: Optional[dict] = None   # a quantised checkpoint's own error (parity/quantized.py)
+    # a mixture of experts' routers (parity/routing.py): captured beside `taps`, judged by the 'routing' check
+    router_taps: List[Tap] = field(default_factory=list)
+
+    @property
+    def captured_taps(self) -> List[Tap]:
+        return list(self.taps) + list(self.router_taps)
 
     @property
     def ref32(self) -> CaptureSet:     # the name the whole-model checks know the truth by
@@ -96,13 +106,14 @@ def run_references(model_path: str, dtype='float32', device='auto', prompts: Pro
     vocab = (getattr(hf_config, 'text_config', None) or hf_config).vocab_size
     prompt_ids = make_prompts(prompts, vocab, model_path, seed)
     timings = {}
+    reference = reference_checkpoint(model_path)    # a quantised checkpoint: its dequantised copy
 
     def load(run_dtype):
         name = str(run_dtype).replace('torch.', '')
         if progress:
             progress.stage(f'loading transformers {name}')
         t0 = time.perf_counter()
-        model = load_reference(model_path, run_dtype, device)
+        model = reference.load(run_dtype, device)
         timings[f'load_reference_{name}'] = time.perf_counter() - t0
         if progress:
             progress.update(1)
@@ -111,21 +122,25 @@ def run_references(model_path: str, dtype='float32', device='auto', prompts: Pro
 
     model, name = load(truth_dtype(torch_dtype))
     taps = reference_taps(model, hf_config, tap_overrides)
-    truth, tokens = run_reference(model, hf_config, prompt_ids, decode_steps, taps, overrides=tap_overrides,
+    router = present_router_taps(model, hf_config, tap_overrides)
+    truth, tokens = run_reference(model, hf_config, prompt_ids, decode_steps, taps + router, overrides=tap_overrides,
                                   progress=progress)
     timings[f'run_reference_{name}'] = truth.seconds
     del model
     _free(device)
+    quantization = quantization_error(reference, hf_config, prompt_ids, decode_steps, taps, tokens, truth,
+                                      truth_dtype(torch_dtype), device, tap_overrides)
+    _free(device)
     model, name = load(torch_dtype)
-    floor, _ = run_reference(model, hf_config, prompt_ids, decode_steps, taps, tokens=tokens, overrides=tap_overrides,
-                             progress=progress)
-    floor_local, _ = run_reference(model, hf_config, prompt_ids, decode_steps, taps, tokens=tokens,
+    floor, _ = run_reference(model, hf_config, prompt_ids, decode_steps, taps + router, tokens=tokens,
+                             overrides=tap_overrides, progress=progress)
+    floor_local, _ = run_reference(model, hf_config, prompt_ids, decode_steps, taps + router, tokens=tokens,
                                    overrides=tap_overrides, progress=progress, truth=truth)
     timings[f'run_reference_{name}'] = floor.seconds + floor_local.seconds
     del model
     _free(device)
     return References(model_path, hf_config, torch_dtype, device, prompt_ids, decode_steps, taps, truth, floor,
-                      floor_local, tokens, timings)
+                      floor_local, tokens, timings, quantization=quantization, router_taps=router)
 
 
 VIEWS = ('local', 'accumulated')
@@ -234,6 +249,24 @@ def compare(model_path: str, dtype='float32', device='auto', prompts: PromptSpec
     return report
 
 
+def _routing(refs: References, port: CaptureSet, port_local: CaptureSet, phases, report: ParityReport):
+    """A mixture of experts' 'routing' checks (layer-local view) into `report`, and the positions the whole-model
+    checks forgive for near-tie flips of the end-to-end run (parity/routing_checks.py); None for a dense model."""
+    if not refs.router_taps:
+        return None
+    lengths = [len(p) for p in refs.prompts]
+    accumulated = {phase: routing_from_captures(refs.truth, port, refs.floor, refs.hf_config, phase)
+                   for phase in phases}
+    for phase in phases:
+        local = routing_from_captures(refs.truth, port_local, refs.floor_local, refs.hf_config, phase)
+        if local.layers:
+            report.checks.append(routing_check(local, lengths, refs.decode_steps, accumulated[phase]))
+        else:
+            why = '; '.join(f'{t}: {w}' for t, w in list(local.missing.items())[:3]) or 'no router logits captured'
+            report.checks.append(CheckResult('routing', phase, 'skipped', f'the routers could not be compared ({why})'))
+    return RoutedPositions.from_routing(accumulated, lengths, refs.decode_steps)
+
+
 def _build_report(refs: References, port: CaptureSet, port_local: CaptureSet, coverage, port_class: str,
                   device: str) -> ParityReport:
     arch = (getattr(refs.hf_config, 'architectures', None) or ['?'])[0]
@@ -242,10 +275,12 @@ def _build_report(refs: References, port: CaptureSet, port_local: CaptureSet, co
                           prompt_lengths=[len(p) for p in refs.prompts], decode_steps=refs.decode_steps,
                           rule=rule_text(refs.dtype), reference_tokens=refs.tokens)
     report.taps = _compare_taps(refs, port, port_local)
-    for phase in PHASES:
-        if port.get(phase, 'logits') is not None and refs.truth.get(phase, 'logits') is not None:
-            report.checks += checks.logprob_checks(refs.truth, port, refs.floor, refs.dtype, phase)
-    greedy = checks.greedy_check(refs.truth, port, refs.floor, refs.dtype, refs.tokens)
+    report.quantization = refs.quantization
+    phases = [p for p in PHASES if port.get(p, 'logits') is not None and refs.truth.get(p, 'logits') is not None]
+    routed = _routing(refs, port, port_local, phases, report)
+    for phase in phases:
+        report.checks += checks.logprob_checks(refs.truth, port, refs.floor, refs.dtype, phase, routed)
+    greedy = checks.greedy_check(refs.truth, port, refs.floor, refs.dtype, refs.tokens, routed)
     report.port_tokens = greedy.data['port_tokens']
     report.checks += [greedy, checks.coverage_check(coverage)]
     # a padded replay may differ from eager by rounding alone: as much as the port may differ from float32

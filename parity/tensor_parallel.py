@@ -38,7 +38,8 @@ def port_on_rank(model_path, dtype, device, custom_module_map, refs_view: dict, 
     if progress:
         progress.update(1)
     r = refs_view
-    args = (agent, r['hf_config'], r['prompts'], r['tokens'], r['decode_steps'], r['taps'], block_size, overrides)
+    args = (agent, r['hf_config'], r['prompts'], r['tokens'], r['decode_steps'], r['captured_taps'], block_size,
+            overrides)
     port = run_port(*args, progress=progress)
     port_local = run_port(*args, progress=progress, truth=r['truth'], graph_check=False)
     if rank:
@@ -78,7 +79,7 @@ def run_port_ranks(tp: int, refs, device: str, custom_module_map, block_size: in
     """(port, port_local, coverage, port_class, impls) as `compare` needs them, from `tp` ranks (this process
     alone when tp=1)."""
     refs_view = dict(hf_config=refs.hf_config, prompts=refs.prompts, tokens=refs.tokens,
-                     decode_steps=refs.decode_steps, taps=refs.taps, truth=refs.truth)
+                     decode_steps=refs.decode_steps, taps=refs.taps, captured_taps=refs.captured_taps, truth=refs.truth)
     args = (refs.model_path, refs.dtype, device, custom_module_map, refs_view, block_size, overrides)
     if tp == 1:
         return port_on_rank(*args, progress=progress)

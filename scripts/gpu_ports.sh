@@ -24,9 +24,7 @@ step() {
 }
 
 step gpu_tests python -m pytest -q -p no:cacheprovider -m gpu tests/nn tests/test_ports_parity.py tests/kernels
-# (gemma3_text's tiny runs in the gpu tests above: the harness cannot read transformers' [1, H, T, D] q/k norm
-# outputs yet, so its reference q_norm/k_norm taps are left out there, which the command line cannot do)
-for family in qwen2 qwen3 phi3 gemma gemma2 mistral; do
+for family in qwen2 qwen3 phi3 gemma3_text gemma gemma2 mistral; do
     tiny=$(mktemp -d)
     python -m lmdp make-tiny "$family" "$tiny" > /dev/null
     step "parity_tiny_${family}_bf16" python -m pytest -q -p no:cacheprovider parity --model "$tiny" \

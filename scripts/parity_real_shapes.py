@@ -1,14 +1,17 @@
-"""bfloat16 parity of each new port on one real layer shape per family, random weights built on the GPU.
+"""Parity of ports on their tiny presets and on one real layer shape per family, with the routers of a mixture of
+experts compared beside the taps (what `pytest parity` runs, for several checkpoints in one process).
 
-    PYTHONPATH=$PWD python scripts/parity_real_shapes.py [--families qwen2 qwen3 phi3 gemma3_text] [--out DIR]
+    PYTHONPATH=$PWD python scripts/parity_real_shapes.py                       # cuda, bfloat16, every new port
+    PYTHONPATH=$PWD python scripts/parity_real_shapes.py --families qwen3_moe --sizes tiny --device cpu \
+        --dtype float32 --out /tmp/p
 
-Shapes are released models' per-layer shapes (hidden size, heads, kv heads, head_dim, intermediate size,
-vocabulary, rope settings) with fewer layers: Qwen2-1.5B and Qwen3-1.7B from `parity.random_checkpoint.REAL_SHAPES`,
-and here Phi-4-mini (tied, partial rotary 3/4, LongRoPE with 48 factors) and Gemma-3-4B (head_dim 256, five
-local layers then a global one). `parity.random_checkpoint.build_random` writes them (lmdp.tiny's init rules, on the
-device). Each family's report goes to DIR/<family>/; a table is printed; exit status 0 when every family passes.
+Real shapes are `parity.random_checkpoint.REAL_SHAPES` (released models' per-layer shapes, few layers), written
+with random weights on the device by `build_random`; tiny ones by `lmdp make-tiny`. Each report goes to
+OUT/<family>-<size>/ (report.json, report.html) with a one-line summary.json; a table is printed last; exit
+status 0 when every run passes.
 """
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -16,58 +19,107 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from anywhere, no install
 
-import parity  # noqa: E402
-from parity.random_checkpoint import REAL_SHAPES, build_random  # noqa: E402
+from parity.random_checkpoint import REAL_SHAPES  # noqa: E402
 
-_LONGROPE = dict(rope_type='longrope', rope_theta=10000.0, partial_rotary_factor=0.75,
-                 short_factor=[1.0 + 0.02 * i for i in range(48)], long_factor=[1.0 + 0.6 * i for i in range(48)])
-SHAPES = {
-    'qwen2': REAL_SHAPES['qwen2'],
-    'qwen3': REAL_SHAPES['qwen3'],
-    'phi3': dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=4, num_attention_heads=24,
-                 num_key_value_heads=8, vocab_size=200064, max_position_embeddings=131072,
-                 original_max_position_embeddings=4096, sliding_window=262144, tie_word_embeddings=True,
-                 rope_parameters=_LONGROPE),                                                    # Phi-4-mini
-    'gemma3_text': dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=6, num_attention_heads=8,
-                        num_key_value_heads=4, head_dim=256, vocab_size=262208, max_position_embeddings=131072,
-                        query_pre_attn_scalar=256, sliding_window=1024,
-                        layer_types=['sliding_attention'] * 5 + ['full_attention'],
-                        rope_parameters={'sliding_attention': dict(rope_type='default', rope_theta=10000.0),
-                                         'full_attention': dict(rope_type='linear', factor=8.0,
-                                                                rope_theta=1000000.0)},
-                        tie_word_embeddings=True),                                                # Gemma-3-4B
-}
+# the ports issue 13 added
+NEW_PORTS = ['qwen2', 'qwen3', 'phi3', 'gemma3_text', 'mixtral', 'qwen2_moe', 'qwen3_moe']
 
-# transformers' Gemma 3 norms q/k in its [1, H, T, D] layout, which the harness cannot cut into token rows yet
-TAP_OVERRIDES = {'gemma3_text': {'reference': {'q_norm': None, 'k_norm': None}}}
+
+def build(family: str, size: str, directory: str, device: str, dtype: str, layers=None) -> str:
+    if size == 'tiny':
+        from lmdp.tiny import make_tiny
+        return str(make_tiny(family, directory))
+    from parity.random_checkpoint import build_random
+    shape = dict(REAL_SHAPES[family])
+    if layers:
+        shape['num_hidden_layers'] = layers
+        if 'layer_types' in shape:        # keep the pattern's last layers (Gemma 3: its global layer)
+            shape['layer_types'] = shape['layer_types'][-layers:]
+    ckpt_dtype = 'float32' if dtype == 'float32' else 'bfloat16'
+    return str(build_random(family, directory, device=device, dtype=ckpt_dtype, **shape))
+
+
+def worst_tap(report) -> str:
+    """The verdict tap closest to its tolerance: 'NN% of tol at phase tap'."""
+    taps = [t for t in report.main_taps if t.port is not None]
+    if not taps:
+        return '-'
+    t = max(taps, key=lambda t: t.ratio)
+    return f'{t.ratio:.0%} of tol at {t.phase} {t.tap}'
+
+
+def routing_line(report) -> str:
+    checks = [c for c in report.checks if c.name == 'routing']
+    if not checks:
+        return ''
+    parts = []
+    for c in checks:
+        layers = (c.data or {}).get('layers', [])
+        flips = sum(len(x['flips']) for x in layers)
+        hard = sum(not f['near_tie'] for x in layers for f in x['flips'])
+        low = min((x['agreement'] for x in layers), default=float('nan'))
+        parts.append(f'{c.phase} {"ok" if c.passed else "FAIL"} min {low:.1%} ({flips - hard} near-tie, {hard} hard)')
+    return 'routing ' + '; '.join(parts)
+
+
+def run_one(family: str, size: str, args) -> dict:
+    import parity
+    out = os.path.join(args.out, f'{family}-{size}')
+    with tempfile.TemporaryDirectory(prefix=f'parity-{family}-{size}-') as tmp:
+        start = time.perf_counter()
+        path = build(family, size, tmp, args.device, args.dtype, args.layers if size == 'real' else None)
+        built = time.perf_counter() - start
+        report = parity.compare(path, dtype=args.dtype, device=args.device, prompts=args.prompts,
+                                decode_steps=args.decode_steps)
+        report.save(out)
+    print(report.summary(), flush=True)
+    row = dict(family=family, size=size, passed=report.passed, divergence=report.divergence_line(),
+               worst=worst_tap(report), routing=routing_line(report), build_s=round(built, 1),
+               parity_s=round(time.perf_counter() - start - built, 1),
+               failed_checks=[c.id for c in report.checks if c.status == 'failed'])
+    return row
+
+
+def table(rows) -> str:
+    lines = [f"{'family':12s} {'size':5s} verdict  first divergence / worst tap / routing / time"]
+    for r in rows:
+        failed = f" failed: {', '.join(r['failed_checks'])};" if r['failed_checks'] else ''
+        lines.append(f"{r['family']:12s} {r['size']:5s} {'PASS' if r['passed'] else 'FAIL':8s} {r['divergence']};"
+                     f"{failed} worst {r['worst']}; {r['routing'] + '; ' if r['routing'] else ''}"
+                     f"{r['build_s']:.0f} s build, {r['parity_s']:.0f} s parity")
+    return '\n'.join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--families', nargs='+', default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument('--out', default=os.environ.get('OUT', 'out'), help='reports go to OUT/<family>/')
+    parser.add_argument('--families', nargs='+', default=NEW_PORTS, choices=sorted(REAL_SHAPES))
+    parser.add_argument('--sizes', nargs='+', default=['tiny', 'real'], choices=['tiny', 'real'])
     parser.add_argument('--device', default='cuda')
+    parser.add_argument('--dtype', default='bfloat16', choices=['bfloat16', 'float16', 'float32'])
+    parser.add_argument('--layers', type=int, default=None, help='decoder layers of the real shapes (default: '
+                        "REAL_SHAPES')")
+    parser.add_argument('--prompts', type=int, default=3)
+    parser.add_argument('--decode-steps', type=int, default=4)
+    parser.add_argument('--out', default=os.path.join(os.environ.get('OUT', 'out'), 'parity'),
+                        help='reports go to OUT/<family>-<size>/')
     args = parser.parse_args(argv)
-    rows, status = [], 0
-    for family in args.families:
-        with tempfile.TemporaryDirectory(prefix=f'real-{family}-') as tmp:
-            start = time.perf_counter()
-            build_random(family, tmp, device=args.device, dtype='bfloat16', **SHAPES[family])
-            built = time.perf_counter() - start
-            report = parity.compare(tmp, dtype='bfloat16', device=args.device, tap_overrides=TAP_OVERRIDES.get(family))
-            report.save(os.path.join(args.out, family))
-            worst = max((t for t in report.main_taps if t.floor is not None and t.port is not None),
-                        key=lambda t: t.port.rel_l2 / max(t.floor.rel_l2, 1e-30), default=None)
-            ratio = f'{worst.port.rel_l2 / max(worst.floor.rel_l2, 1e-30):.2f}x floor at {worst.phase} {worst.tap}' \
-                if worst else '-'
-            rows.append((family, 'PASS' if report.passed else 'FAIL', report.divergence_line(), ratio,
-                         f'{built:.0f} s build, {time.perf_counter() - start - built:.0f} s parity'))
-            print(report.summary(), flush=True)
-            status |= not report.passed
-    print('\nfamily        verdict  first divergence / worst tap / time')
-    for family, verdict, line, ratio, seconds in rows:
-        print(f'{family:13s} {verdict:8s} {line}; worst {ratio}; {seconds}')
-    return status
+    rows = []
+    # every family's tiny before any real shape: a run cut short by its time limit still covers each family
+    for size in args.sizes:
+        for family in args.families:
+            try:
+                rows.append(run_one(family, size, args))
+            except Exception as e:  # noqa: BLE001 - one family's crash must not hide the others' results
+                import traceback
+                traceback.print_exc()
+                rows.append(dict(family=family, size=size, passed=False, divergence=f'crashed: {type(e).__name__}: '
+                                 f'{e}'[:300], worst='-', routing='', build_s=0, parity_s=0, failed_checks=[]))
+            out = os.path.join(args.out, f'{family}-{size}')
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, 'summary.json'), 'w') as f:
+                json.dump(rows[-1], f)
+    print('\n' + table(rows))
+    return 0 if all(r['passed'] for r in rows) else 1
 
 
 if __name__ == '__main__':

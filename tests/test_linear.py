@@ -77,9 +77,15 @@ def test_uneven_split_is_refused(monkeypatch):
         build_colwise_linear(4, 8, bias=False, is_tp=True)
 
 
-def test_quantised_config_is_refused_up_front():
-    with pytest.raises(NotImplementedError, match="'awq'"):
-        build_rowwise_linear(4, 4, bias=False, quant_config={'quant_method': 'awq'})
+def test_unsupported_quantisation_is_refused_up_front():
+    from lmdp.errors import ConfigError
+    with pytest.raises(ConfigError, match="'gptq'"):
+        build_rowwise_linear(128, 128, bias=False, quant_config={'quant_method': 'gptq'})
+    with pytest.raises(ConfigError, match='group_size is 256'):
+        build_rowwise_linear(256, 128, bias=False, quant_config={'quant_method': 'awq', 'group_size': 256})
+    # a supported scheme that the layer's shape cannot take is named before any weight is read
+    with pytest.raises(ValueError, match='no whole AWQ groups'):
+        build_rowwise_linear(4, 8, bias=False, quant_config={'quant_method': 'awq', 'group_size': 128})
 
 
 # --- fused checkpoint tensors (Phi-3 stores qkv_proj and gate_up_proj already stacked) ---

@@ -219,8 +219,11 @@ def test_tensor_parallel_ranks_sum_to_the_whole(monkeypatch):
 
 
 def test_builder_refuses_what_it_cannot_build():
-    with pytest.raises(NotImplementedError, match='quantised'):
+    from lmdp.errors import ConfigError
+    with pytest.raises(ConfigError, match='per-tensor FP8'):     # FP8 without block scales
         build_fused_moe(H, INTER, E, K, quant_config={'quant_method': 'fp8'})
+    fp8 = build_fused_moe(H, INTER, E, K, quant_config={'quant_method': 'fp8', 'weight_block_size': [128, 128]})
+    assert fp8.gate_up.weight.dtype == torch.float8_e4m3fn and fp8.down.weight_scale_inv.dtype == torch.float32
     with pytest.raises(NotImplementedError, match='expert parallelism'):
         build_fused_moe(H, INTER, E, K, enable_ep=True)
     with pytest.raises(TypeError, match='hidden_act name'):

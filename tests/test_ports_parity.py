@@ -19,10 +19,6 @@ ARCH = {'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM', 'phi3': 'Phi3F
 # what `pytest parity --model <tiny>` runs: 3 prompts (5, 17 and 64 tokens: past the 32-token windows, on both
 # sides of Phi-3's LongRoPE switch at 48) and 4 decode steps
 DECODE_STEPS = 4
-# transformers' Gemma 3 norms q and k after moving heads before tokens ([1, H, T, D]); the harness reads per-head
-# taps as [.., T, H, D] and cannot cut that layout into token rows yet, so the reference's q_norm/k_norm taps are
-# left out for it (q_rot/k_rot, read from the attention function, still see the norms' effect)
-TAP_OVERRIDES = {'gemma3_text': {'reference': {'q_norm': None, 'k_norm': None}}}
 
 
 @pytest.fixture(scope='module')
@@ -34,8 +30,7 @@ def tiny(tmp_path_factory):
     def get(family):
         if family not in cache:
             path = str(make_tiny(family, tmp_path_factory.mktemp(family)))
-            cache[family] = path, parity.run_references(path, device='cpu', decode_steps=DECODE_STEPS,
-                                                        tap_overrides=TAP_OVERRIDES.get(family))
+            cache[family] = path, parity.run_references(path, device='cpu', decode_steps=DECODE_STEPS)
         return cache[family]
     return get
 
@@ -53,6 +48,9 @@ def test_port_passes_the_tap_harness_in_float32(tiny, family):
     assert report.port_class.endswith(PORTS[family].__name__)
     assert not [t for t in report.main_taps if t.error], 'every tap has a module on both sides'
     assert report.check('weight_coverage').passed
+    if family in ('qwen3', 'gemma3_text'):   # per-head q/k norms are compared too (Gemma 3's in its heads-first layout)
+        compared = {t.tap.split('.')[-1] for t in report.main_taps if t.port is not None}
+        assert {'q_norm', 'k_norm'} <= compared, sorted(compared)
 
 
 # --- the harness's planted bugs, mixed into each port ---
@@ -245,8 +243,7 @@ def test_bf16_parity_on_cuda(tiny, family, prompts):
     """bfloat16 on the Triton kernels (one prompt: batch-1 decode, the GEMV and fused activation; three: cuBLAS),
     CUDA-graph replay against eager included."""
     path, _ = tiny(family)
-    report = parity.compare(path, dtype='bfloat16', device='cuda', prompts=prompts,
-                            tap_overrides=TAP_OVERRIDES.get(family))
+    report = parity.compare(path, dtype='bfloat16', device='cuda', prompts=prompts)
     assert report.passed, report.summary()
 
 

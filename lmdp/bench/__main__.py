@@ -10,7 +10,7 @@ import sys
 
 from .. import envs
 from .checkpoint import ensure_checkpoint
-from .shapes import SHAPES
+from .shapes import SHAPES, with_layers
 
 
 def run(args) -> dict:
@@ -24,7 +24,8 @@ def run(args) -> dict:
                'shapes': {}}
     print(f"{results['device']}: device copy {bandwidth / 1e12:.2f} TB/s", flush=True)
     for name in args.shapes:
-        shape = SHAPES[name]
+        shape = with_layers(SHAPES[name], args.layers)
+        name = shape.name
         path = ensure_checkpoint(shape, args.workdir)
         roofline = bandwidth / shape.decode_weight_bytes()
         fig = {'roofline_tok_s': round(roofline, 1),
@@ -75,10 +76,19 @@ def table(results: dict) -> str:
     return '\n'.join(lines)
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f'expected a whole number of layers >= 1, got {text!r}')
+    return int(text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog='lmdp bench', description=__doc__)
     parser.add_argument('shapes', nargs='*', default=['1b', '8b'], choices=sorted(SHAPES))
     parser.add_argument('--workdir', default='/tmp', help='where the random checkpoints are written')
+    parser.add_argument('--layers', type=_positive, default=None,
+                        help="decoder layers, fewer than the shape's (same layer shape; the checkpoint folder and "
+                             "the results are named SHAPE-Nl): a quicker run, e.g. `moe --layers 8` in a shared call")
     parser.add_argument('--no-throughput', action='store_true', help='skip the 256-request throughput run')
     parser.add_argument('--no-hf', action='store_true', help='skip the transformers baseline')
     parser.add_argument('--hf-new-tokens', type=int, default=256)

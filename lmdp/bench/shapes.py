@@ -1,5 +1,5 @@
 """The checkpoint shapes the benchmark measures, and their decode rooflines."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -66,3 +66,12 @@ SHAPES = {
     'moe': MoeShape('moe', 2048, 768, 24, 32, 4, 128, 128, 8, 151936),
     'moe-tiny': MoeShape('moe-tiny', 256, 128, 2, 4, 2, 64, 16, 4, 4096),
 }
+
+
+def with_layers(shape, layers=None):
+    """`shape` with `layers` decoder layers (the same layer shape, named e.g. 'moe-8l'); `shape` itself for None."""
+    if layers is None or layers == shape.layers:
+        return shape
+    if layers < 1:
+        raise ValueError(f'a shape needs at least 1 decoder layer, got layers={layers}')
+    return replace(shape, layers=layers, name=f'{shape.name}-{layers}l')

@@ -14,6 +14,7 @@ from . import (
     linear as _linear,
     moe as _moe,
     paged_attention as _attn,
+    quant as _quant,
     rms_norm as _norm,
     rotary as _rotary,
     rotary_fill_kv_cache as _rotary_fill,
@@ -31,6 +32,9 @@ _REFERENCE = {
     'rotary_fill_kv_cache': _rotary_fill.rotary_fill_kv_cache,
     'softmax_topk': _moe.softmax_topk,
     'fused_moe': _moe.fused_moe,
+    'fp8_block_linear': _quant.fp8_block_linear,
+    'awq_linear': _quant.awq_linear,
+    'fused_moe_fp8': _quant.fused_moe_fp8,
 }
 
 
@@ -104,3 +108,21 @@ def fused_moe(hidden_states, gate_up_weights, down_weights, topk_weights, topk_i
     """Every token through its top-k experts, weighted and summed (`lmdp.kernels.moe.fused_moe`)."""
     return implementation('fused_moe', hidden_states)(hidden_states, gate_up_weights, down_weights, topk_weights,
                                                       topk_ids, renormalize, act)
+
+
+def fp8_block_linear(x, weight, scale, bias=None, act=None, scale_per_row=False):
+    """`x W^T + b` for FP8 block-scaled W, x quantised per token group of 128 (`lmdp.kernels.quant`)."""
+    return implementation('fp8_block_linear', x)(x, weight, scale, bias, act, scale_per_row)
+
+
+def awq_linear(x, qweight, scales, zeros, bias=None, act=None):
+    """`x W^T + b` for 4-bit AWQ W in lmdp's layout (`lmdp.kernels.quant`)."""
+    return implementation('awq_linear', x)(x, qweight, scales, zeros, bias, act)
+
+
+def fused_moe_fp8(hidden_states, gate_up_weights, gate_up_scales, down_weights, down_scales, topk_weights, topk_ids,
+                  renormalize=False, act='silu'):
+    """`fused_moe` over FP8 experts with per-row block scales (W8A16, `lmdp.kernels.quant.fused_moe_fp8`)."""
+    return implementation('fused_moe_fp8', hidden_states)(hidden_states, gate_up_weights, gate_up_scales,
+                                                          down_weights, down_scales, topk_weights, topk_ids,
+                                                          renormalize, act)

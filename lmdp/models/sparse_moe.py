@@ -69,7 +69,7 @@ class MoeWeightsMixin:
         self.expert_params_mapping = expert_params_mapping(num_experts, '.mlp.experts', self.expert_checkpoint_names,
                                                            ckpt_prefix)
         gate, up, down = (re.escape(n) for n in self.expert_checkpoint_names)
-        self._expert_re = re.compile(rf'^(.*\.experts)\.(\d+)\.({gate}|{up}|{down})\.weight$')
+        self._expert_re = re.compile(rf'^(.*\.experts)\.(\d+)\.({gate}|{up}|{down})\.(weight|weight_scale_inv)$')
         self._shard_of = dict(zip(self.expert_checkpoint_names, ('gate', 'up', 'down')))
 
     def match_expert(self, name: str):
@@ -77,7 +77,8 @@ class MoeWeightsMixin:
         m = self._expert_re.match(name)
         if m:
             shard = self._shard_of[m.group(3)]
-            return f"{m.group(1)}.{'down' if shard == 'down' else 'gate_up'}.weight", int(m.group(2)), shard
+            return (f"{m.group(1)}.{'down' if shard == 'down' else 'gate_up'}.{m.group(4)}", int(m.group(2)),
+                    shard)
         for fused, shard in (('.experts.gate_up_proj', 'gate_up'), ('.experts.down_proj', 'down')):
             if name.endswith(fused):
                 return f"{name[:-len(fused)]}.experts.{'down' if shard == 'down' else 'gate_up'}.weight", None, shard

@@ -2,8 +2,10 @@
 
 Names follow lmdeploy: a *colwise* linear splits its output features across ranks (q/k/v, gate/up); a *rowwise*
 linear splits its input features and sums the partial results (o_proj, down_proj). `is_tp=False` keeps a layer
-whole on every rank. `quant_config` is accepted everywhere so quantised layers can plug in later; today only
-unquantised weights load, and a quantised checkpoint is refused with a clear error.
+whole on every rank. A builder given a `quant_config` (a checkpoint's `quantization_config`: FP8 block-scaled or
+AWQ) gives its layer a quant method (`lmdp.nn.quant_linear`) that holds the quantised parameters in place of
+`weight`, loads them, and multiplies; the layer tells it which rows and columns this rank keeps
+(`quant_parts`, `quant_in_cols`), so scales shard with their weights.
 """
 from typing import List, Optional, Sequence, Union
 
@@ -15,16 +17,19 @@ from ..distributed import all_reduce, get_tp_world_rank, kv_heads_per_rank
 from ..errors import WeightLoadError
 from ..weight_loader.loaders import check_shape, default_weight_loader, set_weight_loader, split_for_rank
 from ..weight_loader.tracker import describe_param, record_load
+from .quant_linear import linear_quant_method
 
 
 def check_quant_config(quant_config):
-    """Refuse quantisation schemes lmdp can't load yet, before any weight is read."""
-    if quant_config is None:
-        return
-    method = quant_config.get('quant_method') if isinstance(quant_config, dict) else getattr(
-        quant_config, 'quant_method', quant_config)
-    raise NotImplementedError(f'quantised checkpoints ({method!r}) are not supported yet; use an unquantised '
-                              'checkpoint (bfloat16/float16/float32)')
+    """Refuse quantisation schemes lmdp can't load, before any weight is read (ConfigError naming the setting)."""
+    linear_quant_method(quant_config)
+
+
+def _quantized(layer, quant_method, dtype=None, device=None):
+    """The layer with its quant method's parameters, made once the layer knows its tensor-parallel split."""
+    if quant_method is not None:
+        quant_method.create_weights(layer, dtype, device)
+    return layer
 
 
 def _tp(is_tp: bool):
@@ -41,17 +46,36 @@ def _divide(total: int, world: int, what: str) -> int:
 class LinearBase(nn.Module):
     """`y = x W^T + b` with W `[out_local, in_local]`."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype=None, device=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype=None, device=None, quant_method=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
-                                   requires_grad=False)
+        self.quant_method = quant_method       # None: `weight` is the plain matrix; else the method's parameters
+        if quant_method is None:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
+                                       requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)
+
+    def matmul(self, x: torch.Tensor, bias, act: Optional[str] = None) -> torch.Tensor:
+        """x W^T + bias (of `act(gate) * up` for a fused `[gate | up]` x when `act` is given)."""
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x, bias, act)
         # decode-sized inputs on CUDA take lmdp's GEMV kernel, everything else F.linear (kernels.dispatch)
-        return kernels.linear(x, self.weight, self.bias)
+        if act is None:
+            return kernels.linear(x, self.weight, bias)
+        return kernels.act_and_mul_linear(x, self.weight, bias, act)
+
+    def quant_parts(self):
+        """(shard id, rows of its checkpoint tensor, the rows of it this rank keeps) per projection, in output
+        order: where a quant method cuts quantised tensors (block scales, packed columns) for this rank."""
+        return [(None, self.out_features, torch.arange(self.out_features))]
+
+    def quant_in_cols(self):
+        """(the input columns this rank keeps, the checkpoint's in_features)."""
+        return torch.arange(self.in_features), self.in_features
 
     def extra_repr(self):
         return f'in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}'
@@ -59,39 +83,47 @@ class LinearBase(nn.Module):
 
 class ColwiseParallelLinear(LinearBase):
 
-    def __init__(self, in_features, out_features, bias, dtype=None, device=None, is_tp=False):
+    def __init__(self, in_features, out_features, bias, dtype=None, device=None, is_tp=False, quant_method=None):
         self.tp_world, self.tp_rank = _tp(is_tp)
-        super().__init__(in_features, _divide(out_features, self.tp_world, 'out_features'), bias, dtype, device)
+        super().__init__(in_features, _divide(out_features, self.tp_world, 'out_features'), bias, dtype, device,
+                         quant_method)
         for p in self.parameters():
             set_weight_loader(p, self.weight_loader)
 
     def weight_loader(self, param, loaded_weight):
         default_weight_loader(param, split_for_rank(loaded_weight, 0, self.tp_world, self.tp_rank, 'colwise linear'))
 
+    def quant_parts(self):
+        total = self.out_features * self.tp_world
+        return [(None, total, split_for_rank(torch.arange(total), 0, self.tp_world, self.tp_rank, 'colwise linear'))]
+
 
 class RowwiseParallelLinear(LinearBase):
 
-    def __init__(self, in_features, out_features, bias, dtype=None, device=None, is_tp=False, all_reduce=True):
+    def __init__(self, in_features, out_features, bias, dtype=None, device=None, is_tp=False, all_reduce=True,
+                 quant_method=None):
         self.tp_world, self.tp_rank = _tp(is_tp)
-        super().__init__(_divide(in_features, self.tp_world, 'in_features'), out_features, bias, dtype, device)
+        super().__init__(_divide(in_features, self.tp_world, 'in_features'), out_features, bias, dtype, device,
+                         quant_method)
         self.all_reduce = all_reduce and self.tp_world > 1
         for p in self.parameters():
             set_weight_loader(p, self.weight_loader)
 
     def weight_loader(self, param, loaded_weight):
-        if param is self.weight:
+        if param is getattr(self, 'weight', None):
             loaded_weight = split_for_rank(loaded_weight, 1, self.tp_world, self.tp_rank, 'rowwise linear')
         default_weight_loader(param, loaded_weight)
+
+    def quant_in_cols(self):
+        total = self.in_features * self.tp_world
+        return split_for_rank(torch.arange(total), 0, self.tp_world, self.tp_rank, 'rowwise linear'), total
 
     def forward(self, x: torch.Tensor, act: Optional[str] = None) -> torch.Tensor:
         """`act` ('silu', 'gelu', 'gelu_tanh'): x is a fused `[gate | up]` projection and this layer's input is
         `act(gate) * up`, computed by the kernel as it reads x (the MLP's activation without a launch of its own)."""
         # under tensor parallelism the bias is added once, after the partial products are summed
         bias = None if self.all_reduce else self.bias
-        if act is None:
-            y = kernels.linear(x, self.weight, bias)
-        else:
-            y = kernels.act_and_mul_linear(x, self.weight, bias, act)
+        y = self.matmul(x, bias, act)
         if not self.all_reduce:
             return y
         return all_reduce(y) + (self.bias if self.bias is not None else 0)
@@ -106,10 +138,10 @@ class MergedColwiseLinear(LinearBase):
     """
 
     def __init__(self, in_features, all_out_features: Sequence[int], bias, dtype=None, device=None, is_tp=True,
-                 out_names: Optional[Sequence[str]] = None):
+                 out_names: Optional[Sequence[str]] = None, quant_method=None):
         self.tp_world, self.tp_rank = _tp(is_tp)
         self.local_out = [_divide(o, self.tp_world, 'out_features') for o in all_out_features]
-        super().__init__(in_features, sum(self.local_out), bias, dtype, device)
+        super().__init__(in_features, sum(self.local_out), bias, dtype, device, quant_method)
         self.out_names = list(out_names) if out_names is not None else list(range(len(all_out_features)))
         # rows of each projection in a checkpoint tensor that holds them all, stacked (e.g. Phi-3's gate_up_proj)
         self.checkpoint_out = list(all_out_features)
@@ -155,6 +187,10 @@ class MergedColwiseLinear(LinearBase):
         """The stacked outputs, one view per projection."""
         return list(x.split(self.local_out, dim=-1))
 
+    def quant_parts(self):
+        return [(name, rows, self.local_shard(None, torch.arange(rows), i))
+                for i, (name, rows) in enumerate(zip(self.out_names, self.checkpoint_out))]
+
 
 class QKVParallelLinear(MergedColwiseLinear):
     """q, k and v projections in one matrix; shards 'q', 'k', 'v', or a fused checkpoint qkv (no shard_id).
@@ -164,7 +200,7 @@ class QKVParallelLinear(MergedColwiseLinear):
     """
 
     def __init__(self, in_features, num_q_heads, num_kv_heads, head_size, head_size_v=None, bias=False,
-                 dtype=None, device=None, is_tp=True, num_replicate_kv_heads=1):
+                 dtype=None, device=None, is_tp=True, num_replicate_kv_heads=1, quant_method=None):
         world, rank = _tp(is_tp)
         head_size_v = head_size if head_size_v is None else head_size_v
         self.num_q_heads = _divide(num_q_heads, world, 'num_attention_heads')
@@ -175,7 +211,7 @@ class QKVParallelLinear(MergedColwiseLinear):
         # built unsplit: this class picks each rank's heads itself in local_shard
         super().__init__(in_features, [self.num_q_heads * head_size, self.num_kv_heads * head_size,
                                        self.num_kv_heads * head_size_v], bias, dtype, device, is_tp=False,
-                         out_names=['q', 'k', 'v'])
+                         out_names=['q', 'k', 'v'], quant_method=quant_method)
         self.tp_world, self.tp_rank = world, rank
         # a fused checkpoint qkv holds every head once (before any replication): q, then k, then v
         self.checkpoint_out = [num_q_heads * head_size, num_kv_heads * head_size, num_kv_heads * head_size_v]
@@ -220,9 +256,10 @@ def build_colwise_linear(in_features: int, out_features: int, bias: bool, dtype=
                          dp_gather: bool = False, check_dist: bool = True, layer_type: str = 'attn',
                          prefix: str = '') -> ColwiseParallelLinear:
     """A linear layer whose output features split across tensor-parallel ranks."""
-    check_quant_config(quant_config)
+    quant = linear_quant_method(quant_config, prefix)
     _check_lmdeploy_options('build_colwise_linear', is_tp, tp_align_size)
-    return ColwiseParallelLinear(in_features, out_features, bias, dtype, device, is_tp)
+    return _quantized(ColwiseParallelLinear(in_features, out_features, bias, dtype, device, is_tp, quant), quant,
+                      dtype, device)
 
 
 def build_rowwise_linear(in_features: int, out_features: int, bias: bool, dtype=None, device=None,
@@ -230,9 +267,10 @@ def build_rowwise_linear(in_features: int, out_features: int, bias: bool, dtype=
                          dp_disable_tp: bool = False, check_dist: bool = True, layer_type: str = 'attn',
                          prefix: str = '') -> RowwiseParallelLinear:
     """A linear layer whose input features split across ranks; the partial results are summed (`all_reduce`)."""
-    check_quant_config(quant_config)
+    quant = linear_quant_method(quant_config, prefix)
     _check_lmdeploy_options('build_rowwise_linear', is_tp, tp_align_size)
-    return RowwiseParallelLinear(in_features, out_features, bias, dtype, device, is_tp, all_reduce)
+    return _quantized(RowwiseParallelLinear(in_features, out_features, bias, dtype, device, is_tp, all_reduce, quant),
+                      quant, dtype, device)
 
 
 def build_merged_colwise_linear(in_features: int, all_out_features: Sequence[int], bias: bool, dtype=None,
@@ -241,17 +279,18 @@ def build_merged_colwise_linear(in_features: int, all_out_features: Sequence[int
                                 check_dist: bool = True, layer_type: str = 'attn',
                                 prefix: str = '') -> MergedColwiseLinear:
     """Several colwise projections of one input in one matrix (loaded per `shard_id`, or fused)."""
-    check_quant_config(quant_config)
-    return MergedColwiseLinear(in_features, all_out_features, bias, dtype, device, is_tp, out_names)
+    quant = linear_quant_method(quant_config, prefix)
+    return _quantized(MergedColwiseLinear(in_features, all_out_features, bias, dtype, device, is_tp, out_names, quant),
+                      quant, dtype, device)
 
 
 def build_qkv_proj(in_features: int, num_q_heads: int, num_kv_heads: int, head_size: int,
                    head_size_v: Optional[int] = None, bias: bool = False, quant_config=None, dtype=None, device=None,
                    is_tp: bool = True, num_replicate_kv_heads: int = 1, prefix: str = '') -> QKVParallelLinear:
     """q, k and v in one matrix, split by heads across ranks (loaded per shard 'q'/'k'/'v', or fused)."""
-    check_quant_config(quant_config)
-    return QKVParallelLinear(in_features, num_q_heads, num_kv_heads, head_size, head_size_v, bias, dtype, device,
-                             is_tp, num_replicate_kv_heads)
+    quant = linear_quant_method(quant_config, prefix)
+    return _quantized(QKVParallelLinear(in_features, num_q_heads, num_kv_heads, head_size, head_size_v, bias, dtype,
+                                        device, is_tp, num_replicate_kv_heads, quant), quant, dtype, device)
 
 
 # Role builders, as lmdeploy's ports call them: the attention output projection, and the MLP's gate/up and down

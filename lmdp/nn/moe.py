@@ -22,9 +22,12 @@ from torch import nn
 from .. import kernels
 from ..distributed import all_reduce as _all_reduce, get_tp_world_rank
 from ..errors import WeightLoadError
+from ..kernels.quant import FP8_DTYPE, FP8_GROUP
+from ..quant_config import parse_quant_config
 from ..weight_loader.loaders import check_shape, set_weight_loader, split_for_rank
 from ..weight_loader.tracker import record_load
 from .linear import ColwiseParallelLinear, check_quant_config
+from .quant_linear import keep_dtype
 
 # transformers' `hidden_act` names -> the gated activations the fused op computes
 _ACTS = {'silu': 'silu', 'swish': 'silu', 'gelu': 'gelu', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_new': 'gelu_tanh',
@@ -67,17 +70,29 @@ class LinearWeights(nn.Module):
     of down."""
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, weight_type: str, dtype=None,
-                 device=None, tp=(1, 0)):
+                 device=None, tp=(1, 0), fp8: bool = False):
         super().__init__()
         if weight_type not in ('gate_up', 'down'):
             raise ValueError(f"LinearWeights: weight_type must be 'gate_up' or 'down', got {weight_type!r}")
-        self.num_experts, self.weight_type = num_experts, weight_type
+        self.num_experts, self.weight_type, self.fp8 = num_experts, weight_type, fp8
         self.tp_world, self.tp_rank = tp
-        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, dtype=dtype, device=device),
-                                   requires_grad=False)
         self.shard_names = ('gate', 'up') if weight_type == 'gate_up' else ('down', )
-        set_weight_loader(self.weight, self.weight_loader,
-                          shards=[(e, s) for e in range(num_experts) for s in self.shard_names])
+        shards = [(e, s) for e in range(num_experts) for s in self.shard_names]
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features,
+                                               dtype=FP8_DTYPE if fp8 else dtype, device=device), requires_grad=False)
+        set_weight_loader(self.weight, self.weight_loader, shards=shards)
+        if fp8:
+            # FP8 experts keep one scale per output row and 128 inputs (the checkpoint's 128-row blocks spread over
+            # their rows): gate and up stack, and ranks split, at any row without cutting a block's scale
+            if tp[0] > 1 and weight_type == 'down' and in_features % FP8_GROUP:
+                raise ValueError(f'FP8 experts: each of {tp[0]} tensor-parallel ranks keeps {in_features} '
+                                 f'intermediate features, which cut through the 128-wide scale blocks of down_proj; '
+                                 'use a tensor-parallel size that leaves each rank a multiple of 128')
+            keep_dtype(self.weight)
+            self.weight_scale_inv = keep_dtype(nn.Parameter(
+                torch.empty(num_experts, out_features, -(-in_features // FP8_GROUP), dtype=torch.float32,
+                            device=device), requires_grad=False))
+            set_weight_loader(self.weight_scale_inv, self.weight_loader, shards=shards)
 
     def _expert(self, param, expert_id) -> int:
         try:
@@ -94,7 +109,23 @@ class LinearWeights(nn.Module):
         dim = expert_dims + (1 if shard == 'down' else 0)
         return split_for_rank(loaded, dim, self.tp_world, self.tp_rank, f'expert {shard}_proj')
 
+    def _scale_rows(self, param, loaded: torch.Tensor, shard: str, expert_dims: int) -> torch.Tensor:
+        """A checkpoint's block scales `[..., ceil(rows / 128), ceil(in / 128)]` spread over their rows (the weight
+        rows one projection has in the checkpoint), ready to be split and copied as the weight is."""
+        if shard == 'down':
+            rows = self.weight.size(1)
+        else:
+            rows = self.weight.size(1) // 2 * self.tp_world
+        if loaded.dim() != expert_dims + 2 or loaded.size(-2) != -(-rows // FP8_GROUP):
+            raise WeightLoadError(f'{_describe(param)}: {shard} block scales of shape {tuple(loaded.shape)} do not fit '
+                                  f'{rows} weight rows in blocks of {FP8_GROUP}')
+        return loaded.float().repeat_interleave(FP8_GROUP, dim=-2).narrow(-2, 0, rows)
+
     def _copy(self, param, target: torch.Tensor, loaded: torch.Tensor, label):
+        if param.dtype == FP8_DTYPE and loaded.dtype != FP8_DTYPE:
+            raise WeightLoadError(f'{_describe(param)} holds FP8 experts but the checkpoint tensor for {label!r} is '
+                                  f'{loaded.dtype}: the checkpoint did not quantise its experts. List them in '
+                                  'quantization_config.modules_to_not_convert, or quantise them')
         check_shape(param, target.shape, loaded, label)
         with torch.no_grad():
             target.copy_(loaded.to(param.dtype))
@@ -106,7 +137,12 @@ class LinearWeights(nn.Module):
             raise WeightLoadError(f'{_describe(param)}: unknown shard {shard_id!r}; this stacked expert weight '
                                   f'takes {list(shards)}')
         half = param.size(1) // 2
+        scales = param is getattr(self, 'weight_scale_inv', None)
         if expert_id is None:     # every expert at once: a [E, ...] tensor
+            if self.fp8:
+                raise WeightLoadError(f'{_describe(param)}: FP8 experts load from per-expert checkpoint tensors '
+                                      f'(experts.N.<proj>.weight and .weight_scale_inv); this checkpoint stacks every '
+                                      f"expert in one {shard_id!r} tensor, which lmdp's FP8 loader does not cut")
             parts = [('gate', 0), ('up', 1)] if shard_id == 'gate_up' else [(shard_id, None)]
             for name, index in parts:
                 loaded = loaded_weight if index is None else _half(param, loaded_weight, index)
@@ -120,6 +156,8 @@ class LinearWeights(nn.Module):
             raise WeightLoadError(f"{_describe(param)}: shard 'gate_up' holds every expert; load it with "
                                   "expert_id=None, or load one expert's 'gate' and 'up' apart")
         target = param[e] if shard_id == 'down' else param[e].narrow(0, half * ('gate', 'up').index(shard_id), half)
+        if scales:
+            loaded_weight = self._scale_rows(param, loaded_weight, shard_id, 0)
         self._copy(param, target, self._local(loaded_weight, shard_id, 0), (e, shard_id))
         record_load(param, (e, shard_id))
 
@@ -148,7 +186,8 @@ class FusedMoE(nn.Module):
     adds a shared expert first and reduces once)."""
 
     def __init__(self, hidden_dim: int, ffn_dim: int, num_experts: int, top_k: int, renormalize: bool = False,
-                 dtype=None, device=None, all_reduce: bool = True, is_tp: bool = True, act: str = 'silu'):
+                 dtype=None, device=None, all_reduce: bool = True, is_tp: bool = True, act: str = 'silu',
+                 fp8: bool = False):
         super().__init__()
         world, rank = get_tp_world_rank() if is_tp else (1, 0)
         if ffn_dim % world:
@@ -159,16 +198,23 @@ class FusedMoE(nn.Module):
         self.hidden_dim, self.ffn_dim, self.num_experts, self.top_k = hidden_dim, ffn_dim // world, num_experts, top_k
         self.renormalize, self.act = renormalize, act
         self.all_reduce = all_reduce and world > 1
-        self.gate_up = LinearWeights(num_experts, hidden_dim, 2 * self.ffn_dim, 'gate_up', dtype, device, (world, rank))
-        self.down = LinearWeights(num_experts, self.ffn_dim, hidden_dim, 'down', dtype, device, (world, rank))
+        self.fp8 = fp8
+        self.gate_up = LinearWeights(num_experts, hidden_dim, 2 * self.ffn_dim, 'gate_up', dtype, device, (world, rank),
+                                     fp8)
+        self.down = LinearWeights(num_experts, self.ffn_dim, hidden_dim, 'down', dtype, device, (world, rank), fp8)
 
     def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor):
         x = hidden_states.reshape(-1, hidden_states.size(-1))
         if topk_ids.size(-1) != self.top_k:
             raise ValueError(f'FusedMoE was built for top_k={self.top_k} but got {topk_ids.size(-1)} experts per '
                              'token; build SoftmaxTopK and the experts with the same top_k')
-        out = kernels.fused_moe(x, self.gate_up.weight, self.down.weight, topk_weights.reshape(-1, self.top_k),
-                                topk_ids.reshape(-1, self.top_k), self.renormalize, self.act)
+        topk_weights, topk_ids = topk_weights.reshape(-1, self.top_k), topk_ids.reshape(-1, self.top_k)
+        if self.fp8:
+            out = kernels.fused_moe_fp8(x, self.gate_up.weight, self.gate_up.weight_scale_inv, self.down.weight,
+                                        self.down.weight_scale_inv, topk_weights, topk_ids, self.renormalize, self.act)
+        else:
+            out = kernels.fused_moe(x, self.gate_up.weight, self.down.weight, topk_weights, topk_ids, self.renormalize,
+                                    self.act)
         if self.all_reduce:
             out = _all_reduce(out)
         return out.reshape(hidden_states.shape)
@@ -184,8 +230,12 @@ def build_fused_moe(hidden_dim: int, ffn_dim: int, num_experts: int, top_k: int,
                     act: Optional[str] = None) -> FusedMoE:
     """The experts of one MoE layer (lmdeploy's builder). `act` (or lmdeploy's `act_func`, given as a
     `hidden_act` name) picks the gated activation, silu by default; `layer_idx` and `prefix` are accepted for
-    lmdeploy's signature and unused."""
+    lmdeploy's signature and unused. Under an FP8 `quant_config` the experts hold FP8 weights with block scales and
+    multiply unquantised activations (W8A16); under AWQ they stay unquantised (lmdp has no 4-bit experts kernel:
+    `lmdp quantize --awq` leaves them so, and a checkpoint with 4-bit experts is refused at preflight)."""
     check_quant_config(quant_config)
+    scheme = parse_quant_config(quant_config)
+    fp8 = scheme is not None and scheme.method == 'fp8' and not scheme.skips(prefix)
     if enable_ep:
         raise NotImplementedError('build_fused_moe: expert parallelism (enable_ep=True) is not supported; experts '
                                   'split their intermediate size over tensor-parallel ranks instead')
@@ -197,7 +247,7 @@ def build_fused_moe(hidden_dim: int, ffn_dim: int, num_experts: int, top_k: int,
                             'activation into the experts kernel and cannot take a callable')
         act = act_func
     return FusedMoE(hidden_dim, ffn_dim, num_experts, top_k, renormalize, dtype, device, all_reduce, is_tp,
-                    moe_act(act or 'silu'))
+                    moe_act(act or 'silu'), fp8)
 
 
 class SharedExpertGate(ColwiseParallelLinear):

@@ -48,7 +48,7 @@ def _rel(a, b):
 
 
 @cpu_only
-@pytest.mark.parametrize('experts,top_k', [(8, 1), (8, 2), (60, 4)])
+@pytest.mark.parametrize('experts,top_k', [(8, 1), (8, 2), (60, 4), (64, 8), (128, 8)])
 @pytest.mark.parametrize('tokens', [1, 37])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
 def test_softmax_topk_kernel(experts, top_k, tokens, dtype):
@@ -80,6 +80,9 @@ def test_moe_align_kernel_matches_reference(fused_chunks, tokens, experts, top_k
     (3, 6, 2, 40, 24, True, 'gelu'),
     (19, 16, 4, 64, 32, True, 'silu'),
     (5, 8, 2, 48, 40, False, 'gelu_tanh'),
+    # the expert counts and top-k (64 and 128 experts, top-8), narrow layers: most experts get no token
+    (2, 64, 8, 32, 16, True, 'silu'),
+    (3, 128, 8, 32, 24, False, 'silu'),
 ])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
 def test_fused_moe_kernel_matches_reference(path, tokens, experts, top_k, hidden, inter, renormalize, act, dtype):

@@ -92,3 +92,37 @@ def test_from_capture_sets_skips_dense_layers():
     report = routing_from_captures(ref32, port, None, cfg, 'prefill')
     assert [r.layer for r in report.layers] == [0] and report.top_k == 2 and report.passed
     assert report.missing == {'layers.1.router': 'no router'}
+
+
+# --- the 'routing' check that a mixture of experts' parity run carries (parity/routing_checks.py) ---
+
+
+def test_the_routing_check_forgives_a_near_tie_and_lists_every_layer():
+    from parity.routing_checks import routing_check
+    ref = _logits()
+    near_ref, near_port = _swap_boundary(ref, row=3, k=2, gap=1e-3)
+    floor = {0: ref, 1: near_ref + 1e-2}
+    check = routing_check(compare_routing({0: ref, 1: near_ref}, {0: ref, 1: near_port}, top_k=2, floor=floor,
+                                          phase='prefill'), [len(ref)], 0)
+    assert (check.name, check.phase, check.status) == ('routing', 'prefill', 'passed')
+    assert 'layers [0, 1] at 100.0%, 95.0%' in check.detail and '1 flip(s) forgiven' in check.detail
+    assert check.value == pytest.approx(0.95) and check.data['hard'] == 0
+
+
+def test_the_routing_check_fails_on_a_hard_flip_and_names_it():
+    from parity.routing_checks import routing_check
+    ref, port = _swap_boundary(_logits(), row=7, k=2, gap=0.5)
+    check = routing_check(compare_routing({0: ref, 2: ref}, {0: ref, 2: port}, top_k=2), [len(ref)], 0)
+    assert check.status == 'failed' and '1 HARD flip(s), first at layer 2, prompt 0 position 7' in check.detail
+    assert 'preferred by 0.5' in check.detail
+
+
+def test_a_layer_the_port_does_not_route_fails_the_check():
+    from parity.routing_checks import routing_check
+    ref = _logits()
+    report = compare_routing({0: ref, 1: ref}, {0: ref}, top_k=2)
+    assert report.unrouted == [1] and not report.passed
+    check = routing_check(report, [len(ref)], 0)
+    assert check.status == 'failed' and 'layers [1] route tokens in transformers' in check.detail
+    empty = routing_check(compare_routing({0: ref}, {}, top_k=2), [len(ref)], 0)
+    assert empty.status == 'failed' and 'no layer had router logits on both sides' in empty.detail
