@@ -5,7 +5,7 @@ import signal
 import time
 
 import pytest
-from conftest import alive, make_pipe, random_prompts
+from tp_helpers import alive, make_pipe, random_prompts
 
 from lmdp import GenerationConfig
 from lmdp.errors import PipelineClosedError, TensorParallelError

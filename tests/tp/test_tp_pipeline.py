@@ -1,7 +1,7 @@
 """pipeline(..., PytorchEngineConfig(tp=N)) on the CPU (gloo): the ranks hold shards, and greedy outputs are those
 of tp=1, token for token."""
 import pytest
-from conftest import make_pipe, random_prompts
+from tp_helpers import make_pipe, random_prompts
 
 from lmdp import GenerationConfig
 

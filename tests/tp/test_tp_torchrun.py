@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import make_pipe, random_prompts
+from tp_helpers import make_pipe, random_prompts
 
 from lmdp import GenerationConfig
 
