@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 
 from . import validate
 from .engine.engine import Engine
-from .errors import PipelineClosedError
+from .errors import PipelineClosedError, TensorParallelError
 from .messages import GenerationConfig, PytorchEngineConfig, Response
 from .request import Request, error_response
 from .tokenizer import TextStream, Tokenizer
@@ -45,6 +45,8 @@ class Pipeline:
         backend_config = backend_config or PytorchEngineConfig()
         if not isinstance(backend_config, PytorchEngineConfig):
             raise TypeError(f'backend_config must be a PytorchEngineConfig, got {type(backend_config).__name__}')
+        if backend_config.tp > 1:
+            _serve_if_worker(model_path, backend_config)
         # everything `lmdp check` checks, in its words, before any weight is read
         checked = preflight(model_path, backend_config)
         self.tokenizer: Tokenizer = checked.tokenizer
@@ -64,8 +66,11 @@ class Pipeline:
         self._lock = threading.Lock()
         self._driver: asyncio.Task | None = None
         self._closed = False
+        self._broken: TensorParallelError | None = None
 
     def _check_open(self):
+        if self._broken is not None:
+            raise PipelineClosedError(f'this pipeline stopped: {self._broken}')
         if self._closed:
             raise PipelineClosedError('this pipeline was closed (close() or the end of its `with` block freed the '
                                       'engine); build a new one with lmdp.pipeline(...)')
@@ -144,6 +149,13 @@ class Pipeline:
                 return
             try:
                 outputs = self.engine.step()
+            except TensorParallelError as e:   # a rank is gone: every request ends, and the caller hears why
+                self._broken = e
+                for request in list(self._active.values()):
+                    request.fail(str(e))
+                self._active.clear()
+                self.engine = None
+                raise
             except Exception as e:       # the engine isolates failures itself; this is the last line
                 logger.exception('an engine step failed outside request isolation; failing every request')
                 outputs = self.engine.abort_all('error', f'the engine failed ({type(e).__name__}: {e})')
@@ -272,8 +284,10 @@ class Pipeline:
         """Step the engine while an async request waits or an abort is still to be carried out; whatever stops it,
         every async waiter is answered."""
         try:
-            while not self._closed and (self._active or self.engine.has_unfinished()):
+            while not self._closed and self.engine is not None and (self._active or self.engine.has_unfinished()):
                 await asyncio.to_thread(self._step)
+        except TensorParallelError:      # every request was answered with it; later calls raise it
+            pass
         finally:
             waiting = [r for r in list(self._active.values()) if r.notify is not None and not r.done]
             for request in waiting:
@@ -319,6 +333,8 @@ class Pipeline:
             for request in list(self._active.values()):
                 request.fail('the pipeline was closed while this request ran')
             self._active.clear()
+            if self.engine is not None:
+                self.engine.close()
             self.engine = None
         import torch
         if torch.cuda.is_available():
@@ -329,6 +345,16 @@ class Pipeline:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _serve_if_worker(model_path: str, config: PytorchEngineConfig):
+    """Under torchrun every rank runs the script; on ranks other than 0 `pipeline()` serves rank 0's steps and then
+    ends the process (SystemExit(0)) when rank 0 closes its pipeline."""
+    from .engine.tp import env_rank
+    launched = env_rank()
+    if launched is not None and launched[0] != 0:
+        from .engine.tp.worker import serve_env
+        serve_env(model_path, config)
 
 
 def _as_batch(prompts):

@@ -56,14 +56,14 @@ class ModelCheck:
 
 
 def check_model(model_path: str, trust_remote_code: bool = False, dtype='auto', custom_module_map=None,
-                model_impl: str = 'auto') -> ModelCheck:
+                model_impl: str = 'auto', tp: int = 1) -> ModelCheck:
     """Check a checkpoint folder without loading its weights; never raises for a bad checkpoint. model_impl as
     in PytorchEngineConfig: the report says which path the checkpoint takes (its port or the transformers
-    fallback) and why."""
+    fallback) and why; tp > 1 also checks that the model splits over that many tensor-parallel ranks."""
     from .configurations import AutoModelConfigBuilder
     from .preflight import check_all
 
-    state = check_all(model_path, trust_remote_code, dtype, custom_module_map, model_impl)
+    state = check_all(model_path, trust_remote_code, dtype, custom_module_map, model_impl, tp)
     report = ModelCheck(str(model_path), problems=state.problems, notes=state.notes)
     hf_config = state.hf_config
     if hf_config is not None:

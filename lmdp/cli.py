@@ -12,7 +12,7 @@ def _int_list(text: str):
 def cmd_check(args) -> int:
     from .check_env import check_model
     report = check_model(args.model_path, trust_remote_code=args.trust_remote_code,
-                         custom_module_map=args.custom_module_map, model_impl=args.model_impl)
+                         custom_module_map=args.custom_module_map, model_impl=args.model_impl, tp=args.tp)
     print(report)
     return 0 if report.ok else 1
 
@@ -81,6 +81,11 @@ def cmd_parity(args) -> int:
     return subprocess.call(argv + list(args.pytest_args))
 
 
+def _tp_option(p):
+    p.add_argument('--tp', type=int, default=1, metavar='N', help='tensor-parallel ranks (one process each; see the '
+                   'README for torchrun across hosts)')
+
+
 def _module_map_option(p):
     p.add_argument('--custom-module-map', '--module-map', dest='custom_module_map', metavar='FILE',
                    help='a .py file defining MODULE_MAP entries to add or override (the port to use)')
@@ -93,12 +98,12 @@ def cmd_generate(args) -> int:
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            random_seed=args.seed, ignore_eos=args.ignore_eos)
     config = PytorchEngineConfig(dtype=args.dtype, device_type=args.device, session_len=args.session_len,
-                                 custom_module_map=args.custom_module_map)
-    pipe = pipeline(args.model_path, backend_config=config)
+                                 custom_module_map=args.custom_module_map, tp=args.tp)
     response = None
-    for piece in pipe.stream_infer([args.prompt], gen, do_preprocess=not args.no_chat_template):
-        print(piece.text, end='', flush=True)
-        response = piece
+    with pipeline(args.model_path, backend_config=config) as pipe:     # closing it ends the other ranks (--tp)
+        for piece in pipe.stream_infer([args.prompt], gen, do_preprocess=not args.no_chat_template):
+            print(piece.text, end='', flush=True)
+            response = piece
     print()
     if response.finish_reason == 'error':
         print(f'lmdp generate: error: {response.error}', file=sys.stderr)
@@ -123,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _module_map_option(p)
     p.add_argument('--model-impl', default='auto', choices=['auto', 'lmdp', 'transformers'],
                    help='auto: the lmdp port if registered, else the transformers fallback')
+    _tp_option(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser('make-tiny', help='write a tiny random-weight checkpoint with transformers')
@@ -181,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='auto', choices=['auto', 'cuda', 'cpu'])
     p.add_argument('--session-len', type=int)
     _module_map_option(p)
+    _tp_option(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser('bench', help='speed on real shapes vs the HBM roofline and transformers (GPU); '

@@ -34,6 +34,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError('expected a number of seconds > 0') from None
+    if not value > 0:
+        raise ValueError('expected a number of seconds > 0')
+    return value
+
+
 def _kernels(text: str) -> str:
     value = text.strip().lower() or 'auto'
     if value not in ('auto', 'reference'):
@@ -66,6 +76,12 @@ VARIABLES: dict[str, EnvVar] = {v.name: v for v in [
     EnvVar('LMDP_MOE_GEMV_MAX_PAIRS', '', lambda t: None if t == '' else _non_negative_int(t),
            'Fused MoE: up to this many (token, expert) pairs a step runs the GEMV path instead of the grouped GEMM; '
            'unset: the kernel picks from the number of experts.'),
+    EnvVar('LMDP_TP_TIMEOUT', '300', _positive_seconds,
+           'Tensor parallelism: seconds a rank may keep the others waiting inside one step before the engine '
+           'gives up on it, names it, and shuts every rank down.'),
+    EnvVar('LMDP_TP_START_TIMEOUT', '3600', _positive_seconds,
+           'Tensor parallelism: seconds the ranks may take to start and load their shards of the weights (a rank '
+           'that dies meanwhile is reported at once).'),
     EnvVar('OUT', '.', _path,
            'The folder where the benchmark commands (`lmdp bench`, `python -m lmdp.kernels.triton.bench_gemv`) '
            'write their JSON by default.'),
@@ -89,6 +105,33 @@ def __getattr__(name: str) -> Any:
     if name in VARIABLES:
         return get(name)
     raise AttributeError(f"module 'lmdp.envs' has no attribute {name!r}")
+
+
+# set by torchrun (or any env:// launcher) for each rank; torch.distributed's env:// initialisation reads them too
+LAUNCHER_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
+
+
+def launcher() -> dict | None:
+    """{'rank', 'world', 'local_rank', 'master_addr', 'master_port'} when torchrun (env://) started this process,
+    else None (RANK or WORLD_SIZE unset)."""
+    if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
+        return None
+    found = {}
+    for key, name in (('rank', 'RANK'), ('world', 'WORLD_SIZE'), ('local_rank', 'LOCAL_RANK'),
+                      ('master_port', 'MASTER_PORT')):
+        raw = os.environ.get(name, os.environ['RANK'] if name == 'LOCAL_RANK' else None)
+        try:
+            found[key] = None if raw is None else int(raw)
+        except ValueError:
+            raise EnvError(f'environment variable {name}={raw!r} is not a whole number; torchrun sets it for each '
+                           'rank: unset RANK and WORLD_SIZE unless a launcher started this process') from None
+    found['master_addr'] = os.environ.get('MASTER_ADDR')
+    return found
+
+
+def without_launcher() -> dict:
+    """This process's environment less the launcher's variables: for a child process that is no torchrun rank."""
+    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
 
 
 def describe() -> list[str]:

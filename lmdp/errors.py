@@ -27,3 +27,7 @@ class TokenizerError(LmdpError, ValueError):
 
 class PipelineClosedError(LmdpError, RuntimeError):
     """A pipeline was used after `close()` (or after its `with` block ended)."""
+
+
+class TensorParallelError(LmdpError, RuntimeError):
+    """A tensor-parallel rank died, failed or hung (the message names it); every rank was shut down."""

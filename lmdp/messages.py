@@ -42,13 +42,6 @@ def _power_of_two(name, value):
     return value
 
 
-def _tp(name, value):
-    value = validate.integer(name, value, 1)
-    if value != 1:
-        raise ValueError(f'{name}={value}: tensor parallelism is not wired into the engine yet; use tp=1')
-    return value
-
-
 def _dtype(name, value):
     if isinstance(value, str) or type(value).__name__ == 'dtype':
         return value                    # resolved (and checked) against the checkpoint by lmdp.config.resolve_dtype
@@ -83,6 +76,9 @@ class PytorchEngineConfig(_Checked):
     num_gpu_blocks: the KV pool's size in blocks; overrides cache_max_entry_count when > 0.
     max_prefill_token_num: token budget of one prefill step (longer prompts are prefilled in chunks).
     device_type: 'auto' (CUDA when there is one), 'cuda' or 'cpu'.
+    tp: tensor-parallel ranks (one process each; NCCL on GPUs, gloo on the CPU). pipeline() starts them on this host;
+    under torchrun (`torchrun --nproc-per-node N`, across hosts too) every process runs the script and rank 0 serves
+    the pipeline (see the README).
     model_impl: 'auto' (the lmdp port when the architecture has one, else its transformers modeling code on lmdp's
     paged attention: the transformers fallback), 'lmdp' (a port or an error) or 'transformers' (the fallback).
     """
@@ -104,7 +100,7 @@ class PytorchEngineConfig(_Checked):
 
     _checks = dict(
         dtype=_dtype,
-        tp=_tp,
+        tp=lambda n, v: validate.integer(n, v, 1),
         session_len=_positive_or_none,
         max_batch_size=_positive_or_none,
         cache_max_entry_count=lambda n, v: validate.number(n, v, 0, 1, low_open=True,

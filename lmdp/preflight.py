@@ -22,6 +22,7 @@ class Preflight:
     dtype: object = 'auto'
     custom_module_map: object = None
     model_impl: str = 'auto'
+    tp: int = 1
     impl: str | None = None                # which path serves it: 'lmdp', 'transformers' or 'hybrid'
     impl_reason: str | None = None
     module_map: dict | None = None
@@ -106,6 +107,28 @@ def _model_build(state: Preflight):
                 load_weights=False, model_impl=state.model_impl)
 
 
+def _tensor_parallel(state: Preflight):
+    """tp > 1: the model builds for the first and the last rank (on the meta device), so a size that does not split
+    evenly over the ranks is named before any process starts."""
+    if state.tp <= 1:
+        return
+    from .distributed import kv_heads_per_rank, simulated_tp
+    from .engine.model_agent import build_model
+    from .errors import ConfigError
+    if state.impl not in (None, 'lmdp'):
+        raise ConfigError(f'tp={state.tp}: tensor parallelism needs an lmdp port, and this model runs on the '
+                          f'transformers fallback ({state.impl_reason}); use tp=1 or write a port from lmdp.nn blocks')
+    try:
+        kv_heads_per_rank(state.model_config.num_key_value_heads, state.tp)
+        for rank in sorted({0, state.tp - 1}):
+            with simulated_tp(state.tp, rank):
+                build_model(state.model_config, device='meta', load_weights=False, model_impl=state.model_impl,
+                            custom_module_map=state.module_map or state.custom_module_map)
+    except (ValueError, NotImplementedError) as e:
+        cause = e.__cause__ if isinstance(e, ConfigError) and e.__cause__ is not None else e
+        raise ConfigError(f'tp={state.tp} does not fit this model: {cause}') from e
+
+
 def _generation_config(state: Preflight):
     from .hf_config import generation_eos_ids
     from .messages import GenerationConfig
@@ -139,6 +162,7 @@ CHECKS: list[tuple] = [
     (_model_class, ('hf_config',)),
     (_model_config, ('hf_config',)),
     (_model_build, ('model_config', 'model_class')),
+    (_tensor_parallel, ('model_config', 'model_class')),
     (_generation_config, ()),
     (_tokenizer, ('hf_config',)),
     (_weights, ()),
@@ -167,13 +191,13 @@ def run_checks(state: Preflight, collect: bool) -> Preflight:
 def preflight(model_path: str, backend_config) -> Preflight:
     """Everything `lmdp check` checks, raising the first problem (lmdp's own errors, naming file and field)."""
     state = Preflight(os.fspath(model_path), backend_config.trust_remote_code, backend_config.dtype,
-                      backend_config.custom_module_map, backend_config.model_impl)
+                      backend_config.custom_module_map, backend_config.model_impl, backend_config.tp)
     return run_checks(state, collect=False)
 
 
 def check_all(model_path: str, trust_remote_code: bool = False, dtype='auto', custom_module_map=None,
-              model_impl: str = 'auto') -> Preflight:
+              model_impl: str = 'auto', tp: int = 1) -> Preflight:
     """Every check, every problem recorded (never raises for a bad checkpoint)."""
-    return run_checks(Preflight(os.fspath(model_path), trust_remote_code, dtype, custom_module_map, model_impl),
+    return run_checks(Preflight(os.fspath(model_path), trust_remote_code, dtype, custom_module_map, model_impl, tp),
                       collect=True)
 

@@ -17,6 +17,7 @@ class CaptureSet:
     taps: Dict[str, Dict[str, List[torch.Tensor]]] = field(default_factory=dict)   # phase -> tap -> per sequence
     missing: Dict[str, str] = field(default_factory=dict)                          # tap -> why it has no capture
     seconds: float = 0.0
+    load_seconds: float = 0.0             # the port: loading it (weights included)
     graph_replay: Optional[object] = None   # the port on CUDA: parity.graph_replay.GraphReplay
     sampled_tokens: Optional[List[List[int]]] = None   # the port: the engine sampler's greedy pick at each step
 

@@ -41,6 +41,8 @@ OPTIONS = (
     Option(('--report',), 'report_dir', None, 'write report.json and report.html into DIR', metavar='DIR'),
     Option(('--custom-module-map', '--module-map'), 'custom_module_map', None, 'a .py file defining MODULE_MAP: the '
            'port under test, instead of the registered one (as custom_module_map= in the API)', metavar='FILE'),
+    Option(('--tp',), 'tp', 1, 'tensor-parallel ranks the port runs on, one process each (gloo on the CPU, NCCL on '
+           'GPUs; default 1); the reference runs on one', metavar='N', convert=int),
     Option(('--qkv-taps',), 'qkv_taps', False, "(kept for old command lines: q, k and v are always compared now)",
            flag=True),
 )
@@ -201,13 +203,14 @@ def _check_module_map(custom_module_map):
 
 
 def check_options(model_path=None, dtype='float32', device='auto', prompts='3', decode_steps=4, block_size=16,
-                  report_dir=None, custom_module_map=None, qkv_taps=False):
+                  report_dir=None, custom_module_map=None, qkv_taps=False, tp=1):
     """Raise OptionError for the first bad value, cheapest checks first; nothing is loaded but config.json."""
     _check_dtype(dtype)
     _check_device(device)
     _check_prompts(prompts)
     _check_int('decode_steps', decode_steps, 0, 'the decode steps after the prefill; 0: prefill only')
     _check_block_size(block_size)
+    _check_int('tp', tp, 1, 'tensor-parallel ranks, 1 or more; default 1')
     if not isinstance(qkv_taps, bool):
         raise OptionError('qkv_taps', qkv_taps, 'expected True or False')
     _check_module_map(custom_module_map)

@@ -164,6 +164,7 @@ def parity_report(request):
                              prompts=_option(config, 'prompts'), decode_steps=_option(config, 'decode_steps'),
                              custom_module_map=_option(config, 'custom_module_map'),
                              block_size=_option(config, 'block_size'), qkv_taps=_option(config, 'qkv_taps'),
+                             tp=_option(config, 'tp'),
                              progress=sys.stderr.isatty())
     except Exception as e:  # noqa: BLE001 - reported once, in full, by pytest_terminal_summary
         config.stash[_FAILURE] = e

@@ -24,11 +24,9 @@ import torch
 
 from . import checks
 from .capture_set import PHASES, CaptureSet
-from .load_failure import port_loaded
 from .metrics import diff
 from .noise_floor import judge, rule_text, tolerance
 from .options import check_compare
-from .port import load_port, run_port
 from .progress import Progress
 from .prompts import PromptSpec, make_prompts
 from .quantized import quantization_error, reference_checkpoint
@@ -37,6 +35,7 @@ from .report import CheckResult, ParityReport, TapResult
 from .routing import present_router_taps, routing_from_captures
 from .routing_checks import RoutedPositions, routing_check
 from .taps import Tap, reference_taps
+from .tensor_parallel import run_port_ranks
 
 
 def resolve_device(device: str = 'auto') -> str:
@@ -195,7 +194,7 @@ def _compare_phase(refs: References, port: CaptureSet, floor: CaptureSet, view: 
 def compare(model_path: str, dtype='float32', device='auto', prompts: PromptSpec = 3, decode_steps: int = 4,
             custom_module_map=None, block_size: int = 16, qkv_taps: bool = False,
             tap_overrides: Optional[dict] = None, seed: int = 0, progress: bool = False,
-            references: Optional[References] = None, report_dir: Optional[str] = None) -> ParityReport:
+            references: Optional[References] = None, report_dir: Optional[str] = None, tp: int = 1) -> ParityReport:
     """Diff the lmdp port of `model_path` against transformers, tap by tap; see the module docstring.
 
     dtype: float32 | bfloat16 | float16 | auto (the checkpoint's). prompts: a count of random prompts, a file, or
@@ -203,10 +202,12 @@ def compare(model_path: str, dtype='float32', device='auto', prompts: PromptSpec
     MODULE_MAP (the port under test). qkv_taps: kept for old callers (q/k/v are always compared). tap_overrides:
     {'reference' | 'port': {kind: module name}}. report_dir: write report.json and report.html there.
     references: a `run_references` result to reuse; it fixes dtype, device, prompts, decode steps and taps.
+    tp: tensor-parallel ranks the port runs on (parity/tensor_parallel.py); the reference runs on this process.
     """
     start = time.perf_counter()
     check_compare(model_path, dtype=dtype, device=device, prompts=prompts, decode_steps=decode_steps,
-                  block_size=block_size, report_dir=report_dir, custom_module_map=custom_module_map, qkv_taps=qkv_taps)
+                  block_size=block_size, report_dir=report_dir, custom_module_map=custom_module_map, qkv_taps=qkv_taps,
+                  tp=tp)
     if references is not None and os.path.realpath(str(model_path)) != os.path.realpath(references.model_path):
         raise ValueError(f'references= were run on {references.model_path}, not on {model_path}')
     device = resolve_device(device if references is None else references.device)
@@ -224,23 +225,14 @@ def compare(model_path: str, dtype='float32', device='auto', prompts: PromptSpec
                                         seed, progress=bar)
         refs = references
         timings = dict(refs.timings)
-        bar.stage('loading the lmdp port')
-        t0 = time.perf_counter()
-        agent, coverage = port_loaded(load_port, refs.model_path, refs.dtype, device, custom_module_map)
-        timings['load_port'] = time.perf_counter() - t0
-        bar.update(1)
-        bar.stage('running the lmdp port')
-        port = run_port(agent, refs.hf_config, refs.prompts, refs.tokens, refs.decode_steps, refs.captured_taps,
-                        block_size, tap_overrides, progress=bar)
-        port_local = run_port(agent, refs.hf_config, refs.prompts, refs.tokens, refs.decode_steps, refs.captured_taps,
-                              block_size, tap_overrides, progress=bar, truth=refs.truth, graph_check=False)
-        from lmdp.fallback.hybrid import tap_impls
-        impls = tap_impls(agent.model, refs.hf_config, refs.taps, tap_overrides)
+        stage = 'running the lmdp port' + (f' on {tp} tensor-parallel ranks' if tp > 1 else '')
+        bar.stage(stage)
+        port, port_local, coverage, port_class, impls = run_port_ranks(tp, refs, device, custom_module_map,
+                                                                        block_size, tap_overrides, progress=bar)
+        timings['load_port'] = port.load_seconds
         timings['run_port'] = port.seconds + port_local.seconds
         if port.graph_replay is not None:
             timings['cuda_graph'] = port.graph_replay.seconds
-        port_class = type(agent.model).__module__ + '.' + type(agent.model).__qualname__
-        del agent
         _free(device)
         bar.stage('diffing')
         t0 = time.perf_counter()

@@ -283,7 +283,10 @@ class TapResolver:
         fused = self._find('qkv', prefix)
         if fused is None or not hasattr(self.modules[fused], 'split_qkv'):
             return self._why(kind, prefix)
-        return Site(fused, read_split(QKV_KINDS.index(kind), qkv_sizes(self.hf_config)))
+        module, index = self.modules[fused], QKV_KINDS.index(kind)
+        if hasattr(module, 'split'):   # lmdp's own split: this rank's q/k/v sizes under tensor parallelism
+            return Site(fused, lambda output: module.split(read_first(output))[index])
+        return Site(fused, read_split(index, qkv_sizes(self.hf_config)))
 
 
 def reference_taps(model: torch.nn.Module, hf_config, overrides: Optional[Dict] = None) -> List[Tap]:

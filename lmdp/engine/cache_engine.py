@@ -6,6 +6,7 @@ from typing import List, Tuple
 import torch
 
 from ..config import ModelConfig
+from ..distributed import get_tp_world_rank, kv_heads_per_rank
 
 logger = logging.getLogger('lmdp')
 
@@ -18,7 +19,7 @@ class CacheEngine:
             raise ValueError(f'block_size must be a power of two, got {block_size}')
         self.num_blocks, self.block_size = num_blocks, block_size
         dtype = dtype or model_config.dtype
-        kv_heads = model_config.num_key_value_heads
+        kv_heads = local_kv_heads(model_config)
         self.kv_caches: List[Tuple[torch.Tensor, torch.Tensor]] = [
             (torch.zeros(num_blocks, block_size, kv_heads, model_config.k_head_dim, dtype=dtype, device=device),
              torch.zeros(num_blocks, block_size, kv_heads, model_config.v_head_dim, dtype=dtype, device=device))
@@ -28,8 +29,13 @@ class CacheEngine:
     @staticmethod
     def bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype = None) -> int:
         dtype = dtype or model_config.dtype
-        per_token = model_config.num_key_value_heads * (model_config.k_head_dim + model_config.v_head_dim)
+        per_token = local_kv_heads(model_config) * (model_config.k_head_dim + model_config.v_head_dim)
         return per_token * block_size * model_config.num_layers * torch.finfo(dtype).bits // 8
+
+
+def local_kv_heads(model_config: ModelConfig) -> int:
+    """Key/value heads this rank's cache holds (its share under tensor parallelism)."""
+    return kv_heads_per_rank(model_config.num_key_value_heads, get_tp_world_rank()[0])
 
 
 def available_host_memory() -> int:

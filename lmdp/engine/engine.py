@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import TensorParallelError
 from ..messages import GenerationConfig, PytorchEngineConfig
 from ..paging import BlockManager
 from . import request_checks
@@ -27,6 +28,7 @@ from .model_runner import ModelRunner
 from .sampler import Sampler, logprob_dicts
 from .scheduler import ScheduledBatch, Scheduler
 from .sequence import SamplingParams, Sequence
+from .tp import LeaderModelRunner, RankPlan, start_ranks
 
 logger = logging.getLogger('lmdp')
 
@@ -61,36 +63,28 @@ class EngineStats:
     decode_tokens: int = 0
 
 
+def engine_limits(config: PytorchEngineConfig, model_config, device: str) -> tuple[int, int]:
+    """(max_batch_size, session_len) before the KV pool is sized: the config's, or the defaults."""
+    max_batch_size = config.max_batch_size or (256 if device == 'cuda' else 32)
+    session_len = config.session_len or model_config.max_position_embeddings or 4096
+    return max_batch_size, session_len
+
+
 class Engine:
     """Continuous batching over a paged KV cache. Build with `Engine(model_path, PytorchEngineConfig(...))`."""
 
     def __init__(self, model_path: str, config: PytorchEngineConfig | None = None):
         self.config = config = config or PytorchEngineConfig()
         device = config.resolved_device()
-        self.agent = ModelAgent.from_pretrained(model_path, dtype=config.dtype, device=device,
-                                                custom_module_map=config.custom_module_map,
-                                                trust_remote_code=config.trust_remote_code,
-                                                model_impl=config.model_impl)
-        model_config = self.model_config = self.agent.model_config
-        self.max_batch_size = config.max_batch_size or (256 if device == 'cuda' else 32)
-        session_len = config.session_len or model_config.max_position_embeddings or 4096
-        bs = config.block_size
-        num_blocks = plan_num_blocks(model_config, bs, device, config.num_gpu_blocks, config.cache_max_entry_count,
-                                     session_len, self.max_batch_size)
-        if session_len > num_blocks * bs:
-            logger.warning('session_len %d is more than the KV pool holds; lowered to %d', session_len,
-                           num_blocks * bs)
-            session_len = num_blocks * bs
-        self.session_len = session_len
-        use_graphs = device == 'cuda' and not config.eager_mode
-        # with CUDA graphs one extra block, never handed to a sequence, takes the padding slots' K/V
-        self.cache = CacheEngine(model_config, num_blocks + int(use_graphs), bs, device)
-        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, self.max_batch_size, config.max_prefill_token_num)
-        self.runner = ModelRunner(self.agent, self.cache, max_blocks_per_seq=-(-session_len // bs))
-        if use_graphs:
-            self.runner.capture_cuda_graphs(scratch_block=num_blocks, max_batch_size=self.max_batch_size,
-                                            batch_sizes=config.cudagraph_capture_batch_sizes)
+        # tp > 1: the other ranks start now and load their shards while this process loads its own
+        self.ranks = start_ranks(model_path, config) if config.tp > 1 else None
+        try:
+            self._build(model_path, config, device)
+        except BaseException:
+            if self.ranks is not None:
+                self.ranks.abort('rank 0 failed while building the engine')
+            raise
+        model_config = self.model_config
         self.sampler = Sampler(model_config.vocab_size, device)
         # Decode steps run one ahead of the host: the next step is launched on the device before the tokens of
         # the current one are read back, so scheduling, detokenising and the graph launch hide behind the GPU.
@@ -106,6 +100,43 @@ class Engine:
         if stray:
             logger.warning('eos_token_id %s in config.json is outside the vocabulary [0, %d): it can never be '
                            'generated, so it is ignored as a stop id', stray, vocab)
+
+    def _build(self, model_path: str, config: PytorchEngineConfig, device: str):
+        """The model, the KV pool and the model runner (every rank builds its own; see lmdp.engine.tp.worker)."""
+        self.agent = ModelAgent.from_pretrained(model_path, dtype=config.dtype, device=device,
+                                                custom_module_map=config.custom_module_map,
+                                                trust_remote_code=config.trust_remote_code,
+                                                model_impl=config.model_impl)
+        model_config = self.model_config = self.agent.model_config
+        self.max_batch_size, session_len = engine_limits(config, model_config, device)
+        bs = config.block_size
+        num_blocks = plan_num_blocks(model_config, bs, device, config.num_gpu_blocks, config.cache_max_entry_count,
+                                     session_len, self.max_batch_size)
+        if self.ranks is not None:      # the pool every rank can hold
+            num_blocks = self.ranks.agree_num_blocks(num_blocks)
+        if session_len > num_blocks * bs:
+            logger.warning('session_len %d is more than the KV pool holds; lowered to %d', session_len,
+                           num_blocks * bs)
+            session_len = num_blocks * bs
+        self.session_len = session_len
+        use_graphs = device == 'cuda' and not config.eager_mode
+        # with CUDA graphs one extra block, never handed to a sequence, takes the padding slots' K/V
+        plan = RankPlan(num_blocks + int(use_graphs), bs, max_blocks_per_seq=-(-session_len // bs))
+        self.cache = CacheEngine(model_config, plan.cache_blocks, bs, device)
+        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, self.max_batch_size, config.max_prefill_token_num)
+        if self.ranks is None:
+            self.runner = ModelRunner(self.agent, self.cache, plan.max_blocks_per_seq)
+        else:
+            self.ranks.send_plan(plan)
+            self.runner = LeaderModelRunner(self.agent, self.cache, plan.max_blocks_per_seq, self.ranks)
+        if use_graphs:
+            self.runner.capture_cuda_graphs(scratch_block=num_blocks, max_batch_size=self.max_batch_size,
+                                            batch_sizes=config.cudagraph_capture_batch_sizes)
+
+    def close(self):
+        """Let go of the other ranks (tensor parallelism); the engine can't step afterwards."""
+        self.runner.close()
 
     # -- requests ---------------------------------------------------------------------------------------------
 
@@ -177,6 +208,8 @@ class Engine:
         outputs = self._drain_inbox()
         try:
             outputs += self._step()
+        except TensorParallelError:    # a rank is gone: no request can run any more; the caller must hear it
+            raise
         except Exception as e:         # whatever a step raises concerns its requests, not the engine
             outputs += self._recover(e)
         finally:
@@ -189,6 +222,8 @@ class Engine:
             self._stepping = previous.batch.seqs
             try:
                 self._inflight = self._launch_ahead(previous)
+            except TensorParallelError:
+                raise
             except Exception:          # not running ahead is always safe; the next step shows who
                 logger.debug('running a decode step ahead failed; the next step runs in lock-step', exc_info=True)
                 self._inflight = None
@@ -205,6 +240,8 @@ class Engine:
         self._stepping = batch.seqs
         try:
             launched = self._launch(batch, self.runner.prepare_inputs(batch))
+        except TensorParallelError:
+            raise
         except Exception as e:         # find the requests that make it fail; the rest run again
             return self._isolate(batch, e)
         if launched is not None and batch.is_decoding and self.overlap:
@@ -236,8 +273,10 @@ class Engine:
             try:
                 launched = self._launch(batch, self.runner.prepare_inputs(batch))
                 if launched is not None and launched.ready is not None:
-                    launched.ready.synchronize()          # a device-side failure shows here
+                    self.runner.wait(launched.ready)      # a device-side failure shows here
                 return []
+            except TensorParallelError:
+                raise
             except Exception as e:
                 error = e
         if len(batch.seqs) == 1:
@@ -331,7 +370,7 @@ class Engine:
         else:
             batch = launched.batch
             if launched.ready is not None:
-                launched.ready.synchronize()
+                self.runner.wait(launched.ready)
             tokens = launched.host_tokens.tolist()
             picked = [batch.seqs[i] for i in launched.index]
             if launched.logprobs is not None:

@@ -114,7 +114,15 @@ class ModelRunner:
         return self.agent.forward(inputs, self.cache.kv_caches)
 
     def logits(self, hidden: torch.Tensor, rows: Optional[List[int]] = None) -> torch.Tensor:
-        """float32 logits of the given rows of `forward`'s output (all rows when None)."""
+        """float32 logits of the given rows of `forward`'s output (all rows when None; a list, or an index tensor
+        on the device)."""
         if rows is not None:
-            hidden = hidden[self._stage(np.asarray(rows, dtype=np.int64), 'rows')]
+            hidden = hidden[rows if torch.is_tensor(rows) else self._stage(np.asarray(rows, dtype=np.int64), 'rows')]
         return self.agent.get_logits(hidden)
+
+    def wait(self, event):
+        """Block until a step's event has fired (under tensor parallelism, watching the other ranks meanwhile)."""
+        event.synchronize()
+
+    def close(self):
+        """Let go of what the runner started (the other ranks, under tensor parallelism)."""

@@ -15,10 +15,10 @@ from ..nn import (
     GatedMLP,
     ParallelEmbedding,
     RMSNorm,
+    build_lm_head,
     build_o_proj,
     build_qkv_proj,
     build_rotary_embedding_from_config,
-    build_rowwise_linear,
 )
 from ..weight_loader import load_weight
 
@@ -117,7 +117,8 @@ class LlamaModel(nn.Module):
     def __init__(self, config, dtype=None, device=None, layer_type=LlamaDecoderLayer):
         super().__init__()
         self.embed_tokens = ParallelEmbedding(config.vocab_size, config.hidden_size,
-                                              getattr(config, 'pad_token_id', None), dtype=dtype, device=device)
+                                              getattr(config, 'pad_token_id', None), dtype=dtype, device=device,
+                                              is_tp=True)
         self.layers = nn.ModuleList([layer_type(config, i, dtype=dtype, device=device)
                                      for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
@@ -174,8 +175,8 @@ class LlamaForCausalLM(nn.Module):
         self.ctx_mgr = ctx_mgr
         self.model = model_type(config, dtype=dtype, device=device)
         self.tie_word_embeddings = bool(getattr(config, 'tie_word_embeddings', False))
-        self.lm_head = build_rowwise_linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype,
-                                            device=device)
+        # vocabulary-parallel like the embedding, so a tied lm_head shares its rows
+        self.lm_head = build_lm_head(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
         # checkpoint tensors that are expected to match nothing (the coverage check stays quiet about them)
         self.ignored_checkpoint_keys = [r'rotary_emb\.inv_freq', r'rotary_emb\.(cos|sin)_cached']
         if self.tie_word_embeddings:

@@ -16,6 +16,7 @@ from .linear import (
                      build_qkv_proj,
                      build_rowwise_linear,
 )
+from .lm_head import ParallelLMHead, build_lm_head
 from .mlp import GatedMLP, build_gated_activation
 from .moe import FusedMoE, SharedExpertGate, SoftmaxTopK, build_fused_moe, build_shared_expert_gate
 from .norm import RMSNorm
@@ -33,4 +34,5 @@ __all__ = ['ApplyRotaryEmb', 'Attention', 'GatedMLP', 'GeluAndMul', 'ParallelEmb
            'build_gated_activation', 'build_gateup_linear', 'build_merged_colwise_linear', 'build_o_proj',
            'build_qkv_proj', 'build_rotary_embedding', 'build_rotary_embedding_from_config', 'build_rotary_params',
            'build_rowwise_linear']
+__all__ += ['ParallelLMHead', 'build_lm_head']
 __all__ += ['FusedMoE', 'SharedExpertGate', 'SoftmaxTopK', 'build_fused_moe', 'build_shared_expert_gate']

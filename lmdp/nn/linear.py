@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..distributed import all_reduce, get_tp_world_rank
+from ..distributed import all_reduce, get_tp_world_rank, kv_heads_per_rank
 from ..errors import WeightLoadError
 from ..weight_loader.loaders import check_shape, default_weight_loader, set_weight_loader, split_for_rank
 from ..weight_loader.tracker import describe_param, record_load
@@ -203,12 +203,8 @@ class QKVParallelLinear(MergedColwiseLinear):
                  dtype=None, device=None, is_tp=True, num_replicate_kv_heads=1, quant_method=None):
         world, rank = _tp(is_tp)
         head_size_v = head_size if head_size_v is None else head_size_v
-        total_kv = num_kv_heads * num_replicate_kv_heads
-        if (total_kv >= world and total_kv % world) or (total_kv < world and world % total_kv):
-            raise ValueError(f'{total_kv} key/value heads can be neither split nor replicated evenly over {world} '
-                             'tensor-parallel ranks')
         self.num_q_heads = _divide(num_q_heads, world, 'num_attention_heads')
-        self.num_kv_heads = max(1, total_kv // world)
+        self.num_kv_heads = kv_heads_per_rank(num_kv_heads * num_replicate_kv_heads, world)
         self.head_size, self.head_size_v = head_size, head_size_v
         self.total_heads = (num_q_heads, num_kv_heads, num_kv_heads)
         self.num_replicate_kv_heads = num_replicate_kv_heads
