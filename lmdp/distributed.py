@@ -7,7 +7,6 @@ rank's model without any process group (on the meta device: the preflight's divi
 """
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -19,10 +18,10 @@ class TPGroup:
     gloo on the CPU); None for a simulated group, which can build a model but not run its collectives."""
     world: int
     rank: int
-    group: Optional[object] = None
+    group: object | None = None
 
 
-_current: Optional[TPGroup] = None
+_current: TPGroup | None = None
 # torch renamed all_gather_into_tensor (same arguments) and deprecated the old name
 _gather_single = getattr(dist, 'all_gather_single', None) or dist.all_gather_into_tensor
 
@@ -32,11 +31,11 @@ def get_tp_world_rank():
     return (_current.world, _current.rank) if _current is not None else (1, 0)
 
 
-def get_tp_group() -> Optional[TPGroup]:
+def get_tp_group() -> TPGroup | None:
     return _current
 
 
-def set_tp_group(group: Optional[TPGroup]):
+def set_tp_group(group: TPGroup | None):
     """Make `group` the one layers see (None: no tensor parallelism). The launcher calls this on every rank."""
     global _current
     _current = group

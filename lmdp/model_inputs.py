@@ -6,7 +6,7 @@ all-decode. Per sequence b: `q_seqlens[b]` new tokens after `history_lengths[b]`
 """
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -24,10 +24,10 @@ class ModelInputs:
     max_q_seqlen: int
     max_kv_seqlen: int
     sum_kv_seqlen: int
-    inputs_embeds: Optional[torch.Tensor] = None
+    inputs_embeds: torch.Tensor | None = None
 
     @classmethod
-    def make(cls, token_ids: List[List[int]], history_lengths: List[int], block_tables: List[List[int]],
+    def make(cls, token_ids: list[list[int]], history_lengths: list[int], block_tables: list[list[int]],
              is_decoding: bool, device='cpu') -> 'ModelInputs':
         """Pack per-sequence new tokens, history lengths and block tables into one step's inputs."""
         q_lens = [len(t) for t in token_ids]
@@ -74,10 +74,10 @@ class StepContext:
     max_q_seqlen: int
     max_kv_seqlen: int
     sum_kv_seqlen: int
-    kv_caches: List[Tuple[torch.Tensor, torch.Tensor]]
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     attn_metadata: AttentionMetadata
     model_config: Any = None
-    inputs_embeds: Optional[torch.Tensor] = None
+    inputs_embeds: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
 
     @classmethod
@@ -105,10 +105,10 @@ class StepContextManager:
     """Hands the current step's context to any layer that asks (set by the model runner around each forward)."""
 
     def __init__(self, build_ctx=None):
-        self._current: Optional[StepContext] = None
+        self._current: StepContext | None = None
         self.build_ctx = build_ctx  # engine-level settings a model may read at construction time
 
-    def current_context(self) -> Optional[StepContext]:
+    def current_context(self) -> StepContext | None:
         return self._current
 
     @contextlib.contextmanager

@@ -15,7 +15,6 @@ Anything else is refused before a weight is read, naming the setting and what lm
 """
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
 
 from .errors import ConfigError
 
@@ -29,9 +28,9 @@ SUPPORTED = "FP8 with 128x128 block scales (quant_method 'fp8', weight_block_siz
 class QuantConfig:
     """A supported scheme: `method` 'fp8' (block `(128, 128)`) or 'awq' (`group_size`, 4 bits, zero points)."""
     method: str
-    block: Tuple[int, int] = FP8_BLOCK
+    block: tuple[int, int] = FP8_BLOCK
     group_size: int = 128
-    modules_to_not_convert: Tuple[str, ...] = field(default=())
+    modules_to_not_convert: tuple[str, ...] = field(default=())
 
     @property
     def label(self) -> str:
@@ -59,7 +58,7 @@ def _get(raw, key, default=None):
     return getattr(raw, key, default)
 
 
-def parse_quant_config(raw, where: str = 'config.json') -> Optional[QuantConfig]:
+def parse_quant_config(raw, where: str = 'config.json') -> QuantConfig | None:
     """The scheme a `quantization_config` (a dict, a transformers config object, or a QuantConfig) describes; None
     for an unquantised model; ConfigError for a scheme or setting lmdp can't run."""
     if raw is None or isinstance(raw, QuantConfig):
@@ -120,7 +119,7 @@ def _awq(raw, where: str, skip) -> QuantConfig:
     return QuantConfig('awq', group_size=int(group), modules_to_not_convert=skip)
 
 
-def check_quantized_tensors(scheme: Optional[QuantConfig], tensors: dict, where: str = 'the checkpoint'):
+def check_quantized_tensors(scheme: QuantConfig | None, tensors: dict, where: str = 'the checkpoint'):
     """Raise ConfigError, before any weight is read, when the checkpoint's quantised tensors (`{name: info with
     .shape}`, from the file headers) do not have the layout `scheme` describes: AWQ scales for another group size,
     FP8 scales for other blocks, or 4-bit experts (lmdp runs AWQ checkpoints with unquantised experts only)."""

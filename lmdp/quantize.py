@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-from typing import Dict, Optional
 
 import torch
 
@@ -36,7 +35,7 @@ _EXPERT = re.compile(r'\.experts\.\d+\.')
 _ROUTERS = ('gate', 'shared_expert_gate', 'router')
 
 
-def linear_module(name: str, tensor: torch.Tensor) -> Optional[str]:
+def linear_module(name: str, tensor: torch.Tensor) -> str | None:
     """The module name of a linear weight inside a decoder layer (`model.layers.0.self_attn.q_proj`), else None."""
     if tensor.dim() != 2 or not name.endswith('.weight') or not _LAYER.search(name):
         return None
@@ -48,7 +47,7 @@ def is_router(module: str) -> bool:
     return module.rsplit('.', 1)[-1] in _ROUTERS
 
 
-def quantized_modules(model_path: str, method: str) -> Dict[str, bool]:
+def quantized_modules(model_path: str, method: str) -> dict[str, bool]:
     """{module: quantised?} for every linear weight inside the decoder layers of a checkpoint (headers only)."""
     from .weight_loader import scan_checkpoint
     manifest = scan_checkpoint(model_path)
@@ -82,7 +81,7 @@ def quantization_config(method: str, group_size: int = 128, not_converted=()) ->
             'modules_to_not_convert': skip}
 
 
-def _not_converted(modules: Dict[str, bool]) -> set:
+def _not_converted(modules: dict[str, bool]) -> set:
     """modules_to_not_convert: each router, and each layer's expert block when its experts stay unquantised."""
     out = set()
     for module, quantized in modules.items():
@@ -93,7 +92,7 @@ def _not_converted(modules: Dict[str, bool]) -> set:
     return out
 
 
-def _quantize_tensor(name: str, w: torch.Tensor, method: str, group_size: int, device) -> Dict[str, torch.Tensor]:
+def _quantize_tensor(name: str, w: torch.Tensor, method: str, group_size: int, device) -> dict[str, torch.Tensor]:
     prefix = name[:-len('.weight')]
     w = w.to(device)
     if method == 'fp8-block':
@@ -109,8 +108,8 @@ def _quantize_tensor(name: str, w: torch.Tensor, method: str, group_size: int, d
             prefix + '.scales': scales.t().contiguous().cpu()}
 
 
-def quantize_checkpoint(src: str, dst: str, method: str, group_size: Optional[int] = 128,
-                        device: Optional[str] = None) -> dict:
+def quantize_checkpoint(src: str, dst: str, method: str, group_size: int | None = 128,
+                        device: str | None = None) -> dict:
     """Write `src` quantised with `method` ('fp8-block' | 'awq') into `dst`; `group_size` None picks the largest
     AWQ group that fits every layer. Returns what was done (tensors quantised, bytes written)."""
     from safetensors.torch import save_file
@@ -176,7 +175,7 @@ def quantize_checkpoint(src: str, dst: str, method: str, group_size: Optional[in
     return record
 
 
-def quantize_source(model_path: str) -> Optional[str]:
+def quantize_source(model_path: str) -> str | None:
     """The unquantised checkpoint `lmdp quantize` made `model_path` from, if it recorded one that still exists."""
     path = os.path.join(model_path, RECORD)
     if not os.path.isfile(path):

@@ -8,14 +8,13 @@ exist yet: what you wrote yourself is never touched. It also builds the tiny Gem
 import glob
 import json
 import os
-from typing import Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PORT = os.path.join(HERE, 'my_port')
 CHECKPOINT = os.path.join(PORT, 'tiny-gemma')
 
 
-def _writefile_cells(notebook: str) -> List[tuple]:
+def _writefile_cells(notebook: str) -> list[tuple]:
     """(path, text, append) for each %%writefile cell of a notebook, in order."""
     with open(notebook, encoding='utf-8') as f:
         cells = json.load(f)['cells']
@@ -32,10 +31,10 @@ def _writefile_cells(notebook: str) -> List[tuple]:
     return found
 
 
-def catch_up(notebook: str) -> List[str]:
+def catch_up(notebook: str) -> list[str]:
     """Write what the notebooks numbered before `notebook` ('03_prepare_inputs' or '03') would have written."""
     number = notebook.split('_')[0]
-    files: Dict[str, str] = {}
+    files: dict[str, str] = {}
     for path in sorted(glob.glob(os.path.join(HERE, '[0-9][0-9]_*.ipynb'))):
         if os.path.basename(path).split('_')[0] >= number:
             break

@@ -12,7 +12,7 @@ float64, so the truth's attention is not rounded to float32 precision, the very 
 """
 import contextlib
 import sys
-from typing import Callable, Dict
+from collections.abc import Callable
 
 import torch
 
@@ -58,7 +58,7 @@ def _softmax_in(dtype: torch.dtype):
 
 
 @contextlib.contextmanager
-def attention_probe(modules: Dict[int, object], on_call: Callable):
+def attention_probe(modules: dict[int, object], on_call: Callable):
     """While inside, `on_call(module, query, key, value)` runs whenever one of `modules` (id -> attention module)
     calls its eager attention function; query `[B, Hq, Tq, D]`, key/value `[B, Hk, S, D]` (S: cached + new)."""
     from transformers import AttentionInterface

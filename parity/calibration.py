@@ -11,7 +11,6 @@
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
 
 import torch
 
@@ -43,16 +42,16 @@ class Detection:
     expected: str                  # 'phase tap'
     named: bool                    # failed, and named where expected
     found: str                     # the divergence line
-    delta: Optional[float] = None
+    delta: float | None = None
 
 
 @dataclass
 class Calibration:
     device: str
     dtype: str
-    runs: List[PortRun] = field(default_factory=list)
-    detections: List[Detection] = field(default_factory=list)
-    smallest: Dict[str, Dict[str, Optional[float]]] = field(default_factory=dict)   # shape -> kind -> delta
+    runs: list[PortRun] = field(default_factory=list)
+    detections: list[Detection] = field(default_factory=list)
+    smallest: dict[str, dict[str, float | None]] = field(default_factory=dict)   # shape -> kind -> delta
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,7 +85,7 @@ def detect_scale(model_path: str, refs, kind: str, delta: float, layer: int) -> 
     return Detection('', '', f'scale:{kind}@{delta:g}', where, named, report.divergence_line(), delta)
 
 
-def smallest_caught(model_path: str, refs, kind: str, layer: int, grid=GRID) -> Optional[float]:
+def smallest_caught(model_path: str, refs, kind: str, layer: int, grid=GRID) -> float | None:
     """The smallest delta on `grid` whose scale error is caught and named (bisection: detection grows with
     delta); None if even the largest is not."""
     lo, hi = -1, len(grid) - 1
@@ -101,7 +100,7 @@ def smallest_caught(model_path: str, refs, kind: str, layer: int, grid=GRID) -> 
     return grid[hi]
 
 
-def applicable_kinds(model_path: str) -> List[str]:
+def applicable_kinds(model_path: str) -> list[str]:
     """The module kinds this port has (q_norm/k_norm only where the family has per-head norms)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = AutoConfig.from_pretrained(model_path)
@@ -122,8 +121,8 @@ def build(family: str, shape: str, seed: int, directory: str, device: str, dtype
     return str(build_random(family, directory, device=device, dtype=ckpt_dtype, seed=seed, **REAL_SHAPES[family]))
 
 
-def calibrate(families: List[str], shapes: List[str], seeds: List[int], device: str, dtype: str,
-              scale_at: Optional[float] = None, sweep_shapes: List[str] = (), planted_bugs: bool = True,
+def calibrate(families: list[str], shapes: list[str], seeds: list[int], device: str, dtype: str,
+              scale_at: float | None = None, sweep_shapes: list[str] = (), planted_bugs: bool = True,
               log=print) -> Calibration:
     from .planted_bugs import planted_bugs_for
     result = Calibration(device, dtype)
@@ -171,7 +170,7 @@ def markdown(cal: Calibration) -> str:
     """The tables of parity/README.md."""
     lines = [f'### {cal.dtype} on {cal.device}', '', '| family | shape | seeds | passed | worst error / tol | '
              'worst scale / tol |', '| --- | --- | --- | --- | --- | --- |']
-    groups: Dict[tuple, List[PortRun]] = {}
+    groups: dict[tuple, list[PortRun]] = {}
     for r in cal.runs:
         groups.setdefault((r.family, r.shape), []).append(r)
     for (family, shape), runs in groups.items():

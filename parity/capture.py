@@ -12,7 +12,6 @@ any replacement: a layer's taps then show that layer's own error, not what came 
 """
 import inspect
 from dataclasses import dataclass
-from typing import Dict, List, Optional
 
 import torch
 
@@ -20,7 +19,7 @@ from .attention_probe import attention_probe, new_key_rows, query_rows
 from .taps import Site
 
 
-def as_rows(tensor: torch.Tensor, num_tokens: Optional[int], tap: str) -> torch.Tensor:
+def as_rows(tensor: torch.Tensor, num_tokens: int | None, tap: str) -> torch.Tensor:
     """`tensor` as `[num_tokens, features]`: the leading dims that make up the step's tokens are merged."""
     tensor = tensor.detach()
     if (num_tokens is not None and tensor.dim() == 4 and tensor.size(0) == 1 and tensor.size(2) == num_tokens
@@ -50,7 +49,7 @@ class Boundary:
     """Where the local view substitutes in one decoder layer: the layer, and the module whose output joins the
     stream after attention (None: the layer has no attention -> MLP boundary)."""
     layer: str
-    branch_end: Optional[str]
+    branch_end: str | None
 
 
 class LocalInputs:
@@ -58,16 +57,16 @@ class LocalInputs:
     after layer N's attention) and 'final' (the stream entering the final norm), each `[T, hidden]`."""
 
     def __init__(self):
-        self.current: Dict[str, torch.Tensor] = {}
+        self.current: dict[str, torch.Tensor] = {}
 
-    def set(self, values: Dict[str, torch.Tensor]):
+    def set(self, values: dict[str, torch.Tensor]):
         self.current = values
 
-    def get(self, key: str) -> Optional[torch.Tensor]:
+    def get(self, key: str) -> torch.Tensor | None:
         return self.current.get(key)
 
 
-_SIGNATURES: Dict[type, inspect.Signature] = {}
+_SIGNATURES: dict[type, inspect.Signature] = {}
 
 
 def _forward_signature(module) -> inspect.Signature:
@@ -99,14 +98,14 @@ class Recorder:
     """`take()` after a forward gives tap name -> `[rows, features]`, one row per token of the call; call
     `expect(num_tokens)` before each forward so per-head outputs are cut into token rows."""
 
-    def __init__(self, model: torch.nn.Module, sites: Dict[str, Site], boundaries: List[Boundary] = (),
-                 final_norm: Optional[str] = None, local: Optional[LocalInputs] = None):
+    def __init__(self, model: torch.nn.Module, sites: dict[str, Site], boundaries: list[Boundary] = (),
+                 final_norm: str | None = None, local: LocalInputs | None = None):
         self.modules = dict(model.named_modules())
-        self._got: Dict[str, torch.Tensor] = {}
+        self._got: dict[str, torch.Tensor] = {}
         self._handles = []
-        self._num_tokens: Optional[int] = None
-        self._stream_in: Dict[str, torch.Tensor] = {}     # layer module -> the stream it was handed (after any swap)
-        self._attention: Dict[int, List] = {}             # id(attention module) -> [(tap, 'q'|'k')]
+        self._num_tokens: int | None = None
+        self._stream_in: dict[str, torch.Tensor] = {}     # layer module -> the stream it was handed (after any swap)
+        self._attention: dict[int, list] = {}             # id(attention module) -> [(tap, 'q'|'k')]
         self.local = local
         # order matters: readers of inputs, then the swaps, then what reads the swapped inputs, then outputs
         for tap, site in sites.items():
@@ -217,7 +216,7 @@ class Recorder:
         """The next forward call packs `num_tokens` tokens."""
         self._num_tokens = num_tokens
 
-    def take(self) -> Dict[str, torch.Tensor]:
+    def take(self) -> dict[str, torch.Tensor]:
         got, self._got = self._got, {}
         self._stream_in = {}
         return got

@@ -5,7 +5,6 @@ prefill, one row per decode step in decode. Logits are the tap 'logits'.
 """
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
 
 import torch
 
@@ -14,12 +13,12 @@ PHASES = ('prefill', 'decode')
 
 @dataclass
 class CaptureSet:
-    taps: Dict[str, Dict[str, List[torch.Tensor]]] = field(default_factory=dict)   # phase -> tap -> per sequence
-    missing: Dict[str, str] = field(default_factory=dict)                          # tap -> why it has no capture
+    taps: dict[str, dict[str, list[torch.Tensor]]] = field(default_factory=dict)   # phase -> tap -> per sequence
+    missing: dict[str, str] = field(default_factory=dict)                          # tap -> why it has no capture
     seconds: float = 0.0
     load_seconds: float = 0.0             # the port: loading it (weights included)
-    graph_replay: Optional[object] = None   # the port on CUDA: parity.graph_replay.GraphReplay
-    sampled_tokens: Optional[List[List[int]]] = None   # the port: the engine sampler's greedy pick at each step
+    graph_replay: object | None = None   # the port on CUDA: parity.graph_replay.GraphReplay
+    sampled_tokens: list[list[int]] | None = None   # the port: the engine sampler's greedy pick at each step
 
     def get(self, phase: str, tap: str):
         return self.taps.get(phase, {}).get(tap)
@@ -34,5 +33,5 @@ class PhaseRows:
     def add(self, tap: str, seq: int, rows: torch.Tensor):
         self.rows[tap][seq].append(rows)
 
-    def done(self) -> Dict[str, List[torch.Tensor]]:
+    def done(self) -> dict[str, list[torch.Tensor]]:
         return {tap: [torch.cat(parts) for parts in per_seq] for tap, per_seq in self.rows.items()}

@@ -7,7 +7,6 @@ Decode is teacher-forced on the float32 reference's greedy tokens, so "greedy ag
 argmax with the reference's token at every generated position given the same prefix: the same verdict as
 comparing two free-running generations up to their first difference, and it keeps comparing after a forgiven one.
 """
-from typing import List, Optional
 
 import torch
 
@@ -20,7 +19,7 @@ from .routing_checks import RoutedPositions, phase_positions
 TOP_K = 5
 
 
-def _logits(capture: Optional[CaptureSet], phase: str, vocab: int) -> Optional[torch.Tensor]:
+def _logits(capture: CaptureSet | None, phase: str, vocab: int) -> torch.Tensor | None:
     rows = capture.get(phase, 'logits') if capture is not None else None
     return None if rows is None else torch.cat(rows)[:, :vocab].float()
 
@@ -39,7 +38,7 @@ def _positions(capture: CaptureSet, phase: str):
     return phase_positions(lengths, phase, steps)
 
 
-def _kl_check(phase: str, kl: torch.Tensor, floor: Optional[torch.Tensor], dtype: torch.dtype,
+def _kl_check(phase: str, kl: torch.Tensor, floor: torch.Tensor | None, dtype: torch.dtype,
               flips: list) -> CheckResult:
     """Mean KL against its bound; if that fails, again over the positions no near-tie router flip explains."""
     floor_kl = None if floor is None else floor.mean().item()
@@ -68,8 +67,8 @@ def _kl_check(phase: str, kl: torch.Tensor, floor: Optional[torch.Tensor], dtype
                        value=rest_kl if ok else mean_kl, bound=rest_bound if ok else bound, data=data)
 
 
-def logprob_checks(ref32: CaptureSet, port: CaptureSet, ref_dt: Optional[CaptureSet], dtype: torch.dtype,
-                   phase: str, routed: Optional[RoutedPositions] = None) -> List[CheckResult]:
+def logprob_checks(ref32: CaptureSet, port: CaptureSet, ref_dt: CaptureSet | None, dtype: torch.dtype,
+                   phase: str, routed: RoutedPositions | None = None) -> list[CheckResult]:
     """KL and top-5 agreement at every position of `phase`."""
     vocab = ref32.get(phase, 'logits')[0].size(-1)
     r, p, d = _logits(ref32, phase, vocab), _logits(port, phase, vocab), _logits(ref_dt, phase, vocab)
@@ -107,7 +106,7 @@ def logprob_checks(ref32: CaptureSet, port: CaptureSet, ref_dt: Optional[Capture
     return [kl_check, top_check]
 
 
-def _next_token_rows(capture: CaptureSet, vocab: int) -> List[torch.Tensor]:
+def _next_token_rows(capture: CaptureSet, vocab: int) -> list[torch.Tensor]:
     """Per prompt: the rows that predict each generated token (last prefill row, then every decode row)."""
     prefill = capture.get('prefill', 'logits')
     decode = capture.get('decode', 'logits') or [None] * len(prefill)
@@ -115,8 +114,8 @@ def _next_token_rows(capture: CaptureSet, vocab: int) -> List[torch.Tensor]:
             for pre, dec in zip(prefill, decode)]
 
 
-def greedy_check(ref32: CaptureSet, port: CaptureSet, ref_dt: Optional[CaptureSet], dtype: torch.dtype,
-                 reference_tokens: List[List[int]], routed: Optional[RoutedPositions] = None) -> CheckResult:
+def greedy_check(ref32: CaptureSet, port: CaptureSet, ref_dt: CaptureSet | None, dtype: torch.dtype,
+                 reference_tokens: list[list[int]], routed: RoutedPositions | None = None) -> CheckResult:
     vocab = ref32.get('prefill', 'logits')[0].size(-1)
     lengths = [x.size(0) for x in ref32.get('prefill', 'logits')]
     ref_rows, port_rows = _next_token_rows(ref32, vocab), _next_token_rows(port, vocab)
@@ -186,7 +185,7 @@ def _argmax_note(diff: ReplayDiff) -> str:
     return f'; argmax differs in {len(rows)} row(s) {rows[:8]}' if rows else '; argmax equal in every row'
 
 
-def cuda_graph_checks(device, replay: Optional[GraphReplay], tolerance: float) -> List[CheckResult]:
+def cuda_graph_checks(device, replay: GraphReplay | None, tolerance: float) -> list[CheckResult]:
     """'cuda_graph': a decode step replayed in the graph captured for its own batch size must equal the eager step
     bit for bit. 'cuda_graph_padded': the same step in the next larger bucket's graph (padding slots) must be within
     `tolerance` (the decode logits tap's) of it, relative L2; bits may differ, as cuBLAS picks GEMM tiles by M."""

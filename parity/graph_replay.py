@@ -14,8 +14,8 @@ padding slots touch only the scratch block), so the three runs see the same cach
 the sequences are not advanced, so the K/V left at that position is never read.
 """
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Sequence
 
 import torch
 
@@ -27,12 +27,12 @@ class ReplayDiff:
     bucket: int                             # the captured graph's batch size (== batch: no padding)
     captured: bool = False
     model_refused: bool = False             # the port answered support_cuda_graph = False
-    reason: Optional[str] = None            # why there is no comparison (capture or replay failed)
-    fix: Optional[str] = None
-    max_abs: Optional[float] = None         # max |replay - eager| over the step's logits
-    rel_l2: Optional[float] = None          # ||replay - eager|| / ||eager||
-    bitwise: Optional[bool] = None          # the same bits (NaN included)
-    argmax_rows_differ: List[int] = field(default_factory=list)
+    reason: str | None = None            # why there is no comparison (capture or replay failed)
+    fix: str | None = None
+    max_abs: float | None = None         # max |replay - eager| over the step's logits
+    rel_l2: float | None = None          # ||replay - eager|| / ||eager||
+    bitwise: bool | None = None          # the same bits (NaN included)
+    argmax_rows_differ: list[int] = field(default_factory=list)
     vocab: int = 0
 
     def to_data(self) -> dict:
@@ -41,9 +41,9 @@ class ReplayDiff:
 
 @dataclass
 class GraphReplay:
-    exact: Optional[ReplayDiff] = None      # batch n in the batch-n graph
-    padded: Optional[ReplayDiff] = None     # batch n in the next larger bucket's graph
-    error: Optional[str] = None             # the comparison could not run at all
+    exact: ReplayDiff | None = None      # batch n in the batch-n graph
+    padded: ReplayDiff | None = None     # batch n in the next larger bucket's graph
+    error: str | None = None             # the comparison could not run at all
     seconds: float = 0.0                    # captures included
 
 

@@ -4,13 +4,12 @@ No scripts and no external resources, so the file can be mailed, attached to a C
 """
 import html
 import math
-from typing import List, Optional
 
 _COLORS = {'prefill': '#1f6fb4', 'decode': '#e07b00'}
 _W, _H, _PAD_L, _PAD_R, _PAD_T, _PAD_B = 960, 340, 64, 16, 16, 80
 
 
-def _log(v: float) -> Optional[float]:
+def _log(v: float) -> float | None:
     return math.log10(v) if v and v > 0 and math.isfinite(v) else None
 
 
@@ -25,7 +24,7 @@ def _plot(report) -> str:
     x = lambda i: _PAD_L + (i + 0.5) * (_W - _PAD_L - _PAD_R) / len(names)  # noqa: E731
     y = lambda v: _PAD_T + (hi - max(min(_log(v) if _log(v) is not None else lo, hi), lo)) / (hi - lo) * (  # noqa: E731
         _H - _PAD_T - _PAD_B)
-    out: List[str] = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" '
+    out: list[str] = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" '
                       'font-family="sans-serif" font-size="11">']
     for decade in range(lo, hi + 1):
         yy = y(10.0**decade)

@@ -7,7 +7,6 @@ verdict `FAIL: the port could not be loaded: ...`, not one traceback per pytest 
 import os
 import sysconfig
 import traceback
-from typing import List
 
 _VERDICT = 'the port could not be loaded'
 
@@ -87,7 +86,7 @@ def _explains_itself(exc: BaseException) -> bool:
     return isinstance(exc, LmdpError) and not any(isinstance(e, SyntaxError) or _user_frames(e) for e in _chain(exc))
 
 
-def failure_lines(exc: BaseException) -> List[str]:
+def failure_lines(exc: BaseException) -> list[str]:
     """What a run that raised prints once: the cause's traceback (unless the message is the whole story), then
     the verdict line."""
     if isinstance(exc, PortLoadError):

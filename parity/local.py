@@ -5,7 +5,7 @@ A run's boundaries are what enters each decoder layer ('layer.N': the truth's `e
 enters the final norm ('final'). transformers runs each prompt alone, the port packs them, so a call's rows are the
 chosen sequences' rows of the chosen phase (and decode step), concatenated.
 """
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -13,7 +13,7 @@ from .capture_set import CaptureSet
 from .taps import Tap
 
 
-def boundary_taps(taps: Sequence[Tap]) -> Dict[str, str]:
+def boundary_taps(taps: Sequence[Tap]) -> dict[str, str]:
     """boundary key -> the truth tap that holds its value, for the boundaries this run's taps allow."""
     names = {t.name for t in taps}
     layers = sorted({t.layer for t in taps if t.layer is not None})
@@ -29,13 +29,13 @@ def boundary_taps(taps: Sequence[Tap]) -> Dict[str, str]:
     return out
 
 
-def call_values(truth: CaptureSet, sources: Dict[str, str], phase: str, seqs: Sequence[int],
-                step: Optional[int] = None, device=None) -> Dict[str, torch.Tensor]:
+def call_values(truth: CaptureSet, sources: dict[str, str], phase: str, seqs: Sequence[int],
+                step: int | None = None, device=None) -> dict[str, torch.Tensor]:
     """The truth's rows for one forward call over sequences `seqs` (their prompts in 'prefill', or decode step
     `step` in 'decode'), packed in that order."""
     values = {}
     for key, tap in sources.items():
-        rows: List[torch.Tensor] = truth.get(phase, tap)
+        rows: list[torch.Tensor] = truth.get(phase, tap)
         if rows is None:
             continue
         parts = [rows[i] if step is None else rows[i][step:step + 1] for i in seqs]

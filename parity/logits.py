@@ -6,8 +6,8 @@ lmdp generated (teacher forcing), so every lmdp logit row has the reference row 
 choices would part ways.
 """
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
 
 import torch
 
@@ -16,13 +16,13 @@ import torch
 class LogitsReport:
     model_path: str
     dtype: str
-    prompt_lengths: List[int]
+    prompt_lengths: list[int]
     decode_steps: int
     tolerance: float
-    rel_errors: List[List[float]] = field(default_factory=list)    # [prompt][step] relative L2 error of the row
-    tokens_equal: List[bool] = field(default_factory=list)          # per prompt: greedy tokens equal to the reference
-    lmdp_tokens: List[List[int]] = field(default_factory=list)
-    ref_tokens: List[List[int]] = field(default_factory=list)
+    rel_errors: list[list[float]] = field(default_factory=list)    # [prompt][step] relative L2 error of the row
+    tokens_equal: list[bool] = field(default_factory=list)          # per prompt: greedy tokens equal to the reference
+    lmdp_tokens: list[list[int]] = field(default_factory=list)
+    ref_tokens: list[list[int]] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -50,7 +50,7 @@ class LogitsReport:
         return '\n'.join(lines)
 
 
-def random_prompts(lengths: Sequence[int], vocab_size: int, seed: int = 0) -> List[List[int]]:
+def random_prompts(lengths: Sequence[int], vocab_size: int, seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab_size, (n, ), generator=gen).tolist() for n in lengths]
 
@@ -62,8 +62,8 @@ def load_reference(model_path: str, dtype: torch.dtype, device):
 
 
 def compare_logits(model_path: str, prompt_lengths: Sequence[int] = (5, 17, 64), decode_steps: int = 8,
-                   dtype: str = 'float32', device: str = 'cpu', block_size: int = 16, num_blocks: Optional[int] = None,
-                   shuffle_blocks_seed: int = 0, tolerance: Optional[float] = None, custom_module_map=None,
+                   dtype: str = 'float32', device: str = 'cpu', block_size: int = 16, num_blocks: int | None = None,
+                   shuffle_blocks_seed: int = 0, tolerance: float | None = None, custom_module_map=None,
                    seed: int = 0) -> LogitsReport:
     """Prefill + greedy decode in lmdp, each logit row diffed against transformers (see module docstring)."""
     from lmdp.config import resolve_dtype

@@ -1,6 +1,6 @@
 """How far one tap of the port is from the reference: max |a-b| and where, relative L2 error, cosine."""
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import List, Sequence, Tuple
 
 import torch
 
@@ -8,10 +8,10 @@ import torch
 @dataclass
 class Metrics:
     max_abs: float                  # max |a - b| over the phase
-    where: Tuple[int, int, int]     # (sequence, token position in that sequence, channel) of max_abs
+    where: tuple[int, int, int]     # (sequence, token position in that sequence, channel) of max_abs
     rel_l2: float                   # ||a - b|| / ||b|| over every token of the phase
     cosine: float                   # the worst (smallest) per-token cosine similarity
-    rel_l2_per_seq: List[float] = field(default_factory=list)
+    rel_l2_per_seq: list[float] = field(default_factory=list)
     gain: float = 0.0               # <a - b, b> / <b, b>: the part of the error that is a scale of b (a 1.005x bug
     gain_se: float = 0.0            # reads 5e-3); its standard error from the rest of the error
 

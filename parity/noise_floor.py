@@ -18,7 +18,6 @@ MULTIPLE ** 2; argmax/top-k disagreements are forgiven only where the truth's ow
 `noise_margin` of that row.
 """
 import math
-from typing import Optional
 
 import torch
 
@@ -36,7 +35,7 @@ SIGMAS = 5.0
 KL_EPS = {torch.float32: 1e-8, torch.float16: 1e-5, torch.bfloat16: 1e-4}
 
 
-def tolerance(dtype: torch.dtype, floor: Optional[float]) -> float:
+def tolerance(dtype: torch.dtype, floor: float | None) -> float:
     """The largest relative L2 error a tap may show."""
     return MULTIPLE[dtype] * (floor or 0.0) + EPS[dtype]
 
@@ -60,11 +59,11 @@ def judge(dtype: torch.dtype, port, floor, **where):
                      failed_rule=failed)
 
 
-def kl_bound(dtype: torch.dtype, floor_kl: Optional[float]) -> float:
+def kl_bound(dtype: torch.dtype, floor_kl: float | None) -> float:
     return MULTIPLE[dtype]**2 * (floor_kl or 0.0) + KL_EPS[dtype]
 
 
-def noise_margin(dtype: torch.dtype, ref32_row: torch.Tensor, ref_dt_row: Optional[torch.Tensor]) -> float:
+def noise_margin(dtype: torch.dtype, ref32_row: torch.Tensor, ref_dt_row: torch.Tensor | None) -> float:
     """How far apart two logits of one row may be and still swap order by rounding alone.
 
     MULTIPLE times the largest logit error of transformers in the test dtype, plus EPS times the largest logit.

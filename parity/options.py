@@ -8,8 +8,8 @@ import numbers
 import os
 import re
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 DTYPES = ('float32', 'bfloat16', 'float16', 'auto')
 
@@ -20,9 +20,9 @@ class Option:
     keyword: str                    # parity.compare's keyword
     default: object
     help: str
-    metavar: Optional[str] = None
-    convert: Optional[Callable] = None   # argparse's type=
-    choices: Optional[Sequence[str]] = None
+    metavar: str | None = None
+    convert: Callable | None = None   # argparse's type=
+    choices: Sequence[str] | None = None
     flag: bool = False              # store_true
 
 
@@ -79,7 +79,7 @@ class OptionError(ValueError):
         return f'{BY_KEYWORD[self.keyword].flags[0]} {self.value}: {self.problem}'
 
 
-def _count(keyword, value) -> Optional[int]:
+def _count(keyword, value) -> int | None:
     """An int, or None when `value` is not a count (so it is a file)."""
     if isinstance(value, bool):
         raise OptionError(keyword, value, 'expected a count or a file, not a boolean')

@@ -8,7 +8,6 @@ tests (tests/parity) and its GPU self-test (`python -m parity.selftest`) run eve
 import copy
 import types
 from dataclasses import dataclass
-from typing import Dict, List
 
 import torch
 from torch import nn
@@ -174,12 +173,12 @@ class PlantedBug:
     def description(self) -> str:
         return (self.port_class.__doc__ or '').strip().splitlines()[0]
 
-    def module_map(self, architectures=None) -> Dict[str, type]:
+    def module_map(self, architectures=None) -> dict[str, type]:
         """A custom module map that makes lmdp build this buggy copy for its family's checkpoints."""
         return {arch: self.port_class for arch in (architectures or self.architectures)}
 
 
-PLANTED_BUGS: List[PlantedBug] = [
+PLANTED_BUGS: list[PlantedBug] = [
     PlantedBug('wrong_norm_eps', WrongNormEps, 'prefill', 'layers.0.input_norm'),
     PlantedBug('rotary_k_halves_swapped', RotaryHalvesSwappedInK, 'prefill', 'layers.0.k_rot'),
     PlantedBug('mlp_dropped_layer1', MLPDroppedInLayer1, 'prefill', 'layers.1.residual'),
@@ -188,7 +187,7 @@ PLANTED_BUGS: List[PlantedBug] = [
 ]
 
 
-QWEN3_PLANTED_BUGS: List[PlantedBug] = [
+QWEN3_PLANTED_BUGS: list[PlantedBug] = [
     # float32 checks all four; the eps error (a 5e-6 relative change) is below bfloat16's rounding by design
     PlantedBug('qwen3_missing_k_norm', Qwen3MissingKNorm, 'prefill', 'layers.0.k_norm',
                ('Qwen3ForCausalLM', )),
@@ -201,7 +200,7 @@ QWEN3_PLANTED_BUGS: List[PlantedBug] = [
 ]
 
 
-def planted_bugs_for(family: str, dtype: str = 'float32') -> List[PlantedBug]:
+def planted_bugs_for(family: str, dtype: str = 'float32') -> list[PlantedBug]:
     """The planted bugs written for a family's port (model_type) that the harness must name in `dtype`."""
     qwen3 = [b for b in QWEN3_PLANTED_BUGS if dtype == 'float32' or 'eps' not in b.name]
     return {'llama': PLANTED_BUGS, 'mistral': PLANTED_BUGS, 'qwen3': qwen3}.get(family, [])

@@ -2,7 +2,7 @@
 decode through the paged cache (small blocks handed out shuffled, so block tables are not contiguous); on CUDA,
 one more decode step eagerly and by CUDA-graph replay (parity/graph_replay.py)."""
 import time
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -23,15 +23,15 @@ def load_port(model_path: str, dtype: torch.dtype, device, custom_module_map=Non
     return agent, agent.load_report
 
 
-def _split(rows: torch.Tensor, lengths: Sequence[int], tap: str) -> List[torch.Tensor]:
+def _split(rows: torch.Tensor, lengths: Sequence[int], tap: str) -> list[torch.Tensor]:
     if rows.size(0) != sum(lengths):
         raise RuntimeError(f'tap {tap}: the port produced {rows.size(0)} rows for a step of {sum(lengths)} packed '
                            'tokens; its module output is not one row per token')
     return list(rows.split(list(lengths)))
 
 
-def run_port(agent, hf_config, prompts: Sequence[Sequence[int]], tokens: List[List[int]], decode_steps: int,
-             taps, block_size: int = 16, overrides=None, progress=None, truth: Optional[CaptureSet] = None,
+def run_port(agent, hf_config, prompts: Sequence[Sequence[int]], tokens: list[list[int]], decode_steps: int,
+             taps, block_size: int = 16, overrides=None, progress=None, truth: CaptureSet | None = None,
              graph_check: bool = True) -> CaptureSet:
     """Captures of every tap; decode is teacher-forced on `tokens` (the reference's greedy choices). With `truth`,
     every layer starts from the truth's stream (the layer-local view). The steps are the engine's own

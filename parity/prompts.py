@@ -7,16 +7,16 @@ checkpoint's own tokenizer.
 """
 import json
 import os
-from typing import List, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
 DEFAULT_LENGTHS = (5, 17, 64, 33, 2, 100, 48, 11)
 
-PromptSpec = Union[int, str, os.PathLike, Sequence[Sequence[int]]]
+PromptSpec = int | str | os.PathLike | Sequence[Sequence[int]]
 
 
-def random_prompts(count: int, vocab_size: int, seed: int = 0) -> List[List[int]]:
+def random_prompts(count: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
     if count < 1:
         raise ValueError(f'need at least one prompt, got {count}')
     lengths = [DEFAULT_LENGTHS[i % len(DEFAULT_LENGTHS)] + 3 * (i // len(DEFAULT_LENGTHS)) for i in range(count)]
@@ -32,7 +32,7 @@ def _token_line(line: str):
         return None
 
 
-def read_prompts(path, model_path: str) -> List[List[int]]:
+def read_prompts(path, model_path: str) -> list[list[int]]:
     with open(path, encoding='utf-8') as f:
         text = f.read()
     if str(path).endswith('.json'):
@@ -54,7 +54,7 @@ def read_prompts(path, model_path: str) -> List[List[int]]:
     return prompts
 
 
-def make_prompts(spec: PromptSpec, vocab_size: int, model_path: str, seed: int = 0) -> List[List[int]]:
+def make_prompts(spec: PromptSpec, vocab_size: int, model_path: str, seed: int = 0) -> list[list[int]]:
     """Token-id prompts from a count, a file path (or a digit string, as the command line gives it) or a list."""
     if isinstance(spec, str) and spec.isdigit():
         spec = int(spec)

@@ -25,7 +25,6 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
 
 import torch
 
@@ -33,7 +32,7 @@ from lmdp.kernels.quant import awq_unpack, fp8_block_dequant, fp8_fake_quant
 from lmdp.quant_config import QuantConfig, parse_quant_config
 
 ACT_QUANT_FILE = 'lmdp_fp8_act_quant.json'     # in the dequantised copy: the layers whose input is quantised
-_COPIES: Dict[tuple, 'ReferenceCheckpoint'] = {}
+_COPIES: dict[tuple, 'ReferenceCheckpoint'] = {}
 
 
 @dataclass
@@ -41,9 +40,9 @@ class ReferenceCheckpoint:
     """What transformers loads for a parity run of `model_path`."""
     model_path: str
     path: str                                   # model_path, or its dequantised copy
-    scheme: Optional[QuantConfig] = None
-    act_quant_modules: List[str] = field(default_factory=list)
-    source: Optional[str] = None                # the unquantised checkpoint model_path was made from, if known
+    scheme: QuantConfig | None = None
+    act_quant_modules: list[str] = field(default_factory=list)
+    source: str | None = None                # the unquantised checkpoint model_path was made from, if known
 
     def load(self, dtype: torch.dtype, device) -> torch.nn.Module:
         from .reference import load_reference
@@ -59,7 +58,7 @@ class ReferenceCheckpoint:
         return f'{self.scheme.label}: transformers runs the dequantised weights ({self.path}){act}'
 
 
-def add_fp8_input_rounding(model: torch.nn.Module, modules: List[str]):
+def add_fp8_input_rounding(model: torch.nn.Module, modules: list[str]):
     """Round the input of each named layer through FP8 per token group of 128, as lmdp's FP8 layers do."""
     for name in modules:
         try:
@@ -97,7 +96,7 @@ def reference_checkpoint(model_path: str) -> ReferenceCheckpoint:
     return _COPIES[key]
 
 
-def _dequantize_file(tensors: Dict[str, torch.Tensor], method: str) -> tuple:
+def _dequantize_file(tensors: dict[str, torch.Tensor], method: str) -> tuple:
     """(tensors with quantised weights replaced by float32 `.weight`s, the dense FP8 layers' module names)."""
     out, act = {}, []
     for name, t in tensors.items():
@@ -126,7 +125,7 @@ def _dequantize_file(tensors: Dict[str, torch.Tensor], method: str) -> tuple:
     return out, act
 
 
-def write_dequantized(model_path: str, out_dir: str) -> List[str]:
+def write_dequantized(model_path: str, out_dir: str) -> list[str]:
     """Write `model_path` with its quantised weights dequantised (float32) into `out_dir`; returns the names of
     the FP8 layers whose input the reference must round (written to ACT_QUANT_FILE too)."""
     from safetensors import safe_open
@@ -183,7 +182,7 @@ def write_dequantized(model_path: str, out_dir: str) -> List[str]:
 
 @torch.inference_mode()
 def quantization_error(reference: ReferenceCheckpoint, hf_config, prompts, decode_steps: int, taps, tokens,
-                       truth, dtype: torch.dtype, device, overrides=None) -> Optional[dict]:
+                       truth, dtype: torch.dtype, device, overrides=None) -> dict | None:
     """Every tap of transformers on the unquantised original against the dequantised reference (`truth`), on the
     same tokens, in the truth's dtype: how much quantising changed the model, apart from the port. None when the
     original is not known."""
@@ -209,7 +208,7 @@ def quantization_error(reference: ReferenceCheckpoint, hf_config, prompts, decod
             'taps': rows}
 
 
-def describe_quantization(q: Optional[dict], limit: int = 12) -> List[str]:
+def describe_quantization(q: dict | None, limit: int = 12) -> list[str]:
     """Console lines for a report's quantisation error (none without one)."""
     if not q:
         return []

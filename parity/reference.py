@@ -2,7 +2,7 @@
 import importlib.util
 import inspect
 import time
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -57,7 +57,7 @@ def _cache_kwarg(model) -> str:
     return 'cache' if 'cache' in inspect.signature(model.forward).parameters else 'past_key_values'
 
 
-def recorder_for(model, side: str, hf_config, taps, overrides=None, local: Optional[LocalInputs] = None):
+def recorder_for(model, side: str, hf_config, taps, overrides=None, local: LocalInputs | None = None):
     """(Recorder, CaptureSet with the taps this model can't give) for one side of a run."""
     resolver = TapResolver(model, side, hf_config, overrides)
     sites = resolver.resolve(taps)
@@ -76,8 +76,8 @@ def recorder_for(model, side: str, hf_config, taps, overrides=None, local: Optio
 
 @torch.inference_mode()
 def run_reference(model, hf_config, prompts: Sequence[Sequence[int]], decode_steps: int, taps,
-                  tokens: Optional[List[List[int]]] = None, overrides=None, progress=None,
-                  truth: Optional[CaptureSet] = None) -> Tuple[CaptureSet, List[List[int]]]:
+                  tokens: list[list[int]] | None = None, overrides=None, progress=None,
+                  truth: CaptureSet | None = None) -> tuple[CaptureSet, list[list[int]]]:
     """Captures of every tap, and the tokens fed in decode.
 
     With `tokens` None the model decodes greedily and returns its own `decode_steps + 1` tokens per prompt (the
@@ -91,7 +91,7 @@ def run_reference(model, hf_config, prompts: Sequence[Sequence[int]], decode_ste
     device = next(model.parameters()).device
     cache_kw = _cache_kwarg(model)
     prefill, decode = PhaseRows(len(prompts)), PhaseRows(len(prompts))
-    used: List[List[int]] = []
+    used: list[list[int]] = []
     with recorder:
         for i, prompt in enumerate(prompts):
             cache = _new_cache(model)

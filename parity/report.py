@@ -8,7 +8,6 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
 
 from .metrics import Metrics
 
@@ -18,15 +17,15 @@ class TapResult:
     phase: str                         # 'prefill' | 'decode' (steps pooled) | 'decode.k' (step k alone)
     tap: str                           # 'layers.3.attn'
     kind: str                          # 'attn'
-    layer: Optional[int]               # 3, or None for embed / final_norm / logits
-    port: Optional[Metrics]            # the port against transformers float32
-    floor: Optional[Metrics]           # transformers in the test dtype against float32 (None in float32 runs)
+    layer: int | None               # 3, or None for embed / final_norm / logits
+    port: Metrics | None            # the port against transformers float32
+    floor: Metrics | None           # transformers in the test dtype against float32 (None in float32 runs)
     tolerance: float                   # the largest port.rel_l2 that passes
     passed: bool
-    error: Optional[str] = None        # why the tap could not be compared (then port is None)
+    error: str | None = None        # why the tap could not be compared (then port is None)
     view: str = 'local'                # 'local': every layer fed the truth's input; 'accumulated': end to end
-    gain_tolerance: Optional[float] = None   # the largest |port.gain - floor.gain| that passes
-    failed_rule: Optional[str] = None  # 'error' | 'gain' | None
+    gain_tolerance: float | None = None   # the largest |port.gain - floor.gain| that passes
+    failed_rule: str | None = None  # 'error' | 'gain' | None
 
     @property
     def ratio(self) -> float:
@@ -69,11 +68,11 @@ class TapResult:
 class CheckResult:
     """A whole-model check: 'logprob_kl', 'top5', 'greedy', 'weight_coverage', 'cuda_graph', 'cuda_graph_padded'."""
     name: str
-    phase: Optional[str]
+    phase: str | None
     status: str                        # 'passed' | 'failed' | 'skipped'
     detail: str                        # one or more sentences a person can act on
-    value: Optional[float] = None
-    bound: Optional[float] = None
+    value: float | None = None
+    bound: float | None = None
     data: dict = field(default_factory=dict)
 
     @property
@@ -92,41 +91,41 @@ class ParityReport:
     port_class: str
     dtype: str
     device: str
-    prompt_lengths: List[int]
+    prompt_lengths: list[int]
     decode_steps: int
     rule: str
-    taps: List[TapResult] = field(default_factory=list)
-    checks: List[CheckResult] = field(default_factory=list)
-    reference_tokens: List[List[int]] = field(default_factory=list)   # transformers float32 greedy tokens
-    port_tokens: List[List[int]] = field(default_factory=list)        # the port's argmax on the same prefixes
-    timings: Dict[str, float] = field(default_factory=dict)
+    taps: list[TapResult] = field(default_factory=list)
+    checks: list[CheckResult] = field(default_factory=list)
+    reference_tokens: list[list[int]] = field(default_factory=list)   # transformers float32 greedy tokens
+    port_tokens: list[list[int]] = field(default_factory=list)        # the port's argmax on the same prefixes
+    timings: dict[str, float] = field(default_factory=dict)
     # a port on the transformers fallback (lmdp.fallback): per tap, whether the module behind it is 'native' (an
     # lmdp module swapped in), 'mixed' or 'fallback' (transformers' code); None for a port native throughout
-    module_impls: Optional[Dict[str, Optional[str]]] = None
+    module_impls: dict[str, str | None] | None = None
     # a quantised checkpoint whose unquantised original is known: transformers on the original against the
     # dequantised reference, per tap (parity/quantized.py): the quantisation error, apart from the port's
-    quantization: Optional[dict] = None
+    quantization: dict | None = None
 
     @property
-    def main_taps(self) -> List[TapResult]:
+    def main_taps(self) -> list[TapResult]:
         """The taps that carry the verdict: the local view of 'prefill' and 'decode' (not the per-step 'decode.k'
         views, not the accumulated view)."""
         return [t for t in self.taps if '.' not in t.phase and t.view == 'local']
 
-    def phase_results(self, phase: str, view: str = 'local') -> List[TapResult]:
+    def phase_results(self, phase: str, view: str = 'local') -> list[TapResult]:
         return [t for t in self.taps if t.phase == phase and t.view == view]
 
-    def tap(self, phase: str, name: str, view: str = 'local') -> Optional[TapResult]:
+    def tap(self, phase: str, name: str, view: str = 'local') -> TapResult | None:
         return next((t for t in self.taps if t.phase == phase and t.tap == name and t.view == view), None)
 
     @property
-    def views(self) -> List[str]:
+    def views(self) -> list[str]:
         return list(dict.fromkeys(t.view for t in self.taps))
 
-    def per_layer(self, phase: str, kind: str, what: str = 'port', view: str = 'local') -> List[Optional[float]]:
+    def per_layer(self, phase: str, kind: str, what: str = 'port', view: str = 'local') -> list[float | None]:
         """One tap kind's relative L2 error layer by layer ('port', 'floor' or 'tolerance'), for plots."""
 
-        def value(t: Optional[TapResult]) -> Optional[float]:
+        def value(t: TapResult | None) -> float | None:
             if t is None:
                 return None
             if what == 'tolerance':
@@ -137,16 +136,16 @@ class ParityReport:
         found = {t.layer: t for t in self.phase_results(phase, view) if t.kind == kind and t.layer is not None}
         return [value(found.get(i)) for i in range(max(found) + 1 if found else 0)]
 
-    def check(self, name: str, phase: Optional[str] = None) -> Optional[CheckResult]:
+    def check(self, name: str, phase: str | None = None) -> CheckResult | None:
         return next((c for c in self.checks if c.name == name and c.phase == phase), None)
 
-    def first_divergence_in(self, phase: str, view: str = 'local') -> Optional[TapResult]:
+    def first_divergence_in(self, phase: str, view: str = 'local') -> TapResult | None:
         """The first tap of `phase`, in forward order, that fails: over its tolerance, or a module the reference
         has and the port does not run."""
         return next((t for t in self.phase_results(phase, view) if not t.passed), None)
 
     @property
-    def first_divergence(self) -> Optional[TapResult]:
+    def first_divergence(self) -> TapResult | None:
         """The first diverging tap: prefill's first, else decode's."""
         for phase in ('prefill', 'decode'):
             found = self.first_divergence_in(phase)
@@ -203,7 +202,7 @@ class ParityReport:
         with open(path, encoding='utf-8') as f:
             return cls.from_dict(_unfinite(json.load(f)))
 
-    def save(self, directory: str) -> Dict[str, str]:
+    def save(self, directory: str) -> dict[str, str]:
         """Write report.json and report.html (self-contained) into `directory`; returns their paths."""
         from .html_report import render_html
         os.makedirs(directory, exist_ok=True)

@@ -22,15 +22,15 @@ transformers 5's Mixtral and `block_sparse_moe.gate` in the port), as the extra 
 `parity.compare` captures the routers in every run of a mixture of experts and judges them as one 'routing'
 check per phase (parity/routing_checks.py), so its console table, JSON and HTML carry the routers beside the taps.
 """
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .noise_floor import MULTIPLE
 from .taps import Tap
 
-Rows = Union[torch.Tensor, Sequence[torch.Tensor]]     # [tokens, experts], or one such tensor per sequence
+Rows = torch.Tensor | Sequence[torch.Tensor]     # [tokens, experts], or one such tensor per sequence
 
 # float32 runs have no noise floor: logits closer than this (relative to the row's largest) count as a tie
 FLOAT32_TIE = 1e-5
@@ -39,12 +39,12 @@ FLOAT32_TIE = 1e-5
 NOISE_MARGIN = MULTIPLE[torch.bfloat16]
 
 
-def router_taps(num_layers: int) -> List[Tap]:
+def router_taps(num_layers: int) -> list[Tap]:
     """One 'router' tap per layer (`layers.N.router`); a dense layer's tap resolves to nothing and is skipped."""
     return [Tap(f'layers.{i}.router', 'router', i) for i in range(num_layers)]
 
 
-def present_router_taps(model: torch.nn.Module, hf_config, overrides=None) -> List[Tap]:
+def present_router_taps(model: torch.nn.Module, hf_config, overrides=None) -> list[Tap]:
     """The router taps the reference `model` has (its sparse layers'); none for a dense model."""
     from .taps import Site, TapResolver
     if not is_moe(hf_config):
@@ -55,7 +55,7 @@ def present_router_taps(model: torch.nn.Module, hf_config, overrides=None) -> Li
     return [t for t in taps if isinstance(sites[t.name], Site)]
 
 
-def _top_k(hf_config) -> Optional[int]:
+def _top_k(hf_config) -> int | None:
     cfg = getattr(hf_config, 'text_config', None) or hf_config
     return getattr(cfg, 'num_experts_per_tok', None) or getattr(cfg, 'moe_topk', None)
 
@@ -75,8 +75,8 @@ def top_k_of(hf_config) -> int:
 @dataclass
 class Flip:
     row: int                 # the token's row in the phase (sequences concatenated)
-    dropped: List[int]       # experts the reference chose and the port did not
-    added: List[int]         # experts the port chose instead
+    dropped: list[int]       # experts the reference chose and the port did not
+    added: list[int]         # experts the port chose instead
     margin: float            # how far the reference preferred its choices: min logit dropped - max logit added
     noise: float             # the logit noise allowed at this token
     near_tie: bool
@@ -87,12 +87,12 @@ class LayerRouting:
     layer: int
     tokens: int
     agreement: float                     # tokens with the reference's top-k set / tokens
-    floor_agreement: Optional[float]     # the same for transformers in the test dtype (None for float32)
+    floor_agreement: float | None     # the same for transformers in the test dtype (None for float32)
     logits_rel_l2: float                 # the router logits' relative L2 error
-    flips: List[Flip] = field(default_factory=list)
+    flips: list[Flip] = field(default_factory=list)
 
     @property
-    def hard_flips(self) -> List[Flip]:
+    def hard_flips(self) -> list[Flip]:
         return [f for f in self.flips if not f.near_tie]
 
     @property
@@ -104,19 +104,19 @@ class LayerRouting:
 class RoutingReport:
     phase: str
     top_k: int
-    layers: List[LayerRouting]
-    missing: Dict[str, str] = field(default_factory=dict)     # tap -> why it has no capture (e.g. a dense layer)
-    unrouted: List[int] = field(default_factory=list)         # layers the reference routes and the port does not
+    layers: list[LayerRouting]
+    missing: dict[str, str] = field(default_factory=dict)     # tap -> why it has no capture (e.g. a dense layer)
+    unrouted: list[int] = field(default_factory=list)         # layers the reference routes and the port does not
 
     @property
     def passed(self) -> bool:
         return not self.unrouted and all(layer.passed for layer in self.layers)
 
-    def agreement(self) -> Dict[int, float]:
+    def agreement(self) -> dict[int, float]:
         """Agreement rate per layer."""
         return {layer.layer: layer.agreement for layer in self.layers}
 
-    def first_hard_flip(self) -> Optional[Tuple[int, Flip]]:
+    def first_hard_flip(self) -> tuple[int, Flip] | None:
         for layer in self.layers:
             if layer.hard_flips:
                 return layer.layer, layer.hard_flips[0]
@@ -158,7 +158,7 @@ def _sets(logits: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, True)
 
 
-def _noise(ref: torch.Tensor, floor: Optional[torch.Tensor]) -> torch.Tensor:
+def _noise(ref: torch.Tensor, floor: torch.Tensor | None) -> torch.Tensor:
     """The logit noise per token: transformers' own low-precision error at that token, or a float32 epsilon."""
     eps = FLOAT32_TIE * ref.abs().amax(dim=-1).clamp_min(1.0)
     if floor is None:
@@ -166,7 +166,7 @@ def _noise(ref: torch.Tensor, floor: Optional[torch.Tensor]) -> torch.Tensor:
     return torch.maximum((floor - ref).abs().amax(dim=-1), eps)
 
 
-def compare_layer(layer: int, reference: Rows, port: Rows, top_k: int, floor: Optional[Rows] = None) -> LayerRouting:
+def compare_layer(layer: int, reference: Rows, port: Rows, top_k: int, floor: Rows | None = None) -> LayerRouting:
     ref, got = _cat(reference), _cat(port)
     if ref.shape != got.shape:
         raise ValueError(f'routing parity, layer {layer}: router logits {tuple(got.shape)} (port) against '
@@ -191,7 +191,7 @@ def compare_layer(layer: int, reference: Rows, port: Rows, top_k: int, floor: Op
 
 
 def compare_routing(reference: Mapping[int, Rows], port: Mapping[int, Rows], top_k: int,
-                    floor: Optional[Mapping[int, Rows]] = None, phase: str = 'prefill') -> RoutingReport:
+                    floor: Mapping[int, Rows] | None = None, phase: str = 'prefill') -> RoutingReport:
     """Routing of every layer both sides have router logits for: `{layer: rows}` from the reference (float32),
     the port, and optionally transformers in the test dtype (`floor`, which sets the noise a tie may hide in)."""
     layers = sorted(set(reference) & set(port))
@@ -220,7 +220,7 @@ def routing_from_captures(ref32, port, ref_dt, hf_config, phase: str = 'prefill'
 
 
 def routing_parity(model_path: str, dtype='float32', device='auto', prompts=3, decode_steps: int = 4,
-                   custom_module_map=None, block_size: int = 16) -> Dict[str, RoutingReport]:
+                   custom_module_map=None, block_size: int = 16) -> dict[str, RoutingReport]:
     """Run transformers (float32, and the test dtype for the floor) and the port on the same prompts, capturing
     only the routers; `{'prefill': RoutingReport, 'decode': RoutingReport}`. Decode is teacher-forced on
     transformers' float32 greedy tokens, as in `parity.compare`."""

@@ -16,8 +16,8 @@ any MoE layer, at or before it; every other position is judged as before. Hard f
 
 Positions: a prompt of n tokens has positions 0..n-1 in prefill; decode step k sits at n + k.
 """
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from .report import CheckResult
 from .routing import Flip, RoutingReport
@@ -34,7 +34,7 @@ class NearTieFlip:
         return f'prompt {self.seq} position {self.position} ({self.phase}), layer {self.layer}'
 
 
-def phase_positions(prompt_lengths: Sequence[int], phase: str, decode_steps: int) -> List[Tuple[int, int]]:
+def phase_positions(prompt_lengths: Sequence[int], phase: str, decode_steps: int) -> list[tuple[int, int]]:
     """(sequence, position) of each row of `phase`, sequences concatenated in prompt order."""
     if phase == 'prefill':
         return [(i, p) for i, n in enumerate(prompt_lengths) for p in range(n)]
@@ -45,13 +45,13 @@ class RoutedPositions:
     """Per sequence, the earliest near-tie router flip of the port's end-to-end run; `flip_before(seq, position)`
     is the flip that forgives that position, or None."""
 
-    def __init__(self, first: Dict[int, NearTieFlip]):
+    def __init__(self, first: dict[int, NearTieFlip]):
         self.first = first
 
     @classmethod
-    def from_routing(cls, reports: Dict[str, RoutingReport], prompt_lengths: Sequence[int],
+    def from_routing(cls, reports: dict[str, RoutingReport], prompt_lengths: Sequence[int],
                      decode_steps: int) -> 'RoutedPositions':
-        first: Dict[int, NearTieFlip] = {}
+        first: dict[int, NearTieFlip] = {}
         for phase, report in reports.items():
             positions = phase_positions(prompt_lengths, phase, decode_steps)
             for layer in report.layers:
@@ -63,7 +63,7 @@ class RoutedPositions:
                         first[seq] = NearTieFlip(seq, pos, layer.layer, phase)
         return cls(first)
 
-    def flip_before(self, seq: int, position: int) -> Optional[NearTieFlip]:
+    def flip_before(self, seq: int, position: int) -> NearTieFlip | None:
         flip = self.first.get(seq)
         return flip if flip is not None and flip.position <= position else None
 
@@ -81,7 +81,7 @@ class RoutedPositions:
                 + '; '.join(f.where() for f in seen[:4]) + ')')
 
 
-def _flip_text(layer: int, flip: Flip, positions: List[Tuple[int, int]]) -> str:
+def _flip_text(layer: int, flip: Flip, positions: list[tuple[int, int]]) -> str:
     seq, pos = positions[flip.row] if flip.row < len(positions) else (None, flip.row)
     where = f'prompt {seq} position {pos}' if seq is not None else f'row {pos}'
     return (f'layer {layer}, {where}: the port chose experts {flip.added} over {flip.dropped}, which transformers '
@@ -89,7 +89,7 @@ def _flip_text(layer: int, flip: Flip, positions: List[Tuple[int, int]]) -> str:
 
 
 def routing_check(report: RoutingReport, prompt_lengths: Sequence[int], decode_steps: int,
-                  accumulated: Optional[RoutingReport] = None) -> CheckResult:
+                  accumulated: RoutingReport | None = None) -> CheckResult:
     """'routing' for one phase: passes unless a router flips hard (layer-local view). `accumulated` (the end-to-end
     run's routing) only adds how many tokens took other experts there, which the accumulated view's errors show."""
     positions = phase_positions(prompt_lengths, report.phase, decode_steps)

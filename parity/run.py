@@ -18,7 +18,6 @@ import gc
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
 
 import torch
 
@@ -72,20 +71,20 @@ class References:
     hf_config: object
     dtype: torch.dtype
     device: str
-    prompts: List[List[int]]
+    prompts: list[list[int]]
     decode_steps: int
-    taps: List[Tap]
+    taps: list[Tap]
     truth: CaptureSet                  # transformers in truth_dtype(dtype), end to end
     floor: CaptureSet                  # transformers in dtype, end to end
     floor_local: CaptureSet            # transformers in dtype, every layer fed the truth's input
-    tokens: List[List[int]]            # the truth's greedy tokens per prompt, decode_steps + 1 of them
-    timings: Dict[str, float] = field(default_factory=dict)
-    quantization: Optional[dict] = None   # a quantised checkpoint's own error (parity/quantized.py)
+    tokens: list[list[int]]            # the truth's greedy tokens per prompt, decode_steps + 1 of them
+    timings: dict[str, float] = field(default_factory=dict)
+    quantization: dict | None = None   # a quantised checkpoint's own error (parity/quantized.py)
     # a mixture of experts' routers (parity/routing.py): captured beside `taps`, judged by the 'routing' check
-    router_taps: List[Tap] = field(default_factory=list)
+    router_taps: list[Tap] = field(default_factory=list)
 
     @property
-    def captured_taps(self) -> List[Tap]:
+    def captured_taps(self) -> list[Tap]:
         return list(self.taps) + list(self.router_taps)
 
     @property
@@ -94,7 +93,7 @@ class References:
 
 
 def run_references(model_path: str, dtype='float32', device='auto', prompts: PromptSpec = 3, decode_steps: int = 4,
-                   qkv_taps: bool = True, tap_overrides: Optional[dict] = None, seed: int = 0,
+                   qkv_taps: bool = True, tap_overrides: dict | None = None, seed: int = 0,
                    progress=None) -> References:
     """Steps 1-2 of `compare` (see the module docstring). q/k/v taps are always on; `qkv_taps` is kept for old
     callers."""
@@ -146,7 +145,7 @@ def run_references(model_path: str, dtype='float32', device='auto', prompts: Pro
 VIEWS = ('local', 'accumulated')
 
 
-def _compare_taps(refs: References, port: CaptureSet, port_local: CaptureSet) -> List[TapResult]:
+def _compare_taps(refs: References, port: CaptureSet, port_local: CaptureSet) -> list[TapResult]:
     """Every tap in 'prefill' and 'decode' (all steps pooled), then each decode step alone ('decode.0', ...), in
     both views: the per-step phases are a finer view for the notebooks' phase selector; verdicts come from the
     pooled phases' local view."""
@@ -165,7 +164,7 @@ def _compare_taps(refs: References, port: CaptureSet, port_local: CaptureSet) ->
 
 
 def _compare_phase(refs: References, port: CaptureSet, floor: CaptureSet, view: str, phase: str, starts,
-                   source: str = None, select=lambda rows: rows) -> List[TapResult]:
+                   source: str = None, select=lambda rows: rows) -> list[TapResult]:
     results = []
     source = source or phase
     for tap in refs.taps:
@@ -193,8 +192,8 @@ def _compare_phase(refs: References, port: CaptureSet, floor: CaptureSet, view: 
 
 def compare(model_path: str, dtype='float32', device='auto', prompts: PromptSpec = 3, decode_steps: int = 4,
             custom_module_map=None, block_size: int = 16, qkv_taps: bool = False,
-            tap_overrides: Optional[dict] = None, seed: int = 0, progress: bool = False,
-            references: Optional[References] = None, report_dir: Optional[str] = None, tp: int = 1) -> ParityReport:
+            tap_overrides: dict | None = None, seed: int = 0, progress: bool = False,
+            references: References | None = None, report_dir: str | None = None, tp: int = 1) -> ParityReport:
     """Diff the lmdp port of `model_path` against transformers, tap by tap; see the module docstring.
 
     dtype: float32 | bfloat16 | float16 | auto (the checkpoint's). prompts: a count of random prompts, a file, or

@@ -5,8 +5,8 @@ smallest error the harness catches and check that it names the module where it w
 output by forward hooks (the port's code is untouched), handed to lmdp as a custom module map entry. Used by
 `scripts/parity_sensitivity.py`, `scripts/parity_calibrate.py` and tests/parity.
 """
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -20,7 +20,7 @@ class ModuleKind:
     per_layer: bool = True
 
 
-MODULE_KINDS: Dict[str, ModuleKind] = {k.name: k for k in (
+MODULE_KINDS: dict[str, ModuleKind] = {k.name: k for k in (
     ModuleKind('input_norm', 'input_norm'), ModuleKind('q_proj', 'q'), ModuleKind('k_proj', 'k'),
     ModuleKind('v_proj', 'v'), ModuleKind('q_norm', 'q_norm'), ModuleKind('k_norm', 'k_norm'),
     ModuleKind('rotary', 'q_rot', per_layer=False), ModuleKind('attn_core', 'attn_core'), ModuleKind('o_proj', 'attn'),
@@ -71,7 +71,7 @@ def _scale_part(factor: float, index: int, sizes) -> Callable:
     return hook
 
 
-def _find(model, names) -> Optional[torch.nn.Module]:
+def _find(model, names) -> torch.nn.Module | None:
     modules = dict(model.named_modules())
     return next((modules[n] for n in names if n in modules), None)
 
@@ -111,7 +111,7 @@ def has_module(model_or_names, kind: str) -> bool:
     return needs.get(kind, 'model') in names
 
 
-_CLASSES: Dict[Tuple, type] = {}
+_CLASSES: dict[tuple, type] = {}
 
 
 def planted_scale(base_cls: type, kind: str, layer: int, delta: float) -> type:

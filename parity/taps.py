@@ -27,8 +27,8 @@ reference, from the arguments of transformers' eager attention function (parity/
 port from the query/key arguments of its `lmdp.nn.Attention` after it ran (the cache-write kernel rotates them in
 place). Logits are not hooked: both sides hand them back from the forward itself.
 """
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -45,11 +45,11 @@ SIDES = ('reference', 'port')
 class Tap:
     name: str                    # 'layers.3.attn'
     kind: str                    # 'attn'
-    layer: Optional[int] = None  # 3; None for embed, final_norm, logits
+    layer: int | None = None  # 3; None for embed, final_norm, logits
 
 
 def tap_list(num_layers: int, kinds: Sequence[str] = ('input_norm', 'attn', 'mlp', 'residual'),
-             qkv: bool = False) -> List[Tap]:
+             qkv: bool = False) -> list[Tap]:
     """Every tap in forward order, for layers that all have `kinds` (`qkv` adds q, k, v)."""
     kinds = set(kinds) | (set(QKV_KINDS) if qkv else set())
     per_layer = [k for k in PER_LAYER if k in kinds]
@@ -60,7 +60,7 @@ def tap_list(num_layers: int, kinds: Sequence[str] = ('input_norm', 'attn', 'mlp
 
 
 # Module names tried in order; per-layer kinds are relative to the decoder layer, '' is the layer itself.
-CANDIDATES: Dict[str, Sequence[str]] = {
+CANDIDATES: dict[str, Sequence[str]] = {
     'layers': ('model.layers', 'model.language_model.layers', 'model.decoder.layers', 'transformer.h',
                'transformer.layers', 'gpt_neox.layers'),
     'final_norm': ('model.norm', 'model.language_model.norm', 'model.decoder.final_layer_norm', 'transformer.ln_f',
@@ -88,7 +88,7 @@ CANDIDATES: Dict[str, Sequence[str]] = {
 # Per architecture, per side: kind -> module name (per-layer kinds relative to the layer; None drops the tap).
 # Keys as in CANDIDATES; 'embed' names a module whose output replaces the default (layer 0's input). Add an
 # entry when a family's names are not among the candidates.
-TAP_OVERRIDES: Dict[str, Dict[str, Dict[str, Optional[str]]]] = {
+TAP_OVERRIDES: dict[str, dict[str, dict[str, str | None]]] = {
     # ChatGLM / GLM-4 (remote code): the decoder stack sits under transformer.encoder
     'ChatGLMModel': {'reference': {'layers': 'transformer.encoder.layers',
                                    'final_norm': 'transformer.encoder.final_layernorm'}},
@@ -104,7 +104,7 @@ class Site:
     module: str
     read: Callable
     how: str = 'output'
-    layer_module: Optional[str] = None
+    layer_module: str | None = None
 
     @property
     def on_input(self) -> bool:
@@ -142,7 +142,7 @@ def read_arg(index: int, name: str) -> Callable:
     return lambda args, kwargs: args[index] if len(args) > index else kwargs[name]
 
 
-def qkv_sizes(hf_config) -> List[int]:
+def qkv_sizes(hf_config) -> list[int]:
     heads = hf_config.num_attention_heads
     kv_heads = getattr(hf_config, 'num_key_value_heads', None) or heads
     head_dim = getattr(hf_config, 'head_dim', None) or hf_config.hidden_size // heads
@@ -157,7 +157,7 @@ def _is_lmdp_attention(module) -> bool:
 class TapResolver:
     """Finds each tap's Site in one model (one side)."""
 
-    def __init__(self, model: torch.nn.Module, side: str, hf_config, overrides: Optional[Dict] = None):
+    def __init__(self, model: torch.nn.Module, side: str, hf_config, overrides: dict | None = None):
         if side not in SIDES:
             raise ValueError(f'side must be one of {SIDES}, got {side!r}')
         self.side, self.hf_config = side, getattr(hf_config, 'text_config', None) or hf_config
@@ -166,7 +166,7 @@ class TapResolver:
         self.overrides = dict(TAP_OVERRIDES.get(arch, {}).get(side, {}))
         self.overrides.update((overrides or {}).get(side, {}))
 
-    def _find(self, kind: str, prefix: str = '') -> Optional[str]:
+    def _find(self, kind: str, prefix: str = '') -> str | None:
         if kind in self.overrides:
             name = self.overrides[kind]
             if name is None:
@@ -194,18 +194,18 @@ class TapResolver:
         return (f'the {self.side} has no module for tap kind {kind!r}{where} (tried {tried}); add it to '
                 f"parity.taps.TAP_OVERRIDES or pass overrides={{'{self.side}': {{'{kind}': 'module.name'}}}}")
 
-    def layers(self) -> Optional[str]:
+    def layers(self) -> str | None:
         return self._find('layers')
 
     def num_layers(self) -> int:
         layers = self.layers()
         return 0 if layers is None else len(self.modules[layers])
 
-    def branch_end(self, prefix: str) -> Optional[str]:
+    def branch_end(self, prefix: str) -> str | None:
         """The module whose output joins the residual stream after attention (its norm, with sandwich norms)."""
         return self._find('attn_post_norm', prefix) or self._find('attn', prefix)
 
-    def present_kinds(self, layer: int) -> List[str]:
+    def present_kinds(self, layer: int) -> list[str]:
         """The per-layer tap kinds this model can give at `layer` (the reference's decide a run's tap list)."""
         prefix = f'{self.layers()}.{layer}'
         kinds = []
@@ -215,9 +215,9 @@ class TapResolver:
                 kinds.append(kind)
         return kinds
 
-    def resolve(self, taps: Sequence[Tap]) -> Dict[str, object]:
+    def resolve(self, taps: Sequence[Tap]) -> dict[str, object]:
         """tap name -> Site, or a sentence saying why the tap can't be read from this model."""
-        sites: Dict[str, object] = {}
+        sites: dict[str, object] = {}
         layers = self.layers()
         for tap in taps:
             if tap.kind == 'logits':
@@ -289,7 +289,7 @@ class TapResolver:
         return Site(fused, read_split(index, qkv_sizes(self.hf_config)))
 
 
-def reference_taps(model: torch.nn.Module, hf_config, overrides: Optional[Dict] = None) -> List[Tap]:
+def reference_taps(model: torch.nn.Module, hf_config, overrides: dict | None = None) -> list[Tap]:
     """The taps of a run: every tap the reference model can give, in forward order."""
     resolver = TapResolver(model, 'reference', hf_config, overrides)
     taps = [Tap('embed', 'embed')]

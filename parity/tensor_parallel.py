@@ -8,7 +8,6 @@ features only. Rank 0 puts those back together in rank order, keeping one copy o
 ranks share (fewer KV heads than ranks), so every tap is compared against transformers whole.
 """
 import time
-from typing import Dict, List, Optional
 
 import torch
 
@@ -21,7 +20,7 @@ def _rank_device(device: str, rank: int) -> str:
     return f'cuda:{rank}' if device.startswith('cuda') else device
 
 
-def _on_cpu(taps: Dict[str, Dict[str, List[torch.Tensor]]]):
+def _on_cpu(taps: dict[str, dict[str, list[torch.Tensor]]]):
     return {phase: {tap: [t.cpu() for t in seqs] for tap, seqs in per_tap.items()} for phase, per_tap in taps.items()}
 
 
@@ -50,7 +49,7 @@ def port_on_rank(model_path, dtype, device, custom_module_map, refs_view: dict, 
     return port, port_local, coverage, port_class, impls
 
 
-def _join(shards: List[torch.Tensor], want: Optional[torch.Size]) -> torch.Tensor:
+def _join(shards: list[torch.Tensor], want: torch.Size | None) -> torch.Tensor:
     """One tap's per-rank tensors as the whole: rank 0's when it already has the reference's shape, else the
     shards concatenated along the dimension that differs, neighbours holding the same (replicated) shard once."""
     first = shards[0]
@@ -64,7 +63,7 @@ def _join(shards: List[torch.Tensor], want: Optional[torch.Size]) -> torch.Tenso
     return torch.cat(distinct, dim)
 
 
-def merge_ranks(mine: CaptureSet, others: List[dict], truth: CaptureSet) -> CaptureSet:
+def merge_ranks(mine: CaptureSet, others: list[dict], truth: CaptureSet) -> CaptureSet:
     """Rank 0's captures with every sharded tap made whole from the other ranks' (`others`: their `taps`)."""
     for phase, per_tap in mine.taps.items():
         for tap, seqs in per_tap.items():

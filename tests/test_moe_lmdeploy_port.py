@@ -1,7 +1,8 @@
 """lmdeploy's Qwen3-MoE port, written the way lmdeploy writes it (its module structure, builder calls and
 `expert_params_mapping` loading, with the import prefix `lmdeploy.pytorch` changed to `lmdp` and its
 expert-parallel load balancing left out), runs on lmdp and passes parity against transformers."""
-from typing import Any, Iterable, List, Optional, Tuple
+from collections.abc import Iterable
+from typing import Any
 
 import pytest
 import torch
@@ -166,7 +167,7 @@ class Qwen3MoeForCausalLM(nn.Module, CudaGraphMixin):
         self.lm_head = build_rowwise_linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype,
                                             device=device)
 
-    def forward(self, input_ids, position_ids, past_key_values: List[List[torch.Tensor]], attn_metadata=None,
+    def forward(self, input_ids, position_ids, past_key_values: list[list[torch.Tensor]], attn_metadata=None,
                 inputs_embeds=None, **kwargs):
         return self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=past_key_values,
                           attn_metadata=attn_metadata, inputs_embeds=inputs_embeds)
@@ -177,12 +178,12 @@ class Qwen3MoeForCausalLM(nn.Module, CudaGraphMixin):
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
 
-    def prepare_inputs_for_generation(self, past_key_values, inputs_embeds: Optional[torch.Tensor] = None,
+    def prepare_inputs_for_generation(self, past_key_values, inputs_embeds: torch.Tensor | None = None,
                                       context: StepContext = None):
         return dict(input_ids=context.input_ids, position_ids=context.position_ids, past_key_values=past_key_values,
                     attn_metadata=context.attn_metadata, inputs_embeds=inputs_embeds)
 
-    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]):
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
         stacked_params_mapping = [
             ('.qkv_proj', '.q_proj', 'q'), ('.qkv_proj', '.k_proj', 'k'), ('.qkv_proj', '.v_proj', 'v'),
             ('.gate_up_proj', '.gate_proj', 0), ('.gate_up_proj', '.up_proj', 1),

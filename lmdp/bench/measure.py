@@ -1,7 +1,6 @@
 """The figures `lmdp bench` reports, each measured the same way lmdeploy's bench script measures them."""
 import random
 import time
-from typing import Dict
 
 import torch
 
@@ -67,7 +66,7 @@ def throughput_workload(num_requests: int = 256, seed: int = 0):
     return prompts, outs
 
 
-def lmdp_figures(model_path: str, throughput: bool = True, eager_mode: bool = False, model_impl: str = 'auto') -> Dict:
+def lmdp_figures(model_path: str, throughput: bool = True, eager_mode: bool = False, model_impl: str = 'auto') -> dict:
     from lmdp import GenerationConfig, PytorchEngineConfig, pipeline
     config = PytorchEngineConfig(session_len=4096, max_batch_size=256, cache_max_entry_count=0.8,
                                  eager_mode=eager_mode, model_impl=model_impl)
@@ -97,7 +96,7 @@ def lmdp_figures(model_path: str, throughput: bool = True, eager_mode: bool = Fa
     return out
 
 
-def _engine_notes(engine) -> Dict:
+def _engine_notes(engine) -> dict:
     """What the engine runs: the CUDA-graph buckets captured (and why not where not), the fallback's kernels."""
     notes = {}
     graphs = getattr(engine.runner, 'graphs', None)

@@ -5,15 +5,14 @@ reverse order of definition, so a builder a user defines later (in a notebook or
 before the built-in ones, the way a custom module map overrides the built-in map. The default builder, for
 llama-like configs, is asked last.
 """
-from typing import List, Optional, Type
 
 from ..errors import ConfigError
 
 
 class AutoModelConfigBuilder:
-    _sub_classes: List[Type['AutoModelConfigBuilder']] = []
+    _sub_classes: list[type['AutoModelConfigBuilder']] = []
     #: the catch-all asked after every other builder; set by `register_default`
-    _default: Optional[Type['AutoModelConfigBuilder']] = None
+    _default: type['AutoModelConfigBuilder'] | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -39,14 +38,14 @@ class AutoModelConfigBuilder:
         raise NotImplementedError(f'{cls.__name__}.condition is not implemented')
 
     @classmethod
-    def builders(cls) -> List[Type['AutoModelConfigBuilder']]:
+    def builders(cls) -> list[type['AutoModelConfigBuilder']]:
         """Every registered builder in the order they are asked."""
         default = AutoModelConfigBuilder._default
         ordered = [b for b in reversed(AutoModelConfigBuilder._sub_classes) if b is not default]
         return ordered + ([default] if default is not None else [])
 
     @classmethod
-    def find_builder(cls, hf_config) -> Type['AutoModelConfigBuilder']:
+    def find_builder(cls, hf_config) -> type['AutoModelConfigBuilder']:
         """The first builder whose condition holds."""
         for builder in cls.builders():
             if builder.condition(hf_config):
@@ -57,7 +56,7 @@ class AutoModelConfigBuilder:
                           'accepts it')
 
     @classmethod
-    def build(cls, hf_config, model_path: Optional[str] = None, **kwargs):
+    def build(cls, hf_config, model_path: str | None = None, **kwargs):
         """Called on AutoModelConfigBuilder: build with the builder that accepts `hf_config`."""
         if cls is not AutoModelConfigBuilder:
             raise NotImplementedError(f'{cls.__name__}.build is not implemented')

@@ -1,7 +1,6 @@
 """The paged KV cache: per layer a (k_cache, v_cache) pair `[num_blocks, block_size, num_kv_heads, head_dim]`."""
 import logging
 import os
-from typing import List, Tuple
 
 import torch
 
@@ -20,7 +19,7 @@ class CacheEngine:
         self.num_blocks, self.block_size = num_blocks, block_size
         dtype = dtype or model_config.dtype
         kv_heads = local_kv_heads(model_config)
-        self.kv_caches: List[Tuple[torch.Tensor, torch.Tensor]] = [
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [
             (torch.zeros(num_blocks, block_size, kv_heads, model_config.k_head_dim, dtype=dtype, device=device),
              torch.zeros(num_blocks, block_size, kv_heads, model_config.v_head_dim, dtype=dtype, device=device))
             for _ in range(model_config.num_layers)

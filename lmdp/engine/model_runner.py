@@ -5,7 +5,6 @@ to the device in one copy from a reused pinned buffer, the token ids in a second
 to a fixed width (the blocks of one session_len), so their shapes depend on the batch size alone, which lets
 `replay` hand them to a captured CUDA graph of the same batch bucket.
 """
-from typing import List, Optional
 
 import numpy as np
 import torch
@@ -72,7 +71,7 @@ class ModelRunner:
         """float32 logits of a decode step `[batch, vocab]`, by CUDA-graph replay."""
         return self.graphs.decode(inputs)
 
-    def prepare_inputs(self, batch: ScheduledBatch, ahead_tokens: Optional[torch.Tensor] = None) -> ModelInputs:
+    def prepare_inputs(self, batch: ScheduledBatch, ahead_tokens: torch.Tensor | None = None) -> ModelInputs:
         """The packed step: each sequence's next `num_new` uncached tokens after its cached history.
 
         `ahead_tokens` (decode only): the tokens the previous decode step drew, still on the device and not yet in
@@ -113,7 +112,7 @@ class ModelRunner:
         """The model's output for every packed token, `[T, hidden]` (a graph runner replays decode steps here)."""
         return self.agent.forward(inputs, self.cache.kv_caches)
 
-    def logits(self, hidden: torch.Tensor, rows: Optional[List[int]] = None) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
         """float32 logits of the given rows of `forward`'s output (all rows when None; a list, or an index tensor
         on the device)."""
         if rows is not None:

@@ -11,7 +11,6 @@ exactly k tokens, equal logits going to the lower token id, so its set too is th
 """
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
 
 import torch
 
@@ -52,19 +51,19 @@ def gumbel_from_bits(x: torch.Tensor) -> torch.Tensor:
 class SamplingInputs:
     """One step's sampling settings as device tensors; None where no row of the batch needs that op."""
     greedy: bool                                   # every row is greedy: a plain argmax
-    do_sample: Optional[torch.Tensor] = None       # [B] bool, in a mixed batch
-    temperature: Optional[torch.Tensor] = None     # [B, 1]
-    top_k: Optional[torch.Tensor] = None           # [B] (vocab size where a row has no limit)
+    do_sample: torch.Tensor | None = None       # [B] bool, in a mixed batch
+    temperature: torch.Tensor | None = None     # [B, 1]
+    top_k: torch.Tensor | None = None           # [B] (vocab size where a row has no limit)
     max_top_k: int = 0                             # width of the candidate set (vocab size: a full sort)
-    top_p: Optional[torch.Tensor] = None           # [B, 1] float64
-    log_min_p: Optional[torch.Tensor] = None       # [B, 1]
-    keys: Optional[torch.Tensor] = None            # [B] int64 noise keys
-    penalty: Optional[torch.Tensor] = None         # [B, 1]
-    history: Optional[torch.Tensor] = None         # [B, L] every token each row has seen, padded with its first
-    stop_ids: Optional[torch.Tensor] = None        # [B, S] ids masked while a row is short of min_new_tokens
-    stop_active: Optional[torch.Tensor] = None     # [B] bool
+    top_p: torch.Tensor | None = None           # [B, 1] float64
+    log_min_p: torch.Tensor | None = None       # [B, 1]
+    keys: torch.Tensor | None = None            # [B] int64 noise keys
+    penalty: torch.Tensor | None = None         # [B, 1]
+    history: torch.Tensor | None = None         # [B, L] every token each row has seen, padded with its first
+    stop_ids: torch.Tensor | None = None        # [B, S] ids masked while a row is short of min_new_tokens
+    stop_active: torch.Tensor | None = None     # [B] bool
     logprobs: int = 0                              # the most top logprobs any row asked for (0: none asked)
-    want_logprobs: Optional[List[int]] = None      # per row
+    want_logprobs: list[int] | None = None      # per row
 
 
 class Sampler:
@@ -79,7 +78,7 @@ class Sampler:
     def _tensor(self, values, dtype):
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
-    def _static_inputs(self, seqs: List[Sequence]) -> dict:
+    def _static_inputs(self, seqs: list[Sequence]) -> dict:
         """Per-batch settings that stay put while the batch does (decode steps reuse them)."""
         key = tuple(s.seq_id for s in seqs)
         if key == self._static_key:
@@ -118,7 +117,7 @@ class Sampler:
         self._static_key, self._static = key, st
         return st
 
-    def prepare(self, seqs: List[Sequence], ahead: int = 0) -> SamplingInputs:
+    def prepare(self, seqs: list[Sequence], ahead: int = 0) -> SamplingInputs:
         """`ahead`: tokens each sequence will have drawn before this step's row is sampled but that its host
         record does not show yet (a decode step launched before the previous step's tokens were read back)."""
         st = self._static_inputs(seqs)
@@ -210,7 +209,7 @@ def rank_keys(x: torch.Tensor) -> torch.Tensor:
     return bits * vocab + (vocab - 1 - torch.arange(vocab, device=x.device))
 
 
-def logprob_dicts(logprobs, want: List[int], tokens: List[int]) -> List[Optional[Dict[int, float]]]:
+def logprob_dicts(logprobs, want: list[int], tokens: list[int]) -> list[dict[int, float] | None]:
     """Host dicts {token id: logprob}: each row's top-N and its chosen token."""
     top_values, top_ids, chosen = (t.tolist() for t in logprobs)
     out = []

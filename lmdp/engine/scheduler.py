@@ -9,7 +9,6 @@ caching, mostly from its own blocks still in the cache).
 """
 from collections import deque
 from dataclasses import dataclass
-from typing import Deque, List, Optional
 
 from ..paging import BlockManager
 from .sequence import Sequence, SequenceStatus
@@ -17,8 +16,8 @@ from .sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
-    seqs: List[Sequence]
-    num_new: List[int]        # tokens each sequence adds to the cache in this step (q_seqlens)
+    seqs: list[Sequence]
+    num_new: list[int]        # tokens each sequence adds to the cache in this step (q_seqlens)
     is_decoding: bool
 
 
@@ -28,8 +27,8 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_batch_size = max_batch_size
         self.max_prefill_token_num = max_prefill_token_num
-        self.waiting: Deque[Sequence] = deque()
-        self.running: Deque[Sequence] = deque()
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
 
     def add(self, seq: Sequence):
@@ -38,7 +37,7 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> Optional[ScheduledBatch]:
+    def schedule(self) -> ScheduledBatch | None:
         """The next step's batch, or None when nothing can run."""
         batch = self._schedule_prefill() or self._schedule_decode()
         if batch is None and self.waiting:
@@ -49,7 +48,7 @@ class Scheduler:
             batch = self._schedule_prefill()
         return batch
 
-    def _schedule_prefill(self) -> Optional[ScheduledBatch]:
+    def _schedule_prefill(self) -> ScheduledBatch | None:
         budget = self.max_prefill_token_num
         seqs, num_new = [], []
         while self.waiting and budget and len(self.running) + len(seqs) < self.max_batch_size:
@@ -68,7 +67,7 @@ class Scheduler:
             budget -= n
         return ScheduledBatch(seqs, num_new, is_decoding=False) if seqs else None
 
-    def _schedule_decode(self) -> Optional[ScheduledBatch]:
+    def _schedule_decode(self) -> ScheduledBatch | None:
         scheduled = []
         while self.running:
             seq = self.running.popleft()
@@ -89,7 +88,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def update(self, batch: ScheduledBatch, sampled: List[Optional[int]], session_len: int) -> List[Sequence]:
+    def update(self, batch: ScheduledBatch, sampled: list[int | None], session_len: int) -> list[Sequence]:
         """Account a finished step: `sampled[i]` is the token drawn for `batch.seqs[i]`, None where its prefill
         chunk did not reach the end of its tokens. Returns the sequences that finished."""
         finished = []
@@ -117,7 +116,7 @@ class Scheduler:
             seq.finish_reason = reason
             self._drop([seq])
 
-    def _drop(self, seqs: List[Sequence]):
+    def _drop(self, seqs: list[Sequence]):
         gone = set(id(s) for s in seqs)
         for seq in seqs:
             self.block_manager.free(seq)
@@ -127,7 +126,7 @@ class Scheduler:
             self.waiting = deque(s for s in self.waiting if id(s) not in gone)
 
 
-def finish_reason(seq: Sequence, token: int, session_len: int) -> Optional[str]:
+def finish_reason(seq: Sequence, token: int, session_len: int) -> str | None:
     """Why `seq` stops after sampling `token`, or None when it goes on."""
     if token in seq.params.stop_ids:
         return 'stop'

@@ -1,7 +1,6 @@
 """One request as the engine tracks it: its tokens, how many sit in the KV cache, its blocks, its sampling."""
 import enum
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, Optional
 
 
 class SequenceStatus(enum.Enum):
@@ -22,22 +21,22 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int = 0
-    stop_ids: FrozenSet[int] = frozenset()
+    stop_ids: frozenset[int] = frozenset()
     logprobs: int = 0        # 0: none; N: top-N plus the chosen token
 
 
 @dataclass(slots=True)
 class Sequence:
     seq_id: int
-    token_ids: List[int]                     # prompt, then every generated token
+    token_ids: list[int]                     # prompt, then every generated token
     num_prompt_tokens: int
     params: SamplingParams
     status: SequenceStatus = SequenceStatus.WAITING
     num_cached: int = 0                      # leading tokens whose K/V are written in `blocks`
-    blocks: List[int] = field(default_factory=list)
-    block_hashes: List[int] = field(default_factory=list)   # prefix-cache keys of the full blocks, in order
-    finish_reason: Optional[str] = None
-    logprobs: List[Dict[int, float]] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)   # prefix-cache keys of the full blocks, in order
+    finish_reason: str | None = None
+    logprobs: list[dict[int, float]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -7,8 +7,8 @@ engine's `BlockManager` (optionally handed out shuffled, so block tables are not
 engine's `Sequence` records. CUDA graphs are the model runner's (`ModelRunner.capture_cuda_graphs` / `replay`).
 What this adds is only the choice of tokens: the caller says which tokens each step feeds (teacher forcing).
 """
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence as Seq
 
 import torch
 
@@ -26,17 +26,17 @@ GREEDY = SamplingParams(max_new_tokens=1 << 30)
 
 @dataclass
 class StepOutput:
-    seq_ids: List[int]
+    seq_ids: list[int]
     logits: torch.Tensor                                  # [B, vocab] float32, each sequence's last token
-    all_logits: Optional[List[torch.Tensor]] = None       # per sequence [q_len, vocab], when asked for
-    tokens: Optional[List[int]] = None                    # the engine sampler's greedy pick from `logits`
+    all_logits: list[torch.Tensor] | None = None       # per sequence [q_len, vocab], when asked for
+    tokens: list[int] | None = None                    # the engine sampler's greedy pick from `logits`
 
 
 class StepRunner:
     """Prefill/decode driver: `prefill(prompts)`, then `decode(seq_ids, tokens)` or any `step(...)`."""
 
     def __init__(self, agent: ModelAgent, num_blocks: int = 256, block_size: int = 64,
-                 shuffle_blocks_seed: Optional[int] = None, max_blocks_per_seq: Optional[int] = None):
+                 shuffle_blocks_seed: int | None = None, max_blocks_per_seq: int | None = None):
         self.agent = agent
         self.block_size = block_size
         # one block past the pool takes the padding slots of CUDA-graph replays, as in the engine
@@ -44,12 +44,12 @@ class StepRunner:
         self.block_manager = BlockManager(num_blocks, block_size, shuffle_seed=shuffle_blocks_seed)
         self.runner = ModelRunner(agent, self.cache, max_blocks_per_seq or num_blocks)
         self.sampler = Sampler(agent.model_config.vocab_size, agent.device)
-        self.sequences: Dict[int, Sequence] = {}
+        self.sequences: dict[int, Sequence] = {}
         self._next_id = 0
 
     @classmethod
     def from_pretrained(cls, model_path: str, dtype='auto', device='cpu', num_blocks: int = 256,
-                        block_size: int = 64, custom_module_map=None, shuffle_blocks_seed: Optional[int] = None):
+                        block_size: int = 64, custom_module_map=None, shuffle_blocks_seed: int | None = None):
         agent = ModelAgent.from_pretrained(model_path, dtype=dtype, device=device,
                                            custom_module_map=custom_module_map)
         return cls(agent, num_blocks, block_size, shuffle_blocks_seed)
@@ -68,7 +68,7 @@ class StepRunner:
             raise OutOfBlocks(f'need {need} KV-cache blocks, {self.block_manager.num_free} free of '
                               f'{self.block_manager.num_blocks}')
 
-    def _batch(self, seqs: List[Sequence], new_tokens: Seq[Seq[int]], is_decoding: bool) -> ScheduledBatch:
+    def _batch(self, seqs: list[Sequence], new_tokens: Seq[Seq[int]], is_decoding: bool) -> ScheduledBatch:
         """Append the tokens, reserve their blocks, and say how many each sequence adds (nothing is run)."""
         for seq, tokens in zip(seqs, new_tokens):
             if not tokens:
@@ -96,7 +96,7 @@ class StepRunner:
                 seq.token_ids.pop()
 
     def step(self, seq_ids: Seq[int], new_tokens: Seq[Seq[int]], all_logits: bool = False,
-             is_decoding: Optional[bool] = None, replay: bool = False) -> StepOutput:
+             is_decoding: bool | None = None, replay: bool = False) -> StepOutput:
         """Append `new_tokens[i]` to sequence `seq_ids[i]` in one packed step and run the model.
 
         replay: run a decode step by CUDA-graph replay when a captured graph fits (as the engine does)."""
@@ -150,7 +150,7 @@ class StepRunner:
                 g.append(t)
         return generated, step_logits
 
-    def capture_cuda_graphs(self, batch_sizes: Seq[int], max_blocks_per_seq: Optional[int] = None):
+    def capture_cuda_graphs(self, batch_sizes: Seq[int], max_blocks_per_seq: int | None = None):
         """The model runner's `CUDAGraphRunner` with one decode graph per batch size, captured over this runner's
         KV cache. Padding slots write the block past the pool. max_blocks_per_seq: the longest block table a step
         may have from now on (default: as constructed). Buckets that failed to capture say why in `.results`."""
@@ -162,7 +162,7 @@ class StepRunner:
                                         progress=False)
         return self.runner.graphs
 
-    def release(self, seq_ids: Optional[Seq[int]] = None):
+    def release(self, seq_ids: Seq[int] | None = None):
         """Free the blocks of the given sequences (all when None)."""
         for i in list(self.sequences if seq_ids is None else seq_ids):
             self.block_manager.free(self.sequences.pop(i))

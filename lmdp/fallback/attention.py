@@ -13,7 +13,6 @@ attention, so a step can't travel that way.
 import contextlib
 import contextvars
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -34,14 +33,14 @@ UNSUPPORTED_KWARGS = {
 class PagedStep:
     """What one forward's attention calls read: the per-layer caches and the step's metadata, and which layers
     have been served (so a model whose code skips the attention interface is caught, not silently wrong)."""
-    kv_caches: List[Tuple[torch.Tensor, torch.Tensor]]
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
     attn_metadata: object
-    served: Set[int] = field(default_factory=set)
+    served: set[int] = field(default_factory=set)
     # a shape probe (no cache, no metadata): layer -> ((kv heads, k dim), (kv heads, v dim)) of what it produced
-    probe: Optional[Dict[int, tuple]] = None
+    probe: dict[int, tuple] | None = None
 
 
-_STEP: contextvars.ContextVar[Optional[PagedStep]] = contextvars.ContextVar('lmdp_paged_step', default=None)
+_STEP: contextvars.ContextVar[PagedStep | None] = contextvars.ContextVar('lmdp_paged_step', default=None)
 
 
 @contextlib.contextmanager
@@ -75,9 +74,9 @@ def _layer_window(module, sliding_window):
 
 
 def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None,
-                            dropout: float = 0.0, sliding_window: Optional[int] = None,
-                            softcap: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+                            attention_mask: torch.Tensor | None, scaling: float | None = None,
+                            dropout: float = 0.0, sliding_window: int | None = None,
+                            softcap: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers' attention-function contract: q `[1, Hq, T, D]`, k/v `[1, Hk, T, D(v)]` → (`[1, T, Hq, Dv]`,
     None). `attention_mask` is ignored: causality, the window and the sequence boundaries of the packed step
     come from the paged metadata."""

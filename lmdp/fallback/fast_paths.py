@@ -18,7 +18,6 @@ import functools
 import logging
 import sys
 import types
-from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -30,7 +29,7 @@ logger = logging.getLogger('lmdp')
 
 #: (modeling module, dtype, device type) -> whether lmdp's rotary kernel matched its apply_rotary_pos_emb there,
 #: for q/k as wide as the rotary dim, and for wider q/k (whose channels past the rotary dim pass through)
-_ROTARY_OK: Dict[Tuple[str, torch.dtype, str], Tuple[bool, bool]] = {}
+_ROTARY_OK: dict[tuple[str, torch.dtype, str], tuple[bool, bool]] = {}
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -113,7 +112,7 @@ def _rotary_agrees(original, rotary_dim: int, head_dim: int, dtype, device) -> b
     return _close(got_q, want_q) and _close(got_k, want_k)
 
 
-def _rotary_dims(model) -> Tuple[int, int]:
+def _rotary_dims(model) -> tuple[int, int]:
     """(rotary dim, head dim) of the model's attention, from its rotary embedding module."""
     base = model.hf_model.base_model
     rotary = getattr(base, 'rotary_emb', None)
@@ -124,7 +123,7 @@ def _rotary_dims(model) -> Tuple[int, int]:
     return 2 * inv_freq.numel(), k_dim
 
 
-def install(model) -> List[str]:
+def install(model) -> list[str]:
     """Put lmdp kernels under a TransformersForCausalLM's transformers code where they agree; returns what was
     replaced, in words (also logged)."""
     param = next(model.parameters())
@@ -151,7 +150,7 @@ def install(model) -> List[str]:
     return done
 
 
-def _install_rotary(model, dtype, device) -> List[str]:
+def _install_rotary(model, dtype, device) -> list[str]:
     rotary_dim, head_dim = _rotary_dims(model)
     if not rotary_dim:
         return []

@@ -18,8 +18,8 @@ the layer's paged cache and the cos/sin transformers computed for the layer.
 """
 import inspect
 import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ class Swap:
     pattern: str
     build: Callable
     kind: str = 'module'
-    stacked_params_mapping: Sequence[Tuple[str, str, object]] = field(default=STACKED_PARAMS)
+    stacked_params_mapping: Sequence[tuple[str, str, object]] = field(default=STACKED_PARAMS)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -51,7 +51,7 @@ class Swap:
         return re.match(regex, name) is not None
 
 
-def _layer_idx(name: str) -> Optional[int]:
+def _layer_idx(name: str) -> int | None:
     found = re.search(r'\.(\d+)(?:\.|$)', name)
     return int(found.group(1)) if found else None
 
@@ -94,7 +94,7 @@ class _NativeAttention(nn.Module):
         return f'native {type(self.native).__name__}'
 
 
-def load_module_weights(module: nn.Module, weights: Iterable[Tuple[str, torch.Tensor]],
+def load_module_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                         stacked_params_mapping: Sequence = STACKED_PARAMS):
     """Checkpoint tensors named relative to `module` into its parameters, through their weight loaders (a module
     with its own `load_weights` loads them itself)."""
@@ -115,7 +115,7 @@ def load_module_weights(module: nn.Module, weights: Iterable[Tuple[str, torch.Te
                 load_weight(params[name], tensor)
 
 
-def apply_swaps(model, swaps: Sequence[Swap], carry_weights: bool = True) -> List[str]:
+def apply_swaps(model, swaps: Sequence[Swap], carry_weights: bool = True) -> list[str]:
     """Replace the modules of a TransformersForCausalLM the swaps match; with carry_weights each new module is
     loaded from the one it replaces (through its own loader), and a parameter left unfilled is an error.
     Returns the names replaced."""
@@ -161,11 +161,11 @@ def _replace(model, name: str, new: nn.Module):
         setattr(model.hf_model, child, new)
 
 
-def _examples(model, n: int = 6) -> List[str]:
+def _examples(model, n: int = 6) -> list[str]:
     return [name for name, _ in model.named_modules() if name][:n]
 
 
-def hybrid(*swaps: Swap, name: Optional[str] = None) -> type:
+def hybrid(*swaps: Swap, name: str | None = None) -> type:
     """A model class: the transformers fallback with `swaps` applied as it is built (register it in a module
     map, or pass it as `custom_module_map={arch: cls}`)."""
     from .model import TransformersForCausalLM
@@ -179,7 +179,7 @@ def hybrid(*swaps: Swap, name: Optional[str] = None) -> type:
 
 # -- which modules are native ------------------------------------------------------------------------------------
 
-def module_impls(model) -> Optional[Dict[str, str]]:
+def module_impls(model) -> dict[str, str] | None:
     """Swapped module name -> 'native' for a fallback model (None for a port, which is native throughout)."""
     swapped = getattr(model, 'swapped', None)
     if swapped is None:
@@ -187,7 +187,7 @@ def module_impls(model) -> Optional[Dict[str, str]]:
     return {name: 'native' for name in swapped}
 
 
-def impl_of(model, module_name: Optional[str]) -> Optional[str]:
+def impl_of(model, module_name: str | None) -> str | None:
     """'native' (the module or one around it was swapped), 'mixed' (some module inside it was), 'fallback'."""
     impls = module_impls(model)
     if impls is None or module_name is None:
@@ -200,7 +200,7 @@ def impl_of(model, module_name: Optional[str]) -> Optional[str]:
     return 'fallback'
 
 
-def tap_impls(model, hf_config, taps, overrides=None) -> Optional[Dict[str, str]]:
+def tap_impls(model, hf_config, taps, overrides=None) -> dict[str, str] | None:
     """Per parity tap name: whether the port module behind it is native, mixed or fallback (None for a port)."""
     if module_impls(model) is None:
         return None

@@ -12,7 +12,7 @@ base model (a softcap, a logit scale), it still does, because that forward is wh
 """
 import copy
 import logging
-from typing import Iterable, List, Optional, Tuple
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from .weights import CheckpointNames, attach_merge_loaders
 logger = logging.getLogger('lmdp')
 
 
-def build_hf_model(hf_config, dtype: Optional[torch.dtype], device) -> nn.Module:
+def build_hf_model(hf_config, dtype: torch.dtype | None, device) -> nn.Module:
     """The transformers CausalLM for `hf_config` with paged attention, parameters allocated but not initialised."""
     from transformers import AutoModelForCausalLM
 
@@ -138,7 +138,7 @@ class TransformersForCausalLM(nn.Module):
         return self.hf_model.base_model
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                past_key_values: List[Tuple[torch.Tensor, torch.Tensor]], attn_metadata=None,
+                past_key_values: list[tuple[torch.Tensor, torch.Tensor]], attn_metadata=None,
                 inputs_embeds: torch.Tensor = None, **kwargs) -> torch.Tensor:
         step = PagedStep(past_key_values, attn_metadata)
         with paged_step(step):
@@ -168,13 +168,13 @@ class TransformersForCausalLM(nn.Module):
     def get_input_embeddings(self):
         return self.hf_model.get_input_embeddings()
 
-    def prepare_inputs_for_generation(self, past_key_values, inputs_embeds: Optional[torch.Tensor] = None,
+    def prepare_inputs_for_generation(self, past_key_values, inputs_embeds: torch.Tensor | None = None,
                                       context: StepContext = None):
         return dict(input_ids=context.input_ids, position_ids=context.position_ids,
                     past_key_values=past_key_values, attn_metadata=context.attn_metadata,
                     inputs_embeds=inputs_embeds)
 
-    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]):
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
         params = dict(self.named_parameters())
         buffers = dict(self.named_buffers())
         swapped = self._swapped_loaders()
@@ -206,7 +206,7 @@ class TransformersForCausalLM(nn.Module):
         return {name: (self.get_submodule(name), swap) for name, swap in self.swapped.items()}
 
     @torch.no_grad()
-    def _probe_kv_layout(self, hf_config) -> Tuple[int, int, int]:
+    def _probe_kv_layout(self, hf_config) -> tuple[int, int, int]:
         """(kv heads, k head dim, v head dim) as every layer's attention actually produces them: one token through
         the (not yet loaded) model, with an attention function that only records shapes. A layer whose attention
         never reaches the interface is found here, before a cache is sized."""
@@ -233,7 +233,7 @@ class TransformersForCausalLM(nn.Module):
                         'follows the attention', self.hf_class, expected, (k_heads, k_dim, v_dim))
         return k_heads, k_dim, v_dim
 
-    def _head_name(self) -> Optional[str]:
+    def _head_name(self) -> str | None:
         head = self.hf_model.get_output_embeddings()
         for name, module in self.named_modules():
             if module is head:

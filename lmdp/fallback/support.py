@@ -7,7 +7,6 @@ config misstates) is caught on the first step, with the same kind of message.
 """
 import inspect
 import re
-from typing import List, Optional, Tuple
 
 #: layer kinds whose state is the KV cache; anything else (mamba, linear attention, conv) keeps state lmdp lacks
 ATTENTION_LAYER_TYPES = {'full_attention', 'sliding_attention', 'attention', 'global', 'local', 'sliding'}
@@ -27,7 +26,7 @@ def hf_causal_lm_class(hf_config):
         return None
 
 
-def kv_layout(hf_config) -> Tuple[int, int, int]:
+def kv_layout(hf_config) -> tuple[int, int, int]:
     """(kv heads, key head dim, value head dim) of every layer, under the names families use for them."""
     heads = hf_config.num_attention_heads
     kv_heads = None
@@ -60,13 +59,13 @@ def _attention_call_kwargs(source: str) -> set:
     return names
 
 
-def _rope_types(hf_config) -> List[str]:
+def _rope_types(hf_config) -> list[str]:
     params = getattr(hf_config, 'rope_parameters', None) or getattr(hf_config, 'rope_scaling', None) or {}
     groups = [v for v in params.values() if isinstance(v, dict)] or [params]
     return [str(g.get('rope_type') or g.get('type') or 'default') for g in groups]
 
 
-def refusals(hf_config) -> List[str]:
+def refusals(hf_config) -> list[str]:
     """Why the fallback can't serve this config, one sentence each (empty: it can)."""
     from .attention import UNSUPPORTED_KWARGS
     why = []
@@ -115,7 +114,7 @@ def refusals(hf_config) -> List[str]:
     return why
 
 
-def cuda_graph_refusal(hf_config) -> Optional[str]:
+def cuda_graph_refusal(hf_config) -> str | None:
     """Why decode steps of this model can't be captured as CUDA graphs (None: they can)."""
     cls = hf_causal_lm_class(hf_config)
     if cls is None:

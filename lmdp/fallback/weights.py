@@ -10,7 +10,6 @@ per (expert, part), so a missing expert is named by the coverage check like a mi
 import logging
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -29,7 +28,7 @@ class Merge:
     dim: int
 
 
-def _merge_of(converter) -> Optional[Merge]:
+def _merge_of(converter) -> Merge | None:
     """The Merge a transformers WeightConverter performs, or None for operations lmdp does not replay."""
     ops = [type(op).__name__ for op in converter.operations]
     n = len(converter.source_patterns)
@@ -66,7 +65,7 @@ class CheckpointNames:
             elif isinstance(t, WeightRenaming):
                 self.renamings.append(t)
 
-    def _in_model(self, name: str) -> Optional[str]:
+    def _in_model(self, name: str) -> str | None:
         """The name as a parameter of the model, with the base-model prefix added or dropped if that is what it
         takes (checkpoints of a bare `XxxModel` lack it)."""
         if name in self.params:
@@ -88,7 +87,7 @@ class CheckpointNames:
             name = f'{self.prefix}.{name}'
         return name
 
-    def resolve(self, name: str) -> Optional[Tuple[str, object]]:
+    def resolve(self, name: str) -> tuple[str, object] | None:
         """(parameter, shard id) for a checkpoint tensor; None when it lands nowhere."""
         direct = self._in_model(name)
         if direct is not None:
@@ -114,7 +113,7 @@ class CheckpointNames:
         param = self._in_model(renamed)
         return (param, None) if param is not None else None
 
-    def merges(self) -> Dict[str, Merge]:
+    def merges(self) -> dict[str, Merge]:
         """Per merged parameter name pattern: how its shards stack (for attaching loaders)."""
         return {converter.target_patterns[0]: merge for converter, merge in self.converters}
 
@@ -145,7 +144,7 @@ def merged_expert_loader(merge: Merge):
     return loader
 
 
-def attach_merge_loaders(named_params: Dict[str, torch.nn.Parameter], names: CheckpointNames) -> List[str]:
+def attach_merge_loaders(named_params: dict[str, torch.nn.Parameter], names: CheckpointNames) -> list[str]:
     """Give every stacked expert parameter its loader and shard list; returns their names."""
     done = []
     for pattern, merge in names.merges().items():

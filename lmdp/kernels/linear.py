@@ -3,7 +3,6 @@
 `act_and_mul_linear(x, W, b, act)` is `F.linear(act_and_mul(x), W, b)`: the MLP's activation and down projection
 as one op, so that a kernel may compute the activation while it reads its input (one launch fewer per layer).
 """
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +12,7 @@ from .activation import gelu_and_mul, silu_and_mul
 GATED_ACTS = ('silu', 'gelu', 'gelu_tanh')
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return F.linear(x, weight, bias)
 
 
@@ -37,7 +36,7 @@ def check_act_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, act: str) ->
                          '(the fused gate and up outputs)')
 
 
-def act_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+def act_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                        act: str = 'silu') -> torch.Tensor:
     check_act_and_mul_linear(x, weight, act)
     return F.linear(gated_act(x, act), weight, bias)

@@ -5,7 +5,6 @@ Experts are stacked: `gate_up_weights[E, 2I, H]` holds expert e's gate rows `[:I
 `down_weights[E, H, I]`. Token t's output is `sum_k w[t, k] * down_e(act(gate_e x_t) * up_e x_t)` over its top-k
 experts `e = topk_ids[t, k]`.
 """
-from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,7 @@ def check_softmax_topk(router_logits: torch.Tensor, top_k: int) -> None:
                          f'({router_logits.size(-1)})')
 
 
-def softmax_topk(router_logits: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def softmax_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`(topk_weights, topk_ids)`: the k largest softmax probabilities of each row (float32, computed in float32
     as transformers' routers do) and their experts (int64), largest first."""
     check_softmax_topk(router_logits, top_k)

@@ -4,7 +4,6 @@ Ground truth for the Triton kernels, and the CPU path. It loops over sequences a
 the result back to the query's dtype, so it is slow but as exact as the arithmetic allows.
 """
 import math
-from typing import Optional
 
 import torch
 
@@ -17,7 +16,7 @@ def gather_kv(cache: torch.Tensor, block_ids: torch.Tensor, kv_len: int) -> torc
     return blocks.flatten(0, 1)[:kv_len]
 
 
-def attention_mask(q_len: int, kv_len: int, causal: bool, sliding_window: Optional[int], device) -> torch.Tensor:
+def attention_mask(q_len: int, kv_len: int, causal: bool, sliding_window: int | None, device) -> torch.Tensor:
     """`[q_len, kv_len]` bool, True where query i (at absolute position kv_len - q_len + i) may see key j."""
     q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
     k_pos = torch.arange(kv_len, device=device)[None, :]
@@ -32,10 +31,10 @@ def attention_mask(q_len: int, kv_len: int, causal: bool, sliding_window: Option
 
 def paged_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_offsets: torch.Tensor,
                         q_start_loc: torch.Tensor, q_seqlens: torch.Tensor, kv_seqlens: torch.Tensor,
-                        scale: Optional[float] = None, sliding_window: Optional[int] = None,
-                        logit_softcapping: Optional[float] = None, causal: bool = True,
-                        out: Optional[torch.Tensor] = None, is_decoding: Optional[bool] = None,
-                        max_q_seqlen: Optional[int] = None, max_kv_seqlen: Optional[int] = None) -> torch.Tensor:
+                        scale: float | None = None, sliding_window: int | None = None,
+                        logit_softcapping: float | None = None, causal: bool = True,
+                        out: torch.Tensor | None = None, is_decoding: bool | None = None,
+                        max_q_seqlen: int | None = None, max_kv_seqlen: int | None = None) -> torch.Tensor:
     """Attend packed queries `q [T, Hq, D]` to their sequences' cached keys and values.
 
     The cache must already hold this step's K/V (see `fill_kv_cache`). Returns `[T, Hq, Dv]` in q's dtype.

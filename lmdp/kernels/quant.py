@@ -13,7 +13,6 @@ contiguous, which is what a decode GEMV streams), `scales [N, K / G]` and `zeros
 The checkpoint's own AWQ layout (AutoAWQ's GEMM version) packs *output* features: `qweight [K, N / 8]` with column
 `8 j + AWQ_ORDER[i]` in nibble i of word j; `awq_unpack` / `awq_pack` convert it.
 """
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ AWQ_PACK = 8                    # 4-bit codes per int32
 
 # --- FP8 ---
 
-def fp8_quantize_groups(x: torch.Tensor, group: int = FP8_GROUP) -> Tuple[torch.Tensor, torch.Tensor]:
+def fp8_quantize_groups(x: torch.Tensor, group: int = FP8_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     """`(xq float8_e4m3fn [..., K], sx float32 [..., ceil(K / group)])` with `x ~= xq * sx` per group of the last
     dimension: sx = max(amax, eps) / 448, xq = x / sx rounded to nearest. float64 input keeps float64 scales."""
     k = x.size(-1)
@@ -52,7 +51,7 @@ def fp8_fake_quant(x: torch.Tensor, group: int = FP8_GROUP) -> torch.Tensor:
 
 
 def fp8_expand_scale(scale: torch.Tensor, n: int, k: int, scale_per_row: bool = False,
-                     block: Tuple[int, int] = (FP8_GROUP, FP8_GROUP)) -> torch.Tensor:
+                     block: tuple[int, int] = (FP8_GROUP, FP8_GROUP)) -> torch.Tensor:
     """Block scales `[..., ceil(n / bn) or n, ceil(k / bk)]` spread over every weight element `[..., n, k]`."""
     if not scale_per_row:
         scale = scale.repeat_interleave(block[0], -2)[..., :n, :]
@@ -65,7 +64,7 @@ def fp8_block_dequant(weight: torch.Tensor, scale: torch.Tensor, scale_per_row: 
     return weight.float() * fp8_expand_scale(scale.float(), n, k, scale_per_row)
 
 
-def fp8_quantize_blocks(w: torch.Tensor, block: Tuple[int, int] = (FP8_GROUP, FP8_GROUP)):
+def fp8_quantize_blocks(w: torch.Tensor, block: tuple[int, int] = (FP8_GROUP, FP8_GROUP)):
     """Round-to-nearest FP8 of a weight `[..., N, K]` with one scale per block: `(float8 codes, float32
     weight_scale_inv [..., ceil(N / bn), ceil(K / bk)])`, scale = amax / 448 (1 for an all-zero block)."""
     n, k = w.shape[-2:]
@@ -93,8 +92,8 @@ def check_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         raise ValueError(f'fp8_block_linear: input has {x.size(-1)} features, the weight takes {k}')
 
 
-def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                     act: Optional[str] = None, scale_per_row: bool = False) -> torch.Tensor:
+def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                     act: str | None = None, scale_per_row: bool = False) -> torch.Tensor:
     """`F.linear(x, W)` for an FP8 block-scaled W with x quantised per token group of 128 (W8A8), computed in
     float32 and rounded once to x's dtype; `act`: x is a fused `[gate | up]` and the layer's input is
     `act(gate) * up` (rounded to x's dtype, then quantised)."""
@@ -161,7 +160,7 @@ def check_awq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 
 
 def awq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-               bias: Optional[torch.Tensor] = None, act: Optional[str] = None) -> torch.Tensor:
+               bias: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
     """`F.linear(x, W, b)` for lmdp's AWQ layout, the weight dequantised exactly (float32) and cast to x's dtype."""
     check_awq_linear(x, qweight, scales, zeros, act)
     if act is not None:

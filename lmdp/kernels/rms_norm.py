@@ -1,10 +1,9 @@
 """Reference op: RMSNorm, optionally fused with the residual add that precedes it."""
-from typing import Optional
 
 import torch
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: Optional[torch.Tensor] = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
     """`weight * x / rms(x)`, the statistic in float32; with `residual`, first `x = x + residual`.
 
     Returns the normed tensor, or `(normed, x + residual)` when a residual is given, so that a decoder layer can

@@ -6,13 +6,12 @@ dim R is split into two halves (x1, x2) and rotated as
 ``(x1*cos - x2*sin, x2*cos + x1*sin)``; channels ``R..D`` pass through.
 """
 
-from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 
-def _rotate_into(x: Tensor, cos: Tensor, sin: Tensor, out: Optional[Tensor]) -> Tensor:
+def _rotate_into(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor | None) -> Tensor:
     """Rotate the first R channels of ``x`` [T, H, D] and write the result into ``out``."""
     rot_dim = cos.size(-1)
     half = rot_dim // 2
@@ -36,7 +35,7 @@ def _rotate_into(x: Tensor, cos: Tensor, sin: Tensor, out: Optional[Tensor]) -> 
     return out
 
 
-def _check_shapes(name: str, x: Tensor, cos: Tensor, out: Optional[Tensor]) -> None:
+def _check_shapes(name: str, x: Tensor, cos: Tensor, out: Tensor | None) -> None:
     if x.dim() != 3:
         raise ValueError(f'{name} must be [T, H, D], got shape {tuple(x.shape)}')
     if x.size(0) != cos.size(0):
@@ -51,8 +50,8 @@ def apply_rotary_pos_emb(q: Tensor,
                          k: Tensor,
                          cos: Tensor,
                          sin: Tensor,
-                         q_out: Optional[Tensor] = None,
-                         k_out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                         q_out: Tensor | None = None,
+                         k_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Apply rotary embedding to packed query/key tokens.
 
     Args:

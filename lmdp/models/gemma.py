@@ -5,7 +5,7 @@ time, so the plain fused RMSNorm serves) and a tanh-GELU MLP. Gemma 2 adds norms
 MLP, a query scale from `query_pre_attn_scalar`, a sliding window on every other layer, and tanh softcaps on the
 attention scores and the final logits.
 """
-from typing import Iterable, Tuple
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -122,7 +122,7 @@ class GemmaForCausalLM(LlamaForCausalLM):
             logits = torch.tanh(logits.float() / cap) * cap
         return logits
 
-    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]):
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
         def fold_norms(pairs):
             # Gemma's norms multiply by (1 + w): fold the 1 in once, in float32, at load time (kept float32)
             for name, tensor in pairs:

@@ -4,7 +4,8 @@ The skeleton other families reuse: `LlamaModel(config, layer_type=...)` takes th
 layer builds its parts through `build_attention` / `build_mlp`, and `LlamaForCausalLM(..., model_type=...)` takes
 the model class, so a family that is "Llama with other layers" passes its own (see gemma.py, qwen2.py).
 """
-from typing import Any, Iterable, List, Optional, Tuple
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ def head_dim_of(config) -> int:
     return getattr(config, 'head_dim', None) or config.hidden_size // config.num_attention_heads
 
 
-def layer_sliding_window(config, layer_idx: int) -> Optional[int]:
+def layer_sliding_window(config, layer_idx: int) -> int | None:
     """The attention window of one layer: `config.layer_types` says which layers slide (Qwen2, Gemma 2/3, ...);
     without it every layer slides when the config has a window (Mistral, Phi-3), unless `use_sliding_window` is
     off."""
@@ -41,8 +42,8 @@ def layer_sliding_window(config, layer_idx: int) -> Optional[int]:
 class LlamaAttention(nn.Module):
     """qkv_proj → rotary → paged attention (`attn_fwd`, rotary inside) → o_proj."""
 
-    def __init__(self, config, layer_idx: int = 0, dtype=None, device=None, qkv_bias: Optional[bool] = None,
-                 o_bias: Optional[bool] = None):
+    def __init__(self, config, layer_idx: int = 0, dtype=None, device=None, qkv_bias: bool | None = None,
+                 o_bias: bool | None = None):
         super().__init__()
         quant_config = getattr(config, 'quantization_config', None)
         num_heads = config.num_attention_heads
@@ -57,8 +58,8 @@ class LlamaAttention(nn.Module):
         self.o_proj = build_o_proj(num_heads * head_dim, config.hidden_size, bias=bias if o_bias is None else o_bias,
                                    quant_config=quant_config, dtype=dtype, device=device, is_tp=True)
 
-    def forward(self, hidden_states: torch.Tensor, rotary_pos_emb: Tuple[torch.Tensor, torch.Tensor],
-                past_key_value: Tuple[torch.Tensor, torch.Tensor], attn_metadata: Any = None):
+    def forward(self, hidden_states: torch.Tensor, rotary_pos_emb: tuple[torch.Tensor, torch.Tensor],
+                past_key_value: tuple[torch.Tensor, torch.Tensor], attn_metadata: Any = None):
         qkv_states = self.qkv_proj(hidden_states).flatten(0, -2)   # [T, ...]: the step's tokens, packed
         query_states, key_states, value_states = self.qkv_proj.split_qkv(qkv_states)
         attn_output = self.attn_fwd(query_states, key_states, value_states, past_key_value[0], past_key_value[1],
@@ -95,7 +96,7 @@ class LlamaDecoderLayer(nn.Module):
     def build_mlp(self, config, layer_idx: int, dtype=None, device=None) -> nn.Module:
         return LlamaMLP(config, dtype=dtype, device=device)
 
-    def forward(self, hidden_states, rotary_pos_emb, past_key_value, residual: Optional[torch.Tensor] = None,
+    def forward(self, hidden_states, rotary_pos_emb, past_key_value, residual: torch.Tensor | None = None,
                 attn_metadata: Any = None):
         # The residual add is fused into the next norm: a layer returns (mlp_out, residual) and the stream
         # itself is their sum.
@@ -183,7 +184,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
             self.ignored_checkpoint_keys.append(r'^lm_head\.weight$')
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past_key_values: List[List[torch.Tensor]],
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past_key_values: list[list[torch.Tensor]],
                 attn_metadata: Any = None, inputs_embeds: torch.Tensor = None, **kwargs):
         return self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=past_key_values,
                           attn_metadata=attn_metadata, inputs_embeds=inputs_embeds)
@@ -194,13 +195,13 @@ class LlamaForCausalLM(nn.Module):
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
 
-    def prepare_inputs_for_generation(self, past_key_values: List[List[torch.Tensor]],
-                                      inputs_embeds: Optional[torch.Tensor] = None, context: StepContext = None):
+    def prepare_inputs_for_generation(self, past_key_values: list[list[torch.Tensor]],
+                                      inputs_embeds: torch.Tensor | None = None, context: StepContext = None):
         return dict(input_ids=context.input_ids, position_ids=context.position_ids,
                     past_key_values=past_key_values, attn_metadata=context.attn_metadata,
                     inputs_embeds=inputs_embeds)
 
-    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]):
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
         params_dict = dict(self.named_parameters())
         for name, loaded_weight in weights:
             if self.tie_word_embeddings and name == 'lm_head.weight':

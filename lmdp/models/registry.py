@@ -14,12 +14,11 @@ import os
 import site
 import sys
 import sysconfig
-from typing import Dict, Optional, Set, Union
 
 from ..errors import ArchitectureError
 from .module_map import MODULE_MAP
 
-CustomModuleMap = Union[None, str, Dict[str, object]]
+CustomModuleMap = None | str | dict[str, object]
 
 # never reloaded, even when a map sits in a folder that also holds them (a map file in a checkout's root)
 _KEEP = ('lmdp', 'parity')
@@ -33,7 +32,7 @@ def _installed_roots():
     return tuple(os.path.realpath(r) + os.sep for r in roots if r)
 
 
-def _names_in(folder: str) -> Set[str]:
+def _names_in(folder: str) -> set[str]:
     """The top-level module names an import finds in `folder`: its .py files and its packages."""
     names = set()
     for entry in os.listdir(folder):
@@ -76,7 +75,7 @@ def _put_first_on_path(folder: str):
     sys.path[:] = [folder] + [p for p in sys.path if p != folder]
 
 
-def load_custom_module_map(path: str) -> Dict[str, object]:
+def load_custom_module_map(path: str) -> dict[str, object]:
     """The MODULE_MAP a user's file defines, read afresh, with its dotted paths importable from its folder."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f'custom_module_map must be a path to a .py file or a dict, got {type(path).__name__}')
@@ -110,7 +109,7 @@ def load_custom_module_map(path: str) -> Dict[str, object]:
     return resolved
 
 
-def merged_module_map(custom_module_map: CustomModuleMap = None) -> Dict[str, object]:
+def merged_module_map(custom_module_map: CustomModuleMap = None) -> dict[str, object]:
     """The built-in map with the custom entries added or overriding."""
     merged = dict(MODULE_MAP)
     if custom_module_map is None:
@@ -134,7 +133,7 @@ def _import_target(target: str):
         raise ArchitectureError(f'module map entry {target!r} cannot be imported: {e}') from e
 
 
-def get_model_class(hf_config, custom_module_map: CustomModuleMap = None, architecture: Optional[str] = None):
+def get_model_class(hf_config, custom_module_map: CustomModuleMap = None, architecture: str | None = None):
     """The model class for a config's first architecture (or `architecture`)."""
     module_map = merged_module_map(custom_module_map)
     archs = [architecture] if architecture else list(getattr(hf_config, 'architectures', None) or [])

@@ -1,7 +1,7 @@
 """What the mixture-of-experts ports share: the sparse MoE block (router → top-k → fused experts, plus an optional
 gated shared expert), which layers are sparse, and loading per-expert checkpoint tensors into stacked experts."""
 import re
-from typing import Iterable, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ class SparseMoeBlock(nn.Module):
     `shared_expert`, `shared_expert_gate`."""
 
     def __init__(self, hidden_size: int, moe_intermediate_size: int, num_experts: int, top_k: int,
-                 renormalize: bool, hidden_act: str = 'silu', shared_expert: Optional[nn.Module] = None,
+                 renormalize: bool, hidden_act: str = 'silu', shared_expert: nn.Module | None = None,
                  shared_expert_gate: bool = False, dtype=None, device=None, quant_config=None):
         super().__init__()
         # the router stays whole and unquantised on every rank: each rank routes every token itself
@@ -58,7 +58,7 @@ class MoeWeightsMixin:
     from the port's, `checkpoint_renames` [(checkpoint fragment, port fragment)]."""
 
     expert_checkpoint_names: Sequence[str] = ('gate_proj', 'up_proj', 'down_proj')
-    checkpoint_renames: Sequence[Tuple[str, str]] = ()
+    checkpoint_renames: Sequence[tuple[str, str]] = ()
 
     def init_expert_mapping(self, num_experts: int):
         """`expert_params_mapping` (lmdeploy's list; it also names the tensor a missing expert shard expects)."""
@@ -84,7 +84,7 @@ class MoeWeightsMixin:
                 return f"{name[:-len(fused)]}.experts.{'down' if shard == 'down' else 'gate_up'}.weight", None, shard
         return None
 
-    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]):
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
         params = dict(self.named_parameters())
 
         def others():

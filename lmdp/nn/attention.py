@@ -1,6 +1,5 @@
 """Attention over the paged KV cache: rotate q and k, write this step's keys and values, then attend."""
 import math
-from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -23,11 +22,11 @@ class Attention(nn.Module):
     `use_flash_mla`, `learnable_sink`, `block_sparse_size` and `prefix` are lmdeploy's; only their defaults work.
     """
 
-    def __init__(self, num_heads: int, head_size: int, scale: Optional[float] = None,
-                 num_kv_heads: Optional[int] = None, v_head_size: Optional[int] = None, alibi: bool = False,
-                 sliding_window: Optional[int] = None, logit_softcapping: Optional[float] = None,
+    def __init__(self, num_heads: int, head_size: int, scale: float | None = None,
+                 num_kv_heads: int | None = None, v_head_size: int | None = None, alibi: bool = False,
+                 sliding_window: int | None = None, logit_softcapping: float | None = None,
                  causal: bool = True, use_flash_mla: bool = False, learnable_sink: bool = False,
-                 block_sparse_size: int = 1, prefix: str = '', rotary: Optional[nn.Module] = None):
+                 block_sparse_size: int = 1, prefix: str = '', rotary: nn.Module | None = None):
         super().__init__()
         unsupported = [name for name, on in (('alibi', alibi), ('use_flash_mla', use_flash_mla),
                                              ('learnable_sink', learnable_sink),
@@ -49,7 +48,7 @@ class Attention(nn.Module):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, attn_metadata, k_scales_zeros=None, v_scales_zeros=None, s_aux=None,
-                inplace: bool = True, rotary_pos_emb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                inplace: bool = True, rotary_pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> torch.Tensor:
         """`rotary_pos_emb=(cos, sin)` (`[T, R]` or `[1, T, R]`): rotate query and key first (in place)."""
         if k_scales_zeros is not None or v_scales_zeros is not None or s_aux is not None:

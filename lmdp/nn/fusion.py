@@ -5,7 +5,6 @@ and hooked by name; when the child is lmdp's own and nobody is watching it, the 
 kernel instead (one launch fewer, the same numbers). A replaced child, or one with a forward hook on it (the parity
 harness's taps), is called as a step of its own, so a hook always sees the step's real output.
 """
-from typing import Optional
 
 from torch import nn
 from torch.nn.modules import module as _module
@@ -19,7 +18,7 @@ def is_observed(module: nn.Module) -> bool:
                 or any(getattr(_module, name, None) for name in _GLOBAL_HOOKS))
 
 
-def _owner(cls: type, attr: str) -> Optional[type]:
+def _owner(cls: type, attr: str) -> type | None:
     return next((c for c in cls.__mro__ if attr in vars(c)), None)
 
 

@@ -7,7 +7,7 @@ AWQ) gives its layer a quant method (`lmdp.nn.quant_linear`) that holds the quan
 `weight`, loads them, and multiplies; the layer tells it which rows and columns this rank keeps
 (`quant_parts`, `quant_in_cols`), so scales shard with their weights.
 """
-from typing import List, Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -59,7 +59,7 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
 
-    def matmul(self, x: torch.Tensor, bias, act: Optional[str] = None) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, bias, act: str | None = None) -> torch.Tensor:
         """x W^T + bias (of `act(gate) * up` for a fused `[gate | up]` x when `act` is given)."""
         if self.quant_method is not None:
             return self.quant_method.apply(self, x, bias, act)
@@ -118,7 +118,7 @@ class RowwiseParallelLinear(LinearBase):
         total = self.in_features * self.tp_world
         return split_for_rank(torch.arange(total), 0, self.tp_world, self.tp_rank, 'rowwise linear'), total
 
-    def forward(self, x: torch.Tensor, act: Optional[str] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
         """`act` ('silu', 'gelu', 'gelu_tanh'): x is a fused `[gate | up]` projection and this layer's input is
         `act(gate) * up`, computed by the kernel as it reads x (the MLP's activation without a launch of its own)."""
         # under tensor parallelism the bias is added once, after the partial products are summed
@@ -138,7 +138,7 @@ class MergedColwiseLinear(LinearBase):
     """
 
     def __init__(self, in_features, all_out_features: Sequence[int], bias, dtype=None, device=None, is_tp=True,
-                 out_names: Optional[Sequence[str]] = None, quant_method=None):
+                 out_names: Sequence[str] | None = None, quant_method=None):
         self.tp_world, self.tp_rank = _tp(is_tp)
         self.local_out = [_divide(o, self.tp_world, 'out_features') for o in all_out_features]
         super().__init__(in_features, sum(self.local_out), bias, dtype, device, quant_method)
@@ -183,7 +183,7 @@ class MergedColwiseLinear(LinearBase):
         for name, part in zip(self.out_names, loaded_weight.split(sizes, dim=0)):
             self.weight_loader(param, part, shard_id=name)
 
-    def split(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The stacked outputs, one view per projection."""
         return list(x.split(self.local_out, dim=-1))
 
@@ -275,7 +275,7 @@ def build_rowwise_linear(in_features: int, out_features: int, bias: bool, dtype=
 
 def build_merged_colwise_linear(in_features: int, all_out_features: Sequence[int], bias: bool, dtype=None,
                                 device=None, quant_config=None, is_tp: bool = True,
-                                out_names: Optional[Sequence[Union[int, str]]] = None, dp_gather: bool = False,
+                                out_names: Sequence[int | str] | None = None, dp_gather: bool = False,
                                 check_dist: bool = True, layer_type: str = 'attn',
                                 prefix: str = '') -> MergedColwiseLinear:
     """Several colwise projections of one input in one matrix (loaded per `shard_id`, or fused)."""
@@ -285,7 +285,7 @@ def build_merged_colwise_linear(in_features: int, all_out_features: Sequence[int
 
 
 def build_qkv_proj(in_features: int, num_q_heads: int, num_kv_heads: int, head_size: int,
-                   head_size_v: Optional[int] = None, bias: bool = False, quant_config=None, dtype=None, device=None,
+                   head_size_v: int | None = None, bias: bool = False, quant_config=None, dtype=None, device=None,
                    is_tp: bool = True, num_replicate_kv_heads: int = 1, prefix: str = '') -> QKVParallelLinear:
     """q, k and v in one matrix, split by heads across ranks (loaded per shard 'q'/'k'/'v', or fused)."""
     quant = linear_quant_method(quant_config, prefix)
@@ -306,7 +306,7 @@ def build_o_proj(in_features: int, out_features: int, bias: bool, dtype=None, de
 
 
 def build_gateup_linear(in_features: int, all_out_features: Sequence[int], bias: bool, dtype=None, device=None,
-                        quant_config=None, is_tp: bool = True, out_names: Optional[Sequence[Union[int, str]]] = None,
+                        quant_config=None, is_tp: bool = True, out_names: Sequence[int | str] | None = None,
                         dp_gather: bool = True, prefix: str = '') -> MergedColwiseLinear:
     """The MLP's gate and up projections in one matrix: shard 0 gate, shard 1 up."""
     return build_merged_colwise_linear(in_features, all_out_features, bias, dtype=dtype, device=device,

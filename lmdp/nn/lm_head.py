@@ -1,5 +1,4 @@
 """The output projection to the vocabulary, split over the vocabulary under tensor parallelism."""
-from typing import Optional
 
 import torch
 from torch import nn
@@ -43,6 +42,6 @@ class ParallelLMHead(nn.Module):
 
 
 def build_lm_head(in_features: int, vocab_size: int, bias: bool = False, dtype=None, device=None,
-                  is_tp: bool = True, quant_config: Optional[object] = None) -> ParallelLMHead:
+                  is_tp: bool = True, quant_config: object | None = None) -> ParallelLMHead:
     """The vocabulary projection; vocabulary-parallel under tensor parallelism (never quantised)."""
     return ParallelLMHead(in_features, vocab_size, bias, dtype, device, is_tp)

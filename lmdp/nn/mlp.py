@@ -1,5 +1,4 @@
 """The gated MLP block: gate/up projection → activation → down projection."""
-from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -36,8 +35,8 @@ class GatedMLP(nn.Module):
     `act_fn`, `down_proj`.
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act: Union[str, nn.Module] = 'silu',
-                 bias: bool = False, dtype: Optional[torch.dtype] = None, device=None, quant_config=None,
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str | nn.Module = 'silu',
+                 bias: bool = False, dtype: torch.dtype | None = None, device=None, quant_config=None,
                  is_tp: bool = True, prefix: str = ''):
         super().__init__()
         self.gate_up_proj = build_gateup_linear(hidden_size, [intermediate_size, intermediate_size], bias=bias,

@@ -14,7 +14,7 @@ tracked per (expert, shard). transformers 5's own layout (all experts in one 3-D
 `[E, 2I, H]`, `down_proj` `[E, H, I]`) loads with `expert_id=None` and shard 'gate_up' or 'down'.
 """
 import operator
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -130,7 +130,7 @@ class LinearWeights(nn.Module):
         with torch.no_grad():
             target.copy_(loaded.to(param.dtype))
 
-    def weight_loader(self, param, loaded_weight: torch.Tensor, expert_id: Optional[int] = None,
+    def weight_loader(self, param, loaded_weight: torch.Tensor, expert_id: int | None = None,
                       shard_id: str = None):
         shards = self.shard_names + (('gate_up', ) if self.weight_type == 'gate_up' else ())
         if shard_id not in shards:
@@ -227,7 +227,7 @@ class FusedMoE(nn.Module):
 def build_fused_moe(hidden_dim: int, ffn_dim: int, num_experts: int, top_k: int, renormalize: bool = False,
                     dtype=None, device=None, quant_config=None, all_reduce: bool = True, enable_ep: bool = False,
                     layer_idx: int = 0, act_func=None, bias: bool = False, prefix: str = '', is_tp: bool = True,
-                    act: Optional[str] = None) -> FusedMoE:
+                    act: str | None = None) -> FusedMoE:
     """The experts of one MoE layer (lmdeploy's builder). `act` (or lmdeploy's `act_func`, given as a
     `hidden_act` name) picks the gated activation, silu by default; `layer_idx` and `prefix` are accepted for
     lmdeploy's signature and unused. Under an FP8 `quant_config` the experts hold FP8 weights with block scales and
@@ -269,7 +269,7 @@ def build_shared_expert_gate(hidden_size: int, dtype=None, device=None, quant_co
 
 def expert_params_mapping(num_experts: int, param_prefix: str = '.experts',
                           checkpoint_names: Sequence[str] = ('gate_proj', 'up_proj', 'down_proj'),
-                          checkpoint_prefix: Optional[str] = None):
+                          checkpoint_prefix: str | None = None):
     """`(param fragment, checkpoint fragment, expert_id, shard_id)` for every expert's three projections, as
     lmdeploy's ports build it: `('.experts.gate_up', '.experts.3.gate_proj', 3, 'gate')`. Mixtral's checkpoints
     name them `('w1', 'w3', 'w2')` under another block name (`checkpoint_prefix='.block_sparse_moe.experts'`)."""

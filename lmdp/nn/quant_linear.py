@@ -12,7 +12,6 @@ From those rows and columns a method cuts block scales (FP8: a rank that keeps r
 block keeps that block's scales) and packed columns (AWQ: eight output features per int32).
 """
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -106,7 +105,7 @@ class QuantLinearMethod:
         for shard in where.shards:
             record_load(param, shard)
 
-    def apply(self, layer, x: torch.Tensor, bias: Optional[torch.Tensor], act: Optional[str] = None):
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None, act: str | None = None):
         raise NotImplementedError
 
 
@@ -247,7 +246,7 @@ class AwqLinear(QuantLinearMethod):
 METHODS = {'fp8': Fp8BlockLinear, 'awq': AwqLinear}
 
 
-def linear_quant_method(quant_config, prefix: str = '') -> Optional[QuantLinearMethod]:
+def linear_quant_method(quant_config, prefix: str = '') -> QuantLinearMethod | None:
     """The method of a linear layer built with `quant_config` (None: unquantised, also for a layer the config's
     `modules_to_not_convert` names through `prefix`); ConfigError for a scheme lmdp can't run."""
     config = parse_quant_config(quant_config)

@@ -4,8 +4,8 @@ The torch ops run in the same order as transformers' ``ROPE_INIT_FUNCTIONS``, so
 bit (tests/test_rotary_embedding.py checks this); keep it that way when editing the math.
 """
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -14,13 +14,13 @@ from torch import Tensor
 @dataclass
 class YarnParameters:
     """YaRN settings (HF ``rope_parameters`` keys of the same names)."""
-    attention_factor: Optional[float] = None  # None: derived from factor / mscale as HF does
+    attention_factor: float | None = None  # None: derived from factor / mscale as HF does
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    mscale: Optional[float] = None
-    mscale_all_dim: Optional[float] = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
     truncate: bool = True
-    original_max_position_embeddings: Optional[int] = None  # None: max_position_embeddings
+    original_max_position_embeddings: int | None = None  # None: max_position_embeddings
 
 
 @dataclass
@@ -28,8 +28,8 @@ class LongRoPEScalingParameters:
     """LongRoPE settings: per-frequency factors for short and long contexts."""
     short_factor: Sequence[float]
     long_factor: Sequence[float]
-    original_max_position_embeddings: Optional[int] = None  # None: max_position_embeddings
-    attention_factor: Optional[float] = None  # None: derived from factor as HF does
+    original_max_position_embeddings: int | None = None  # None: max_position_embeddings
+    attention_factor: float | None = None  # None: derived from factor as HF does
 
 
 @dataclass

@@ -8,7 +8,7 @@
 
 import enum
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -99,7 +99,7 @@ class RotaryEmbedding(nn.Module):
         """``[T, R // 2]`` frequencies for tokens whose sequences have these lengths (length-dependent types)."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor, position_ids: Tensor, attn_metadata: Any = None) -> Tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, position_ids: Tensor, attn_metadata: Any = None) -> tuple[Tensor, Tensor]:
         """position_ids ``[1, T]`` or ``[T]`` -> cos, sin ``[1, T, R]`` or ``[T, R]`` in x's dtype.
 
         For the length-dependent types, pass the step's ``attn_metadata``: each token then gets the frequencies of
@@ -188,13 +188,13 @@ class LongRoPERotaryEmbedding(RotaryEmbedding):
 def build_rotary_embedding(dim: int,
                            max_position_embeddings: int = 2048,
                            base: float = 10000,
-                           scaling_factor: Optional[float] = 1.0,
-                           yarn_params: Optional[YarnParameters] = None,
-                           longrope_params: Optional[LongRoPEScalingParameters] = None,
-                           llama3_params: Optional[Llama3Parameters] = None,
+                           scaling_factor: float | None = 1.0,
+                           yarn_params: YarnParameters | None = None,
+                           longrope_params: LongRoPEScalingParameters | None = None,
+                           llama3_params: Llama3Parameters | None = None,
                            emb_type: Any = RopeType.Default,
-                           partial_rotary_factor: Optional[float] = None,
-                           device: Optional[torch.device] = None) -> RotaryEmbedding:
+                           partial_rotary_factor: float | None = None,
+                           device: torch.device | None = None) -> RotaryEmbedding:
     """Build a rotary embedding module.
 
     ``dim`` is the head dim; the rotary dim is ``int(dim * partial_rotary_factor)``.
@@ -244,7 +244,7 @@ def build_rotary_embedding(dim: int,
 # --- reading HF configs ---
 
 
-def get_rope_parameters(hf_config: Any, layer_type: Optional[str] = None) -> Dict[str, Any]:
+def get_rope_parameters(hf_config: Any, layer_type: str | None = None) -> dict[str, Any]:
     """The rope settings dict of an HF config, copied.
 
     transformers 5.x keeps them in ``config.rope_parameters`` (per layer type for
@@ -268,13 +268,13 @@ def get_rope_parameters(hf_config: Any, layer_type: Optional[str] = None) -> Dic
     return params
 
 
-def _require(params: Dict[str, Any], key: str, rope_type: RopeType) -> Any:
+def _require(params: dict[str, Any], key: str, rope_type: RopeType) -> Any:
     if params.get(key) is None:
         raise ValueError(f'rope type {rope_type.value!r} needs {key!r} in the rope parameters, got {params}')
     return params[key]
 
 
-def build_rotary_params(hf_config: Any, layer_type: Optional[str] = None) -> Dict[str, Any]:
+def build_rotary_params(hf_config: Any, layer_type: str | None = None) -> dict[str, Any]:
     """Keyword arguments of ``build_rotary_embedding`` read from an HF config (4.x or 5.x)."""
     params = get_rope_parameters(hf_config, layer_type)
     emb_type = _parse_rope_type(params.get('rope_type') or params.get('type') or 'default')
@@ -321,8 +321,8 @@ def build_rotary_params(hf_config: Any, layer_type: Optional[str] = None) -> Dic
 
 
 def build_rotary_embedding_from_config(hf_config: Any,
-                                       device: Optional[torch.device] = None,
-                                       layer_type: Optional[str] = None) -> RotaryEmbedding:
+                                       device: torch.device | None = None,
+                                       layer_type: str | None = None) -> RotaryEmbedding:
     """Build the rotary embedding an HF config describes (``layer_type`` for per-layer-type rope)."""
     return build_rotary_embedding(**build_rotary_params(hf_config, layer_type), device=device)
 
@@ -331,12 +331,12 @@ class LayerTypeRotaryEmbedding(nn.ModuleDict):
     """One rotary embedding per layer type, for configs whose rope settings differ by layer type (Gemma 3's local
     and global layers): ``forward(x, position_ids, attn_metadata=None) -> {layer_type: (cos, sin)}``."""
 
-    def __init__(self, hf_config: Any, device: Optional[torch.device] = None):
+    def __init__(self, hf_config: Any, device: torch.device | None = None):
         layer_types = sorted(set(hf_config.layer_types))
         super().__init__({t: build_rotary_embedding_from_config(hf_config, device=device, layer_type=t)
                           for t in layer_types})
 
-    def forward(self, x: Tensor, position_ids: Tensor, attn_metadata: Any = None) -> Dict[str, Tuple[Tensor, Tensor]]:
+    def forward(self, x: Tensor, position_ids: Tensor, attn_metadata: Any = None) -> dict[str, tuple[Tensor, Tensor]]:
         return {layer_type: rope(x, position_ids, attn_metadata) for layer_type, rope in self.items()}
 
 
@@ -353,7 +353,7 @@ class ApplyRotaryEmb(nn.Module):
     fuses_into_cache_write = True
 
     def forward(self, query: Tensor, key: Tensor, cos: Tensor, sin: Tensor,
-                inplace: bool = True) -> Tuple[Tensor, Tensor]:
+                inplace: bool = True) -> tuple[Tensor, Tensor]:
         """Returns the rotated (query, key); with ``inplace`` they are written into the inputs."""
         cos, sin = as_rows(cos), as_rows(sin)
         if inplace:

@@ -1,6 +1,5 @@
 """A free list over the physical blocks of the KV cache."""
 import random
-from typing import List, Optional
 
 
 class OutOfBlocks(RuntimeError):
@@ -11,7 +10,7 @@ class BlockAllocator:
     """Hands out block ids. `shuffle_seed` hands them out in a shuffled order, so tests can prove that nothing
     relies on a sequence's blocks being contiguous."""
 
-    def __init__(self, num_blocks: int, shuffle_seed: Optional[int] = None):
+    def __init__(self, num_blocks: int, shuffle_seed: int | None = None):
         if num_blocks <= 0:
             raise ValueError(f'num_blocks must be positive, got {num_blocks}')
         self.num_blocks = num_blocks
@@ -24,10 +23,10 @@ class BlockAllocator:
     def num_free(self) -> int:
         return len(self._free)
 
-    def allocate(self, n: int) -> List[int]:
+    def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise OutOfBlocks(f'need {n} KV-cache blocks, {len(self._free)} free of {self.num_blocks}')
         return [self._free.pop() for _ in range(n)]
 
-    def free(self, blocks: List[int]):
+    def free(self, blocks: list[int]):
         self._free.extend(reversed(blocks))

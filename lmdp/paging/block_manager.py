@@ -7,8 +7,8 @@ no never-keyed block is left. Sequences free their blocks tail first, so the tai
 its head, and the heads that many prompts share stay longest.
 """
 from collections import OrderedDict
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence as Seq
 
 from .block_allocator import BlockAllocator, OutOfBlocks
 
@@ -19,7 +19,7 @@ class PrefixCacheStats:
     hit_tokens: int = 0
 
 
-def _chain(parent: Optional[int], tokens: Seq[int]) -> int:
+def _chain(parent: int | None, tokens: Seq[int]) -> int:
     return hash((parent, tuple(tokens)))
 
 
@@ -28,13 +28,13 @@ class BlockManager:
     `block_hashes` lists (see `lmdp.engine.sequence.Sequence`)."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
-                 shuffle_seed: Optional[int] = None):
+                 shuffle_seed: int | None = None):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self._allocator = BlockAllocator(num_blocks, shuffle_seed)
         self._ref = [0] * num_blocks
-        self._hash_of: Dict[int, int] = {}              # block -> key, for keyed blocks
-        self._block_of: Dict[int, int] = {}             # key -> block
+        self._hash_of: dict[int, int] = {}              # block -> key, for keyed blocks
+        self._block_of: dict[int, int] = {}             # key -> block
         self._evictable: OrderedDict[int, None] = OrderedDict()   # keyed blocks nobody uses, oldest first
         self.stats = PrefixCacheStats()
 
@@ -51,7 +51,7 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def match_prefix(self, seq) -> List[int]:
+    def match_prefix(self, seq) -> list[int]:
         """Cached blocks holding a prefix of `seq.token_ids`. At least one token is left out, so the prefill that
         follows has a last position to take logits from."""
         if not self.enable_prefix_caching:

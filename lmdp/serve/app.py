@@ -13,7 +13,7 @@ import functools
 import logging
 import secrets
 import time
-from typing import AsyncIterator, Dict, List, Optional, Tuple
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,14 +27,14 @@ from .protocol import APIError, ChatCompletionRequest, CompletionRequest, valida
 
 logger = logging.getLogger('lmdp.serve')
 
-Started = List[Tuple[Response, AsyncIterator[Response]]]     # per prompt: its first piece, the rest
+Started = list[tuple[Response, AsyncIterator[Response]]]     # per prompt: its first piece, the rest
 
 
 class Server:
     """What the routes share: the pipeline, the served name, the key, the sampling defaults and the metrics."""
 
-    def __init__(self, pipe, model_name: str, api_key: Optional[str] = None,
-                 sampling_defaults: Optional[Dict[str, float]] = None):
+    def __init__(self, pipe, model_name: str, api_key: str | None = None,
+                 sampling_defaults: dict[str, float] | None = None):
         self.pipe, self.model_name, self.api_key = pipe, model_name, api_key
         self.sampling_defaults = dict(sampling_defaults or {})
         self.metrics = ServerMetrics(model_name)
@@ -104,7 +104,7 @@ class Server:
             raise APIError(400, '; '.join(f'prompt {i}: {m}' for i, m in problems), param='prompt')
         return list(zip(firsts, gens))
 
-    async def pieces(self, started: Started) -> AsyncIterator[Tuple[int, Response]]:
+    async def pieces(self, started: Started) -> AsyncIterator[tuple[int, Response]]:
         """(choice index, piece) as they come, from every prompt of the request."""
         if len(started) == 1:
             first, rest = started[0]
@@ -185,7 +185,7 @@ class Server:
         finally:
             await self._let_go(pieces, started, choices)
 
-    async def _let_go(self, pieces, started: Started, choices: List[Choice]):
+    async def _let_go(self, pieces, started: Started, choices: list[Choice]):
         """Close the pipeline streams of a request that ends, aborting any unfinished one (at once: not when the
         garbage collector gets to them)."""
         for c in choices:

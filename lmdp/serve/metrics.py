@@ -6,7 +6,7 @@ last `window` seconds, so a scrape shows the current rate without Prometheus hav
 """
 import collections
 import time
-from typing import Callable, Deque, Dict, Tuple
+from collections.abc import Callable
 
 PREFIX = 'lmdp'
 
@@ -18,9 +18,9 @@ class ServerMetrics:
         self.started = clock()
         self.generation_tokens = 0
         self.prompt_tokens = 0
-        self.requests: Dict[str, int] = collections.Counter()         # by finish reason
-        self.http_errors: Dict[int, int] = collections.Counter()      # by status
-        self._recent: Deque[Tuple[float, int]] = collections.deque()  # (time, tokens) handed out
+        self.requests: dict[str, int] = collections.Counter()         # by finish reason
+        self.http_errors: dict[int, int] = collections.Counter()      # by status
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) handed out
 
     def count_tokens(self, n: int):
         if n:
@@ -84,7 +84,7 @@ def _escape(value: str) -> str:
     return value.replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
 
 
-def parse(text: str) -> Dict[str, float]:
+def parse(text: str) -> dict[str, float]:
     """{'name{labels}': value} of an exposition text (for tests and scripts that read /metrics)."""
     values = {}
     for line in text.splitlines():

@@ -7,8 +7,8 @@ written in each endpoint's own shape: completions' parallel lists, chat's list o
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
 
 from ..messages import Response
 
@@ -24,11 +24,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             'total_tokens': prompt_tokens + completion_tokens}
 
 
-def _top(lp: Dict[int, float], n: int) -> List[tuple]:
+def _top(lp: dict[int, float], n: int) -> list[tuple]:
     return sorted(lp.items(), key=lambda kv: -kv[1])[:n]
 
 
-def completion_logprobs(token_ids: List[int], logprobs: List[Dict[int, float]], top_n: int, token_text: TokenText,
+def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], top_n: int, token_text: TokenText,
                         text_offset: int = 0) -> dict:
     """Completions' shape: tokens, token_logprobs, top_logprobs, text_offset (where each token starts)."""
     out = {'tokens': [], 'token_logprobs': [], 'top_logprobs': [], 'text_offset': []}
@@ -45,7 +45,7 @@ def completion_logprobs(token_ids: List[int], logprobs: List[Dict[int, float]], 
     return out
 
 
-def chat_logprobs(token_ids: List[int], logprobs: List[Dict[int, float]], top_n: int, token_text: TokenText) -> dict:
+def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], top_n: int, token_text: TokenText) -> dict:
     """Chat's shape: per token its text, logprob, UTF-8 bytes and the top_n alternatives."""
     def entry(token, value):
         text = token_text(token)
@@ -64,12 +64,12 @@ class Choice:
     """One prompt's output as its pieces arrive."""
     index: int
     text: str = ''
-    token_ids: List[int] = field(default_factory=list)
-    logprobs: List[Dict[int, float]] = field(default_factory=list)
-    finish_reason: Optional[str] = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    error: Optional[str] = None
+    error: str | None = None
 
     def add(self, piece: Response):
         self.error = piece.error
@@ -83,13 +83,13 @@ class Choice:
 class Formatter:
     """Bodies and chunks of one request: its id, creation time, model name and endpoint."""
 
-    def __init__(self, chat: bool, model: str, token_text: TokenText, top_logprobs: Optional[int]):
+    def __init__(self, chat: bool, model: str, token_text: TokenText, top_logprobs: int | None):
         self.chat, self.model, self.token_text, self.top_logprobs = chat, model, token_text, top_logprobs
         self.id = new_id('chatcmpl' if chat else 'cmpl')
         self.created = int(time.time())
-        self._offsets: Dict[int, int] = {}     # completions' text_offset, per choice, across chunks
+        self._offsets: dict[int, int] = {}     # completions' text_offset, per choice, across chunks
 
-    def _logprobs(self, index: int, token_ids, logprobs) -> Optional[dict]:
+    def _logprobs(self, index: int, token_ids, logprobs) -> dict | None:
         if self.top_logprobs is None:
             return None
         if self.chat:
@@ -98,7 +98,7 @@ class Formatter:
         self._offsets[index] = self._offsets.get(index, 0) + sum(len(t) for t in out['tokens'])
         return out
 
-    def body(self, choices: List[Choice]) -> dict:
+    def body(self, choices: list[Choice]) -> dict:
         """The whole response of a non-streaming request."""
         items = []
         for c in choices:
@@ -113,8 +113,8 @@ class Formatter:
                 'created': self.created, 'model': self.model, 'choices': items,
                 'usage': usage(sum(c.prompt_tokens for c in choices), sum(c.completion_tokens for c in choices))}
 
-    def chunk(self, index: int, text: Optional[str] = None, piece: Optional[Response] = None,
-              finish_reason: Optional[str] = None, role: bool = False) -> str:
+    def chunk(self, index: int, text: str | None = None, piece: Response | None = None,
+              finish_reason: str | None = None, role: bool = False) -> str:
         """One server-sent event carrying a choice's new text (and its tokens' logprobs) or its finish."""
         logprobs = None
         if piece is not None and piece.token_ids and piece.logprobs:
@@ -129,10 +129,10 @@ class Formatter:
             item['text'] = text or ''
         return self._event([item])
 
-    def usage_chunk(self, choices: List[Choice]) -> str:
+    def usage_chunk(self, choices: list[Choice]) -> str:
         return self._event([], usage(sum(c.prompt_tokens for c in choices), sum(c.completion_tokens for c in choices)))
 
-    def _event(self, items: list, usage_: Optional[dict] = None) -> str:
+    def _event(self, items: list, usage_: dict | None = None) -> str:
         body = {'id': self.id, 'object': 'chat.completion.chunk' if self.chat else 'text_completion',
                 'created': self.created, 'model': self.model, 'choices': items}
         if usage_ is not None:

@@ -6,7 +6,7 @@ vLLM's extensions beside them (`top_k`, `min_p`, `repetition_penalty`, `min_toke
 but can't honour (n > 1, penalties, tools, ...) are refused with a message, never silently dropped.
 """
 import logging
-from typing import Any, Dict, List, Optional, Union
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -20,8 +20,8 @@ MAX_LOGPROBS = 20
 class APIError(Exception):
     """A request the server refuses: the HTTP status and OpenAI's error body."""
 
-    def __init__(self, status: int, message: str, type: str = 'invalid_request_error', param: Optional[str] = None,
-                 code: Optional[str] = None):
+    def __init__(self, status: int, message: str, type: str = 'invalid_request_error', param: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -39,23 +39,23 @@ class _SamplingRequest(BaseModel):
 
     model: str
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    temperature: Optional[float] = Field(None, ge=0)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    seed: Optional[int] = None
-    stop: Union[str, List[str], None] = None
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: Optional[Dict[str, float]] = None
-    user: Optional[str] = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
     # vLLM's extensions
-    top_k: Optional[int] = Field(None, ge=-1)        # -1 or 0: no limit
-    min_p: Optional[float] = Field(None, ge=0, le=1)
-    repetition_penalty: Optional[float] = Field(None, gt=0)
+    top_k: int | None = Field(None, ge=-1)        # -1 or 0: no limit
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: Optional[List[int]] = None
+    stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -74,8 +74,8 @@ class _SamplingRequest(BaseModel):
         if unknown:
             logger.warning('ignoring unknown request fields %s', unknown)
 
-    def generation_config(self, max_new_tokens: int, logprobs: Optional[int],
-                          defaults: Dict[str, Any]) -> GenerationConfig:
+    def generation_config(self, max_new_tokens: int, logprobs: int | None,
+                          defaults: dict[str, Any]) -> GenerationConfig:
         """The engine's settings: the request's values, then the checkpoint's sampling defaults, then OpenAI's."""
         def pick(name, openai_default):
             value = getattr(self, name)
@@ -96,16 +96,16 @@ class _SamplingRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-Prompt = Union[str, List[str], List[int], List[List[int]]]
+Prompt = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(_SamplingRequest):
     prompt: Prompt
-    max_tokens: Optional[int] = Field(16, ge=0)
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    suffix: Optional[str] = None
-    best_of: Optional[int] = None
+    suffix: str | None = None
+    best_of: int | None = None
 
     @field_validator('prompt', mode='wrap')
     @classmethod
@@ -139,9 +139,9 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra='allow')
 
     role: str
-    content: Union[str, List[Dict[str, Any]], None] = None
+    content: str | list[dict[str, Any]] | None = None
 
-    def as_template_input(self) -> Dict[str, str]:
+    def as_template_input(self) -> dict[str, str]:
         content = self.content
         if isinstance(content, list):         # content parts: text only
             texts = []
@@ -155,14 +155,14 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: List[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=0)
-    max_completion_tokens: Optional[int] = Field(None, ge=0)
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: Optional[List[Dict[str, Any]]] = None
-    functions: Optional[List[Dict[str, Any]]] = None
-    response_format: Optional[Dict[str, Any]] = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    functions: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
 
     def refuse_unsupported(self):
         super().refuse_unsupported()
@@ -174,7 +174,7 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.top_logprobs and not self.logprobs:
             _refuse('top_logprobs', 'top_logprobs needs logprobs=true')
 
-    def requested_max_tokens(self) -> Optional[int]:
+    def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 

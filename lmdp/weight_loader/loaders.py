@@ -3,7 +3,7 @@
 Every parameter lmdp builds carries `param.weight_loader(param, loaded_weight, [shard_id])`. Loaders check shapes
 and report every load to the active load tracker, which is how `load_model_weights` knows what was never loaded.
 """
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -37,7 +37,7 @@ def split_for_rank(loaded_weight: torch.Tensor, dim: int, world_size: int, rank:
     return loaded_weight.narrow(dim, rank * (size // world_size), size // world_size)
 
 
-def set_weight_loader(param: torch.nn.Parameter, loader, shards: Optional[Sequence] = None):
+def set_weight_loader(param: torch.nn.Parameter, loader, shards: Sequence | None = None):
     """Attach a loader; `shards` lists the shard ids a stacked parameter needs before it counts as loaded."""
     param.weight_loader = loader
     if shards is not None:

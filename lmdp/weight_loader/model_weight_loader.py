@@ -1,7 +1,7 @@
 """Loading a checkpoint into a model through its `load_weights`, with a full account of what matched."""
 import ast
 import logging
-from typing import Iterable, Optional, Tuple
+from collections.abc import Iterable
 
 import torch
 
@@ -37,7 +37,7 @@ def load_weight(param: torch.nn.Parameter, loaded_weight: torch.Tensor, **kwargs
         record_load(param, (kwargs['expert_id'], kwargs.get('shard_id')))
 
 
-def expected_checkpoint_name(model, entry: str) -> Optional[str]:
+def expected_checkpoint_name(model, entry: str) -> str | None:
     """For 'x.qkv_proj.weight [shard 'k']', the checkpoint name the model's packed_modules_mapping implies (for an
     expert shard, 'x.experts.gate_up.weight [shard (3, 'gate')]', the one its expert_params_mapping names)."""
     if ' [shard ' not in entry:
@@ -115,7 +115,7 @@ def _ranges(ids) -> str:
 
 
 def load_model_weights(model: torch.nn.Module, model_path: str = None,
-                       weights: Optional[Iterable[Tuple[str, torch.Tensor]]] = None, strict: bool = True):
+                       weights: Iterable[tuple[str, torch.Tensor]] | None = None, strict: bool = True):
     """Stream a checkpoint into `model.load_weights`, then check coverage.
 
     Raises WeightLoadError naming every parameter never loaded (when strict); logs a warning naming every

@@ -8,7 +8,8 @@ their shard ids in `param.lmdp_shards` and count as loaded only once every shard
 import contextlib
 import re
 from collections import defaultdict
-from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from collections.abc import Iterable, Iterator
+from typing import Optional
 
 import torch
 
@@ -33,14 +34,14 @@ def describe_param(param: torch.Tensor) -> str:
 class LoadTracker:
 
     def __init__(self, model: torch.nn.Module, ignore_patterns: Iterable[str] = ()):
-        self.params: Dict[str, torch.Tensor] = dict(model.named_parameters())
+        self.params: dict[str, torch.Tensor] = dict(model.named_parameters())
         self.param_names = {id(p): n for n, p in self.params.items()}
-        self.loaded: Dict[str, Set] = defaultdict(set)
+        self.loaded: dict[str, set] = defaultdict(set)
         self.ignore = [re.compile(p) for p in ignore_patterns]
-        self.current: Optional[str] = None
+        self.current: str | None = None
         self._loads_for_current = 0
-        self.seen: List[str] = []
-        self.unused: List[str] = []
+        self.seen: list[str] = []
+        self.unused: list[str] = []
 
     def record(self, param, shard_id=None):
         name = self.param_names.get(id(param))
@@ -54,7 +55,7 @@ class LoadTracker:
                 self.unused.append(self.current)
         self.current, self._loads_for_current = None, 0
 
-    def watch(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> Iterator[Tuple[str, torch.Tensor]]:
+    def watch(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """Pass (name, tensor) pairs through, noting which caused no load."""
         for name, tensor in weights:
             self._close_current()
@@ -63,7 +64,7 @@ class LoadTracker:
             yield name, tensor
         self._close_current()
 
-    def missing(self) -> List[str]:
+    def missing(self) -> list[str]:
         """Parameters (or 'param [shard s]') never loaded."""
         out = []
         for name, param in self.params.items():

@@ -5,7 +5,7 @@ headless browser, and tests can read it as text.
 """
 import html
 import math
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 OK, FAIL, SKIP = '#2e7d32', '#c62828', '#757575'
 
@@ -34,7 +34,7 @@ def esc(text) -> str:
     return html.escape('' if text is None else str(text))
 
 
-def fmt(value: Optional[float], spec: str = '.2e') -> str:
+def fmt(value: float | None, spec: str = '.2e') -> str:
     """A number for a table cell: '-' for none, 'inf'/'nan' spelled out."""
     if value is None:
         return '-'

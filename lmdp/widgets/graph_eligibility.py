@@ -6,8 +6,8 @@ and each captured bucket replays one decode step that is also run eagerly on the
 nothing can be captured: the view says so, and still asks `support_cuda_graph` per bucket (a callable answer
 needs the forward inputs, which a CPU runner builds just the same) and scans the port's source.
 """
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
 
 from .host_sync_scan import HostSyncFinding, scan_host_syncs
 
@@ -19,12 +19,12 @@ PREFILL_NOTE = ('prefill steps always run eagerly: graphs are captured for decod
 @dataclass
 class BucketRow:
     batch_size: int
-    supported: Optional[bool]             # support_cuda_graph's answer; None if asking it failed
-    captured: Optional[bool] = None       # None: not tried (no CUDA, or refused)
-    replay_max_abs: Optional[float] = None    # max |replay - eager| over a decode step's logits
-    replay_bitwise: Optional[bool] = None
-    reason: Optional[str] = None
-    fix: Optional[str] = None
+    supported: bool | None             # support_cuda_graph's answer; None if asking it failed
+    captured: bool | None = None       # None: not tried (no CUDA, or refused)
+    replay_max_abs: float | None = None    # max |replay - eager| over a decode step's logits
+    replay_bitwise: bool | None = None
+    reason: str | None = None
+    fix: str | None = None
 
     @property
     def status(self) -> str:
@@ -42,9 +42,9 @@ class GraphEligibility:
     model_class: str
     device: str
     support_flag: str                       # 'True', 'False' or 'callable: <name>'
-    buckets: List[BucketRow]
-    findings: List[HostSyncFinding]
-    notes: List[str] = field(default_factory=list)
+    buckets: list[BucketRow]
+    findings: list[HostSyncFinding]
+    notes: list[str] = field(default_factory=list)
 
     @property
     def cuda(self) -> bool:
@@ -81,7 +81,7 @@ def _flag_text(model) -> str:
     return str(bool(flag))
 
 
-def _cpu_rows(agent, batch_sizes: Sequence[int]) -> List[BucketRow]:
+def _cpu_rows(agent, batch_sizes: Sequence[int]) -> list[BucketRow]:
     """support_cuda_graph per bucket, asked with the inputs a graph runner would give it (no capture)."""
     from ..backends.cuda import CUDAGraphRunner
     from ..engine.cache_engine import CacheEngine
@@ -104,7 +104,7 @@ def _cpu_rows(agent, batch_sizes: Sequence[int]) -> List[BucketRow]:
     return rows
 
 
-def _cuda_rows(agent, batch_sizes: Sequence[int], seed: int = 0) -> List[BucketRow]:
+def _cuda_rows(agent, batch_sizes: Sequence[int], seed: int = 0) -> list[BucketRow]:
     """Capture each bucket, then replay one decode step and run it eagerly on the same cache state."""
     import torch
 

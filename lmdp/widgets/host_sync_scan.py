@@ -12,8 +12,8 @@ graph-safe CUDA paths of their own, and torch's modules are torch's.
 import ast
 import inspect
 import textwrap
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple
 
 NOT_THE_PORT = ('torch.', 'lmdp.nn', 'lmdp.kernels', 'lmdp.backends', 'transformers.', 'builtins')
 # methods that run at load time or on the host by design, never inside a captured step
@@ -23,7 +23,7 @@ SYNC = ('a host synchronisation: the value must come back to the CPU in the midd
         'graph cannot do')
 SHAPE = 'a data-dependent shape: the output size depends on tensor values, so no fixed-size graph can replay it'
 # pattern -> (reason, fix)
-RULES: Dict[str, Tuple[str, str]] = {
+RULES: dict[str, tuple[str, str]] = {
     '.item()': (SYNC, 'keep the value on the device: torch.where / clamp instead of `if x.item() ...`; read sizes '
                 'from the step context (max_q_seqlen, max_kv_seqlen), which the host already knows'),
     '.cpu()': (SYNC, 'leave tensors on the device inside forward; copy to the host after the step, outside it'),
@@ -65,7 +65,7 @@ class HostSyncFinding:
         return f'{self.file}:{self.line}'
 
 
-def _pattern(node: ast.AST) -> Optional[str]:
+def _pattern(node: ast.AST) -> str | None:
     if isinstance(node, ast.Call):
         f = node.func
         if isinstance(f, ast.Attribute):
@@ -89,7 +89,7 @@ def _pattern(node: ast.AST) -> Optional[str]:
     return None
 
 
-def scan_function(fn, qualname: Optional[str] = None) -> List[HostSyncFinding]:
+def scan_function(fn, qualname: str | None = None) -> list[HostSyncFinding]:
     """Findings in one function's source (empty when its source can't be read)."""
     try:
         lines, start = inspect.getsourcelines(fn)
@@ -115,7 +115,7 @@ def scan_function(fn, qualname: Optional[str] = None) -> List[HostSyncFinding]:
     return sorted(found, key=lambda f: (f.file, f.line))
 
 
-def port_classes(model) -> List[type]:
+def port_classes(model) -> list[type]:
     """The classes whose code runs in the model's step and belongs to the port (model may be a class)."""
     roots = [model] if isinstance(model, type) else [type(m) for m in model.modules()]
     classes = []
@@ -127,14 +127,14 @@ def port_classes(model) -> List[type]:
     return classes
 
 
-def _step_methods(cls) -> Iterable[Tuple[str, object]]:
+def _step_methods(cls) -> Iterable[tuple[str, object]]:
     for name, value in vars(cls).items():
         fn = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
         if inspect.isfunction(fn) and name not in NOT_IN_STEP:
             yield f'{cls.__qualname__}.{name}', fn
 
 
-def scan_host_syncs(model) -> List[HostSyncFinding]:
+def scan_host_syncs(model) -> list[HostSyncFinding]:
     """Every line in the port's step code (forward, get_logits, prepare_inputs_for_generation, helpers) that
     breaks CUDA-graph capture. `model` is an nn.Module or a model class (then only that class and its bases)."""
     findings = []

@@ -1,5 +1,4 @@
 """The per-layer error view of a ParityReport: phase and metric selectors over a callout, a log plot and a table."""
-from typing import Optional
 
 from ._html import callout, cell, esc, fmt, page, table
 from ._ipywidgets import View, require
@@ -48,7 +47,7 @@ def render_header(report) -> str:
 class ParityView(View):
     """`parity_view(report)`: displays as the widget; `.table` is what it shows now."""
 
-    def __init__(self, report, phase: Optional[str] = None, metric: str = 'rel_l2', view: str = 'local'):
+    def __init__(self, report, phase: str | None = None, metric: str = 'rel_l2', view: str = 'local'):
         w = require()
         self.report = report
         self.table = layer_error_table(report, phase, metric, view)
@@ -71,8 +70,8 @@ class ParityView(View):
         self.table = layer_error_table(self.report, self.phase.value, self.metric.value, self.view.value)
         self.body.value = render_html(self.table)
 
-    def select(self, phase: Optional[str] = None, metric: Optional[str] = None,
-               view: Optional[str] = None) -> 'ParityView':
+    def select(self, phase: str | None = None, metric: str | None = None,
+               view: str | None = None) -> 'ParityView':
         """Change the selectors from code (what a click does)."""
         if phase is not None:
             self.phase.value = phase
@@ -83,7 +82,7 @@ class ParityView(View):
         return self
 
 
-def parity_view(report, phase: Optional[str] = None, metric: str = 'rel_l2', view: str = 'local') -> ParityView:
+def parity_view(report, phase: str | None = None, metric: str = 'rel_l2', view: str = 'local') -> ParityView:
     """The per-layer error view of a parity.ParityReport (needs ipywidgets): phase, view (layer-local or
     accumulated) and metric selectors."""
     return ParityView(report, phase, metric, view)

@@ -5,11 +5,11 @@ A ParityReport (parity/report.py) holds the phases it ran: 'prefill', 'decode' (
 with more than one decode step, each step alone ('decode.0', ...).
 """
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
 
 # What to look at first when a tap of this kind is the first to diverge.
-SUSPECTS: Dict[str, str] = {
+SUSPECTS: dict[str, str] = {
     'embed': 'the embedding lookup or its scale (Gemma multiplies by sqrt(hidden_size))',
     'input_norm': "the layer's input norm: its eps and its weight convention (Gemma's (1 + w)), or what feeds it",
     'q': 'the q projection: which checkpoint tensor fills which part of qkv_proj',
@@ -30,10 +30,10 @@ class Metric:
     key: str
     label: str
     read: Callable[[object], float]                  # Metrics -> value
-    bound: Optional[Callable[[object], float]]       # TapResult -> bound
+    bound: Callable[[object], float] | None       # TapResult -> bound
 
 
-METRICS: Dict[str, Metric] = {m.key: m for m in (
+METRICS: dict[str, Metric] = {m.key: m for m in (
     Metric('rel_l2', 'relative L2 error', lambda m: m.rel_l2, lambda t: t.tolerance),
     Metric('ratio', 'error / tolerance', lambda m: m.rel_l2, lambda t: 1.0),   # divided by the tolerance below
     Metric('max_abs', 'max |port - reference|', lambda m: m.max_abs, None),
@@ -46,15 +46,15 @@ METRICS: Dict[str, Metric] = {m.key: m for m in (
 class LayerErrorRow:
     tap: str
     kind: str
-    layer: Optional[int]
-    value: Optional[float]        # None: the tap could not be compared (see note)
-    floor: Optional[float]        # transformers in the test dtype, same metric; None in float32 runs
-    bound: Optional[float]        # the tolerance in this metric's unit, if it has one
+    layer: int | None
+    value: float | None        # None: the tap could not be compared (see note)
+    floor: float | None        # transformers in the test dtype, same metric; None in float32 runs
+    bound: float | None        # the tolerance in this metric's unit, if it has one
     passed: bool                  # the tap's verdict (always judged on relative L2 error)
-    where: Optional[tuple] = None     # (sequence, token, channel) of the largest |port - reference|
+    where: tuple | None = None     # (sequence, token, channel) of the largest |port - reference|
     note: str = ''
     first_divergence: bool = False
-    impl: Optional[str] = None    # on the transformers fallback: 'native', 'mixed' or 'fallback' (None: a port)
+    impl: str | None = None    # on the transformers fallback: 'native', 'mixed' or 'fallback' (None: a port)
 
     @property
     def status(self) -> str:
@@ -69,19 +69,19 @@ class LayerErrorTable:
     phase: str
     phase_label: str
     metric: Metric
-    rows: List[LayerErrorRow]
-    phases: List[str]                         # every phase the report holds, for the selector
+    rows: list[LayerErrorRow]
+    phases: list[str]                         # every phase the report holds, for the selector
     rule: str
-    first_divergence: Optional[LayerErrorRow] = None
-    phase_labels: Dict[str, str] = field(default_factory=dict)
+    first_divergence: LayerErrorRow | None = None
+    phase_labels: dict[str, str] = field(default_factory=dict)
     view: str = 'local'
-    views: List[str] = field(default_factory=lambda: ['local'])
+    views: list[str] = field(default_factory=lambda: ['local'])
 
     @property
     def passed(self) -> bool:
         return all(r.passed for r in self.rows)
 
-    def row(self, tap: str) -> Optional[LayerErrorRow]:
+    def row(self, tap: str) -> LayerErrorRow | None:
         return next((r for r in self.rows if r.tap == tap), None)
 
     def callout(self) -> str:
@@ -104,7 +104,7 @@ class LayerErrorTable:
                 f'Suspect {SUSPECTS.get(first.kind, "the module behind this tap")}.')
 
 
-def phase_labels(report) -> Dict[str, str]:
+def phase_labels(report) -> dict[str, str]:
     phases = list(dict.fromkeys(t.phase for t in report.taps))
     lengths = ', '.join(map(str, report.prompt_lengths))
     labels = {}
@@ -138,7 +138,7 @@ VIEW_LABELS = {'local': 'layer-local (each layer fed the reference\'s input: its
                'accumulated': 'accumulated (the port end to end: errors carried from earlier layers)'}
 
 
-def layer_error_table(report, phase: Optional[str] = None, metric: str = 'rel_l2',
+def layer_error_table(report, phase: str | None = None, metric: str = 'rel_l2',
                       view: str = 'local') -> LayerErrorTable:
     """The per-layer view of `report` (a parity.ParityReport) for `phase` (default: the first), `metric` and `view`
     ('local': every layer run on the reference's own input, what verdicts come from; 'accumulated': end to end)."""

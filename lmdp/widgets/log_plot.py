@@ -4,7 +4,6 @@ SVG rather than matplotlib: no extra dependency, no image encoding, and the poin
 verdict as attributes, so a test can read the plot as well as look at it.
 """
 import math
-from typing import List, Optional
 
 from ._html import FAIL, OK, esc, fmt
 
@@ -12,7 +11,7 @@ W, H, LEFT, RIGHT, TOP, BOTTOM = 900, 300, 64, 16, 22, 70
 ZERO_DECADE = -12     # an exact match (error 0) is drawn on the bottom edge, hollow
 
 
-def _log(v: Optional[float]) -> Optional[float]:
+def _log(v: float | None) -> float | None:
     if v is None or math.isnan(v):
         return None
     if v <= 0:
@@ -40,12 +39,12 @@ def render_svg(table) -> str:
     step = (W - LEFT - RIGHT) / len(rows)
     x = lambda i: LEFT + (i + 0.5) * step  # noqa: E731
 
-    def y(v: Optional[float]) -> float:
+    def y(v: float | None) -> float:
         lv = _log(v)
         lv = lo if lv is None or lv < lo else hi if lv > hi else lv
         return TOP + (hi - lv) / (hi - lo) * (H - TOP - BOTTOM)
 
-    out: List[str] = [f'<svg class="lmdp-layer-plot" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+    out: list[str] = [f'<svg class="lmdp-layer-plot" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
                       f'font-family="sans-serif" font-size="11" data-phase="{esc(table.phase)}" '
                       f'data-metric="{table.metric.key}">']
     for decade in range(lo, hi + 1):

@@ -4,23 +4,23 @@ parameter (q/k/v -> qkv_proj, gate/up -> gate_up_proj) which checkpoint tensor f
 It runs the port's own `load_weights` under lmdp's load tracker (lmdp.weight_loader.tracker), the same way
 `load_model_weights(strict=False)` does, and also notes each (checkpoint tensor -> parameter, shard) load.
 """
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
 
 
 @dataclass
 class MissingParam:
     param: str                          # 'model.layers.0.self_attn.qkv_proj.weight'
-    shard: Optional[str] = None         # "'k'" for one shard of a stacked parameter
-    checkpoint_hint: Optional[str] = None   # the checkpoint tensor packed_modules_mapping says should fill it
+    shard: str | None = None         # "'k'" for one shard of a stacked parameter
+    checkpoint_hint: str | None = None   # the checkpoint tensor packed_modules_mapping says should fill it
 
 
 @dataclass
 class StackedShard:
     param: str
     shard: str
-    filled_by: List[str] = field(default_factory=list)    # checkpoint tensors that loaded this shard
-    expected: Optional[str] = None      # the tensor packed_modules_mapping names for it, if it names one
+    filled_by: list[str] = field(default_factory=list)    # checkpoint tensors that loaded this shard
+    expected: str | None = None      # the tensor packed_modules_mapping names for it, if it names one
 
     @property
     def ok(self) -> bool:
@@ -32,12 +32,12 @@ class WeightCoverage:
     model_class: str
     num_params: int
     checkpoint_tensors: int
-    missing: List[MissingParam]
-    unused: List[str]
-    ignored: List[str] = field(default_factory=list)      # matched ignored_checkpoint_keys, on purpose
-    stacked: List[StackedShard] = field(default_factory=list)
-    stacked_params_mapping: List[Tuple] = field(default_factory=list)
-    packed_modules_mapping: Dict[str, List[str]] = field(default_factory=dict)
+    missing: list[MissingParam]
+    unused: list[str]
+    ignored: list[str] = field(default_factory=list)      # matched ignored_checkpoint_keys, on purpose
+    stacked: list[StackedShard] = field(default_factory=list)
+    stacked_params_mapping: list[tuple] = field(default_factory=list)
+    packed_modules_mapping: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -64,7 +64,7 @@ class WeightCoverage:
                                    'on purpose in ignored_checkpoint_keys')
 
 
-def _missing(model, entries: Iterable[str]) -> List[MissingParam]:
+def _missing(model, entries: Iterable[str]) -> list[MissingParam]:
     from ..weight_loader.model_weight_loader import expected_checkpoint_name
     out = []
     for entry in entries:
@@ -74,8 +74,8 @@ def _missing(model, entries: Iterable[str]) -> List[MissingParam]:
     return out
 
 
-def weight_coverage(model, model_path: Optional[str] = None,
-                    weights: Optional[Iterable[Tuple[str, object]]] = None) -> WeightCoverage:
+def weight_coverage(model, model_path: str | None = None,
+                    weights: Iterable[tuple[str, object]] | None = None) -> WeightCoverage:
     """Load `model_path`'s tensors (or `weights`) through `model.load_weights` and account for every one."""
     import re
 

@@ -7,7 +7,6 @@ and rounding may put a token a hair's breadth from the bound on either side: suc
 one is decided. Top-k is decided exactly: the k likeliest, equal logits going to the lower token id.
 """
 import math
-from typing import List, Set, Tuple
 
 import torch
 
@@ -17,7 +16,7 @@ from lmdp.engine.sequence import SamplingParams
 MARGIN = 1e-5      # far wider than float32 rounding of a softmax over tens of tokens, far narrower than the cases
 
 
-def adjusted_row(logits: torch.Tensor, params: SamplingParams, history: List[int], num_generated: int):
+def adjusted_row(logits: torch.Tensor, params: SamplingParams, history: list[int], num_generated: int):
     """float32 `[V]`: the repetition penalty on every token seen, stop ids at -inf below min_new_tokens."""
     x = logits.float().clone()
     if params.repetition_penalty != 1.0:
@@ -34,12 +33,12 @@ def scaled_row(adjusted: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return adjusted / torch.tensor(params.temperature, dtype=torch.float32)
 
 
-def best_first(x: torch.Tensor) -> List[int]:
+def best_first(x: torch.Tensor) -> list[int]:
     """Token ids by logit, highest first; equal logits in token-id order."""
     return sorted(range(x.numel()), key=lambda t: (-x[t].item(), t))
 
 
-def support(x: torch.Tensor, params: SamplingParams) -> Tuple[Set[int], Set[int]]:
+def support(x: torch.Tensor, params: SamplingParams) -> tuple[set[int], set[int]]:
     """(surely kept, maybe kept) for the temperature-scaled float32 logits `x` of a sampled row."""
     order = [t for t in best_first(x) if x[t] > -math.inf]
     if params.top_k > 0:
@@ -80,7 +79,7 @@ def greedy_token(adjusted: torch.Tensor) -> int:
     return best_first(adjusted)[0]
 
 
-def sampled_token(x: torch.Tensor, kept: Set[int], seed: int, num_generated: int) -> int:
+def sampled_token(x: torch.Tensor, kept: set[int], seed: int, num_generated: int) -> int:
     """The Gumbel-max draw over `kept`, with the sampler's counter-based noise for (seed, output position)."""
     ids = torch.tensor(sorted(kept))
     noise = gumbel_noise(torch.tensor([row_key(seed, num_generated)]), ids[None])[0]

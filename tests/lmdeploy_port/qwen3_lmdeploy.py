@@ -1,7 +1,8 @@
 # A Qwen3 port written the way lmdeploy's PyTorch-engine ports are written (its imports, builders and
 # conventions), against lmdeploy's API. tests/test_lmdeploy_compat.py changes the import prefix
 # `lmdeploy.pytorch` to `lmdp` and nothing else, then runs it through the parity harness.
-from typing import Any, Iterable, List, Optional, Tuple
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from lmdeploy.pytorch.model_inputs import StepContext, StepContextManager
@@ -47,8 +48,8 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype=dtype, device=device)
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype=dtype, device=device)
 
-    def forward(self, hidden_states: torch.Tensor, rotary_pos_emb: Tuple[torch.FloatTensor, torch.FloatTensor],
-                past_key_value: Optional[Tuple[torch.Tensor]] = None, attn_metadata: Any = None):
+    def forward(self, hidden_states: torch.Tensor, rotary_pos_emb: tuple[torch.FloatTensor, torch.FloatTensor],
+                past_key_value: tuple[torch.Tensor] | None = None, attn_metadata: Any = None):
         qkv_states = self.qkv_proj(hidden_states)
         qkv_states = qkv_states.flatten(0, -2)
         query_states, key_states, value_states = self.qkv_proj.split_qkv(qkv_states)
@@ -98,8 +99,8 @@ class Qwen3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
                                                 quant_config=quantization_config, dtype=dtype, device=device)
 
-    def forward(self, hidden_states: torch.Tensor, rotary_pos_emb: Tuple[torch.FloatTensor, torch.FloatTensor],
-                past_key_value: Optional[List[torch.FloatTensor]], residual: Optional[torch.Tensor] = None,
+    def forward(self, hidden_states: torch.Tensor, rotary_pos_emb: tuple[torch.FloatTensor, torch.FloatTensor],
+                past_key_value: list[torch.FloatTensor] | None, residual: torch.Tensor | None = None,
                 attn_metadata: Any = None):
         if residual is None:
             residual = hidden_states
@@ -126,9 +127,9 @@ class Qwen3model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
         self.rotary_emb = build_rotary_embedding_from_config(config, device=device)
 
-    def forward(self, input_ids: torch.LongTensor = None, position_ids: Optional[torch.LongTensor] = None,
-                past_key_values: Optional[List[torch.FloatTensor]] = None, attn_metadata: Any = None,
-                inputs_embeds: Optional[torch.FloatTensor] = None):
+    def forward(self, input_ids: torch.LongTensor = None, position_ids: torch.LongTensor | None = None,
+                past_key_values: list[torch.FloatTensor] | None = None, attn_metadata: Any = None,
+                inputs_embeds: torch.FloatTensor | None = None):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         hidden_states = inputs_embeds
@@ -166,7 +167,7 @@ class Qwen3ForCausalLM(nn.Module, CudaGraphMixin):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past_key_values: List[List[torch.Tensor]],
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past_key_values: list[list[torch.Tensor]],
                 attn_metadata: Any = None, inputs_embeds: torch.Tensor = None, **kwargs):
         return self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=past_key_values,
                           attn_metadata=attn_metadata, inputs_embeds=inputs_embeds)
@@ -177,12 +178,12 @@ class Qwen3ForCausalLM(nn.Module, CudaGraphMixin):
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
 
-    def prepare_inputs_for_generation(self, past_key_values: List[List[torch.Tensor]],
-                                      inputs_embeds: Optional[torch.Tensor] = None, context: StepContext = None):
+    def prepare_inputs_for_generation(self, past_key_values: list[list[torch.Tensor]],
+                                      inputs_embeds: torch.Tensor | None = None, context: StepContext = None):
         return dict(input_ids=context.input_ids, position_ids=context.position_ids, past_key_values=past_key_values,
                     attn_metadata=context.attn_metadata, inputs_embeds=inputs_embeds)
 
-    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]):
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
         stacked_params_mapping = [
             ('.qkv_proj', '.q_proj', 'q'),
             ('.qkv_proj', '.k_proj', 'k'),

@@ -1,5 +1,5 @@
 """The weight-coverage view's data: what a port's own load_weights filled, left out and mis-stacked."""
-from typing import Iterable, Tuple
+from collections.abc import Iterable
 
 import torch
 
@@ -12,7 +12,7 @@ from lmdp.widgets.weight_coverage_view import render_html
 class NoStacking(LlamaForCausalLM):
     """load_weights by name only: q/k/v and gate/up never reach the stacked parameters."""
 
-    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]):
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
         params = dict(self.named_parameters())
         for name, tensor in weights:
             if name in params:

@@ -6,8 +6,8 @@ K/V they write lands where nobody reads it. The graph covers the model's forward
 is the whole device side of a decode step.
 """
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -17,7 +17,7 @@ from .capture_errors import explain_capture_error
 logger = logging.getLogger('lmdp')
 
 
-def default_capture_batch_sizes(max_batch_size: int) -> List[int]:
+def default_capture_batch_sizes(max_batch_size: int) -> list[int]:
     """1, 2, 4, 8, then every 8 up to 64, every 16 up to 256, every 32 beyond (vLLM-like spacing)."""
     sizes, step, bs = [1, 2, 4], 8, 8
     while bs < max_batch_size:
@@ -34,16 +34,16 @@ class CaptureResult:
     batch_size: int
     supported: bool                   # what the model's support_cuda_graph answered
     captured: bool = False
-    reason: Optional[str] = None      # why not, in words
-    fix: Optional[str] = None
+    reason: str | None = None      # why not, in words
+    fix: str | None = None
     seconds: float = 0.0
 
 
 class CUDAGraphRunner:
 
     def __init__(self, model, ctx_mgr, model_config, kv_caches, max_blocks_per_seq: int, scratch_block: int,
-                 capture_batch_sizes: Optional[Sequence[int]] = None, max_batch_size: int = 256,
-                 logits_fn: Optional[Callable] = None):
+                 capture_batch_sizes: Sequence[int] | None = None, max_batch_size: int = 256,
+                 logits_fn: Callable | None = None):
         self.model, self.ctx_mgr, self.model_config = model, ctx_mgr, model_config
         self.kv_caches = kv_caches
         self.device = kv_caches[0][0].device
@@ -54,9 +54,9 @@ class CUDAGraphRunner:
         get_logits = getattr(model, 'get_logits', None)
         self.logits_fn = logits_fn or ((lambda h: get_logits(h).float()) if get_logits else (lambda h: h.float()))
         self.pool = None
-        self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: Dict[int, torch.Tensor] = {}
-        self.results: Dict[int, CaptureResult] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.results: dict[int, CaptureResult] = {}
         n, dev = self.batch_sizes[-1], self.device
         # Static inputs, sized for the largest bucket; smaller buckets use leading slices. A replay copies a step's
         # token ids, history lengths and block table in; everything derived from them (positions, kv_seqlens,
@@ -70,7 +70,7 @@ class CUDAGraphRunner:
     def max_batch_size(self) -> int:
         return self.batch_sizes[-1]
 
-    def bucket(self, batch: int) -> Optional[int]:
+    def bucket(self, batch: int) -> int | None:
         return next((b for b in self.batch_sizes if b >= batch), None)
 
     def static_inputs(self, bs: int) -> ModelInputs:
@@ -131,7 +131,7 @@ class CUDAGraphRunner:
         result.seconds = time.perf_counter() - start
         return result
 
-    def capture_all(self, progress: bool = False) -> List[CaptureResult]:
+    def capture_all(self, progress: bool = False) -> list[CaptureResult]:
         """Capture every bucket, largest first so the smaller graphs reuse its memory pool."""
         sizes = list(reversed(self.batch_sizes))
         if progress:

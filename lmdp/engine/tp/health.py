@@ -16,7 +16,6 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Dict, Optional
 
 HEARTBEAT_S = 1.0
 # a heartbeat that has not moved for this long: the process is gone (or frozen whole)
@@ -93,15 +92,15 @@ def describe_exit(code: int) -> str:
 class RankState:
     """What rank 0 knows of one worker."""
     rank: int
-    pid: Optional[int] = None
-    host: Optional[str] = None
+    pid: int | None = None
+    host: str | None = None
     beat: int = -1
     beat_seen: float = field(default_factory=time.monotonic)   # when `beat` last moved, by rank 0's clock
     step: int = 0
     state: str = 'starting'
     where: str = ''
-    exit: Optional[str] = None        # 'was killed by SIGKILL', 'exited with code 1'
-    failed: Optional[str] = None      # its own report of an exception
+    exit: str | None = None        # 'was killed by SIGKILL', 'exited with code 1'
+    failed: str | None = None      # its own report of an exception
 
     def name(self) -> str:
         at = f'pid {self.pid}' + (f' on {self.host}' if self.host and self.host != socket.gethostname() else '')
@@ -111,7 +110,7 @@ class RankState:
 class Watch:
     """Rank 0's view of the workers' health, refreshed on demand (`poll`)."""
 
-    def __init__(self, store, world: int, procs: Optional[Dict[int, object]] = None):
+    def __init__(self, store, world: int, procs: dict[int, object] | None = None):
         self.store, self.procs = store, procs or {}
         self.states = {r: RankState(r, pid=getattr(self.procs.get(r), 'pid', None)) for r in range(1, world)}
 

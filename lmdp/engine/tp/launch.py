@@ -26,7 +26,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -51,7 +50,7 @@ class RankPlan:
     max_blocks_per_seq: int
 
 
-def env_rank() -> Optional[tuple]:
+def env_rank() -> tuple | None:
     """(rank, world, local_rank) when torchrun (or any env:// launcher) started this process, else None."""
     found = envs.launcher()
     return None if found is None else (found['rank'], found['world'], found['local_rank'])
@@ -61,7 +60,7 @@ def rank_device(device_type: str, local_rank: int) -> torch.device:
     return torch.device('cuda', local_rank) if device_type == 'cuda' else torch.device('cpu')
 
 
-def check_world(tp: int, device_type: str, launched: Optional[tuple]):
+def check_world(tp: int, device_type: str, launched: tuple | None):
     """Refuse a tensor-parallel size this launch can't give, before any process starts."""
     if launched is not None and launched[1] != tp:
         raise ValueError(f'tp={tp} but the launcher started {launched[1]} processes (WORLD_SIZE); start as many '
@@ -97,8 +96,8 @@ class Ranks:
     """This process's membership of a tensor-parallel group: the store, the groups, and on rank 0 the workers
     it started and the health of all of them."""
 
-    def __init__(self, rank: int, world: int, device: torch.device, store_addr: tuple, procs: Optional[Dict] = None,
-                 tmpdir: Optional[str] = None, server=None):
+    def __init__(self, rank: int, world: int, device: torch.device, store_addr: tuple, procs: dict | None = None,
+                 tmpdir: str | None = None, server=None):
         self.rank, self.world, self.device = rank, world, device
         self.store_addr = store_addr        # (host, port) of the rendezvous store
         self.store = self.connect()         # lmdp's own keys, on this thread's connection
@@ -108,7 +107,7 @@ class Ranks:
         self.cpu_group = None
         self.watch = Watch(self.store, world, self.procs) if rank == 0 else None
         self.step = 0
-        self.broken: Optional[str] = None   # set once the group has failed: the error every later call raises
+        self.broken: str | None = None   # set once the group has failed: the error every later call raises
         self.closed = False
 
     def connect(self):
@@ -122,7 +121,7 @@ class Ranks:
 
     # -- joining ------------------------------------------------------------------------------------------------
 
-    def wait_for(self, key: str, what: str, timeout: float) -> Dict[int, bytes]:
+    def wait_for(self, key: str, what: str, timeout: float) -> dict[int, bytes]:
         """Rank 0: every worker's `<key>/<rank>` value, polling the store; a worker that dies or fails first
         (or the timeout) is a TensorParallelError naming it."""
         deadline, values = time.monotonic() + timeout, {}

@@ -9,7 +9,6 @@ the device: broadcasting them needs no host sync), and the embeddings or the row
 the next. The layers' own collectives (all-reduce after row-parallel layers, the vocabulary all-gather) then meet
 in the same order on every rank.
 """
-from typing import Optional
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ OP_NAMES = {FORWARD: 'forward', LOGITS: 'logits', REPLAY: 'graph replay', CAPTUR
 HEADER = 11
 
 
-def _header(op: int, step: int, inputs: Optional[ModelInputs] = None, rows: Optional[torch.Tensor] = None):
+def _header(op: int, step: int, inputs: ModelInputs | None = None, rows: torch.Tensor | None = None):
     h = torch.zeros(HEADER, dtype=torch.int64)
     h[0], h[1], h[10] = op, step, -1 if rows is None else rows.numel()
     if inputs is not None:
@@ -63,7 +62,7 @@ class LeaderModelRunner(ModelRunner):
         self.ranks = ranks
         self._last_hidden = None
 
-    def _send(self, op: int, inputs: Optional[ModelInputs] = None, rows: Optional[torch.Tensor] = None):
+    def _send(self, op: int, inputs: ModelInputs | None = None, rows: torch.Tensor | None = None):
         dist.broadcast(_header(op, self.ranks.step, inputs, rows), 0, group=self.ranks.cpu_group)
         if inputs is not None:
             dist.broadcast(_pack(inputs), 0)

@@ -1,7 +1,6 @@
 """The router's softmax top-k in one launch: each program takes BLOCK_T tokens' logits whole, softmaxes them in
 float32 and picks the k largest probabilities by k rounds of argmax (ties go to the lower expert id).
 """
-from typing import Tuple
 
 import torch
 import triton
@@ -33,7 +32,7 @@ def _softmax_topk_kernel(Logits, Weights, Ids, num_tokens, num_experts, stride_l
         p = tl.where(cols[None, :] == idx[:, None], -1.0, p)
 
 
-def softmax_topk(router_logits: torch.Tensor, top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def softmax_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`(topk_weights float32 [T, k], topk_ids int64 [T, k])`, as the reference `lmdp.kernels.moe.softmax_topk`."""
     check_softmax_topk(router_logits, top_k)
     num_tokens, num_experts = router_logits.shape

@@ -9,7 +9,6 @@ prefill kernel. Same signature and semantics as `lmdp.kernels.paged_attention.pa
 With `is_decoding` given (and `max_q_seqlen` for prefill) nothing here reads device memory from the host, so a
 decode step can be captured in a CUDA graph. Without them the missing facts are derived with a host sync.
 """
-from typing import Optional
 
 import torch
 
@@ -19,11 +18,11 @@ from .prefill_attention import prefill_attention_fwd
 
 def paged_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_offsets: torch.Tensor,
                         q_start_loc: torch.Tensor, q_seqlens: torch.Tensor, kv_seqlens: torch.Tensor,
-                        scale: Optional[float] = None, sliding_window: Optional[int] = None,
-                        logit_softcapping: Optional[float] = None, causal: bool = True,
-                        out: Optional[torch.Tensor] = None, is_decoding: Optional[bool] = None,
-                        max_q_seqlen: Optional[int] = None, max_kv_seqlen: Optional[int] = None,
-                        num_splits: Optional[int] = None) -> torch.Tensor:
+                        scale: float | None = None, sliding_window: int | None = None,
+                        logit_softcapping: float | None = None, causal: bool = True,
+                        out: torch.Tensor | None = None, is_decoding: bool | None = None,
+                        max_q_seqlen: int | None = None, max_kv_seqlen: int | None = None,
+                        num_splits: int | None = None) -> torch.Tensor:
     """Attend packed queries `q [T, Hq, D]` to the paged cache; returns `[T, Hq, Dv]` in q's dtype (or `out`)."""
     num_heads = q.size(1)
     if out is None:

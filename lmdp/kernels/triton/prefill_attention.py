@@ -11,7 +11,6 @@ boundary pay for masking:
 Causal programs are launched heaviest-first (last query tile first) to shorten the tail.
 """
 import math
-from typing import Optional
 
 import torch
 import triton
@@ -166,10 +165,10 @@ def _config(block_d: int, device: torch.device):
 
 def prefill_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_offsets: torch.Tensor,
                           q_start_loc: torch.Tensor, q_seqlens: torch.Tensor, kv_seqlens: torch.Tensor,
-                          out: torch.Tensor, max_q_seqlen: int, scale: Optional[float] = None,
-                          sliding_window: Optional[int] = None, logit_softcapping: Optional[float] = None,
-                          causal: bool = True, block_m: Optional[int] = None, block_n: Optional[int] = None,
-                          num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
+                          out: torch.Tensor, max_q_seqlen: int, scale: float | None = None,
+                          sliding_window: int | None = None, logit_softcapping: float | None = None,
+                          causal: bool = True, block_m: int | None = None, block_n: int | None = None,
+                          num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """max_q_seqlen sizes the grid; block_m / block_n / num_warps / num_stages override the tile config."""
     num_tokens, num_heads, head_dim = q.shape
     batch = q_seqlens.numel()

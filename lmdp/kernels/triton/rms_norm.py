@@ -4,7 +4,6 @@ Matches the reference's rounding: the sum `x + residual` is rounded to its dtype
 residual stream) before the statistic; `x * rstd` is rounded to that dtype before the weight multiplies it, except
 for a float32 weight on 16-bit activations (Gemma's convention, see the reference's `gain_in_float32`).
 """
-from typing import Optional
 
 import torch
 import triton
@@ -48,7 +47,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.size(-1))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: Optional[torch.Tensor] = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None):
     """Same contract as `lmdp.kernels.rms_norm.rms_norm`: out, or (out, x + residual)."""
     shape = x.shape
     n = shape[-1]

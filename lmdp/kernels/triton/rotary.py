@@ -4,7 +4,6 @@ Grid `(T, 2)`: program (t, 0) rotates all query heads of token t, (t, 1) all its
 cos/sin row loaded once. q and k may be any strided views (e.g. slices of a fused qkv projection). The math runs
 in float32; the pass-through channels R..D are copied only when the output is not the input.
 """
-from typing import Optional, Tuple
 
 import torch
 import triton
@@ -73,8 +72,8 @@ def _rotary_kernel(Q, K, Cos, Sin, QOut, KOut,
 
 
 def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         q_out: Optional[torch.Tensor] = None,
-                         k_out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                         q_out: torch.Tensor | None = None,
+                         k_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `lmdp.kernels.rotary.apply_rotary_pos_emb`; `q_out is q` / `k_out is k` for in place."""
     if cos.shape != sin.shape or cos.dim() != 2:
         raise ValueError(f'cos/sin must both be [T, R], got {tuple(cos.shape)} and {tuple(sin.shape)}')

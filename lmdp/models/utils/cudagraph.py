@@ -6,7 +6,7 @@ the step context itself, so a port needs only to answer `support_cuda_graph`. lm
 warned when its class is defined, since lmdp would never call it.
 """
 import warnings
-from typing import Any, List, Optional
+from typing import Any
 
 import torch
 
@@ -28,6 +28,6 @@ class CudaGraphMixin:
                           stacklevel=2)
 
     def support_cuda_graph(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                           past_key_values: List[List[torch.Tensor]], attn_metadata: Any = None,
-                           inputs_embeds: Optional[torch.Tensor] = None, **kwargs) -> bool:
+                           past_key_values: list[list[torch.Tensor]], attn_metadata: Any = None,
+                           inputs_embeds: torch.Tensor | None = None, **kwargs) -> bool:
         return bool(attn_metadata is not None and attn_metadata.is_decoding)
