@@ -119,7 +119,7 @@ def test_compare_rejects_before_any_model_loads(tiny_llama, monkeypatch):
     def must_not_run(*a, **k):
         raise AssertionError('the reference ran before the options were checked')
     monkeypatch.setattr(parity.run, 'run_references', must_not_run)
-    monkeypatch.setattr(parity.run, 'load_port', must_not_run)
+    monkeypatch.setattr(parity.run, 'run_port_ranks', must_not_run)
     with pytest.raises(OptionError, match=r"decode_steps=-1: must be 0 or more"):
         parity.run.compare(tiny_llama, decode_steps=-1)
     with pytest.raises(OptionError, match=r"model_path='nowhere': no such folder"):
