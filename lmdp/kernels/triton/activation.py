@@ -3,11 +3,17 @@
 Grid `(rows, cdiv(I, BLOCK))`. The activation is computed in float32 and rounded to x's dtype before the product,
 as `F.silu(gate) * up` rounds in the reference; the product is computed in float32 and rounded once.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ._common import next_pow2
+
+# The interpreter has no libdevice; off the GPU float32 silu takes tl.exp, which numpy computes exactly there.
+_INTERPRET = tl.constexpr(os.environ.get('TRITON_INTERPRET', '0') == '1')
 
 _BLOCK = 1024
 
@@ -19,7 +25,13 @@ def act_and_mul_f32(g_raw, u_raw, ACT: tl.constexpr):
     GEMV kernel, which computes the same activation as it reads its input."""
     g = g_raw.to(tl.float32)
     if ACT == 0:
-        a = g / (1.0 + tl.exp(-g))
+        if g_raw.dtype == tl.float32 and not _INTERPRET:
+            # float32 runs are judged at half a unit of rounding: Triton's fast exp (ex2.approx) and division
+            # (div.full) bias silu by about a unit on the GPU, so float32 takes libdevice's expf and a rounded
+            # division, as torch's own silu does
+            a = tl.math.div_rn(g, 1.0 + libdevice.exp(-g))
+        else:
+            a = g / (1.0 + tl.exp(-g))
     elif ACT == 1:
         a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
     else:
