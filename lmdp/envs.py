@@ -51,6 +51,16 @@ def _kernels(text: str) -> str:
     return value
 
 
+def _prefill_attention(text: str) -> str:
+    value = text.strip().lower() or 'auto'
+    if value not in PREFILL_ATTENTION_CHOICES:
+        raise ValueError(f"expected one of {', '.join(repr(v) for v in PREFILL_ATTENTION_CHOICES)}")
+    return value
+
+
+PREFILL_ATTENTION_CHOICES = ('auto', 'cudnn', 'flash', 'triton')
+
+
 def _path(text: str) -> str:
     return text
 
@@ -82,6 +92,11 @@ VARIABLES: dict[str, EnvVar] = {v.name: v for v in [
     EnvVar('LMDP_TP_START_TIMEOUT', '3600', _positive_seconds,
            'Tensor parallelism: seconds the ranks may take to start and load their shards of the weights (a rank '
            'that dies meanwhile is reported at once).'),
+    EnvVar('LMDP_PREFILL_ATTENTION', 'auto', _prefill_attention,
+           "Prefill attention on CUDA: 'cudnn' (torch's cuDNN attention, one call per sequence), 'flash' (torch's "
+           "flash-attention varlen kernel, one call per step) or 'triton' (lmdp's paged kernel) where the layer and "
+           "the device allow it, Triton elsewhere; 'auto' picks the fastest that passes its start-up check "
+           "(lmdp.kernels.prefill_select)."),
     EnvVar('OUT', '.', _path,
            'The folder where the benchmark commands (`lmdp bench`, `python -m lmdp.kernels.triton.bench_gemv`) '
            'write their JSON by default.'),

@@ -58,6 +58,7 @@ class AttentionMetadata:
     kv_seqlens: torch.Tensor           # [B] history + new
     max_q_seqlen: int = 0
     max_kv_seqlen: int = 0
+    sum_kv_seqlen: int = 0             # total keys of the step (sizes torch's packed-K/V prefill path); 0: unknown
 
 
 @dataclass
@@ -92,7 +93,8 @@ class StepContext:
             position_ids = token_positions(q_start_loc, q_seqlens, kv_seqlens, inputs.input_ids.size(-1))[1][None]
         attn_metadata = AttentionMetadata(is_decoding=inputs.is_decoding, block_offsets=inputs.block_offsets,
                                           q_start_loc=q_start_loc, q_seqlens=q_seqlens, kv_seqlens=kv_seqlens,
-                                          max_q_seqlen=inputs.max_q_seqlen, max_kv_seqlen=inputs.max_kv_seqlen)
+                                          max_q_seqlen=inputs.max_q_seqlen, max_kv_seqlen=inputs.max_kv_seqlen,
+                                          sum_kv_seqlen=inputs.sum_kv_seqlen)
         return cls(input_ids=inputs.input_ids, position_ids=position_ids, q_seqlens=q_seqlens,
                    kv_seqlens=kv_seqlens, q_start_loc=q_start_loc, block_offsets=inputs.block_offsets,
                    history_lengths=history, is_decoding=inputs.is_decoding, max_q_seqlen=inputs.max_q_seqlen,

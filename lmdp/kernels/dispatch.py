@@ -12,6 +12,7 @@ from . import (
     activation,
     fill_kv_cache as _fill,
     linear as _linear,
+    merge_attention as _merge,
     moe as _moe,
     paged_attention as _attn,
     quant as _quant,
@@ -35,6 +36,7 @@ _REFERENCE = {
     'fp8_block_linear': _quant.fp8_block_linear,
     'awq_linear': _quant.awq_linear,
     'fused_moe_fp8': _quant.fused_moe_fp8,
+    'merge_attention_states': _merge.merge_attention_states,
 }
 
 

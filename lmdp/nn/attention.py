@@ -68,12 +68,13 @@ class Attention(nn.Module):
         # Decode steps split the KV length by batch size alone (no max_kv_seqlen hint): a CUDA graph captured
         # for a batch size then runs the very same kernels as an eager step of that size, bit for bit.
         max_kv_seqlen = None if meta.is_decoding else meta.max_kv_seqlen
+        sum_kv_seqlen = None if meta.is_decoding else (getattr(meta, 'sum_kv_seqlen', 0) or None)
         return kernels.paged_attention_fwd(query, k_cache, v_cache, meta.block_offsets, meta.q_start_loc,
                                            meta.q_seqlens, meta.kv_seqlens, scale=self.scale,
                                            sliding_window=self.sliding_window,
                                            logit_softcapping=self.logit_softcapping, causal=self.causal,
                                            is_decoding=meta.is_decoding, max_q_seqlen=meta.max_q_seqlen,
-                                           max_kv_seqlen=max_kv_seqlen)
+                                           max_kv_seqlen=max_kv_seqlen, sum_kv_seqlen=sum_kv_seqlen)
 
     def extra_repr(self):
         return (f'heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_size={self.head_size}, '

@@ -9,6 +9,7 @@ from .fp8_linear import fp8_block_linear
 from .fused_moe import fused_moe
 from .fused_moe_fp8 import fused_moe_fp8
 from .gemv import act_and_mul_linear, linear
+from .merge_attention import merge_attention_states
 from .moe_router import softmax_topk
 from .paged_attention import paged_attention_fwd
 from .rms_norm import rms_norm
@@ -18,3 +19,4 @@ from .rotary_fill_kv_cache import rotary_fill_kv_cache
 __all__ = ['act_and_mul_linear', 'apply_rotary_pos_emb', 'fill_kv_cache', 'fused_moe', 'gelu_and_mul', 'linear',
            'paged_attention_fwd', 'rms_norm', 'rotary_fill_kv_cache', 'silu_and_mul', 'softmax_topk']
 __all__ += ['awq_linear', 'fp8_block_linear', 'fused_moe_fp8']
+__all__ += ['merge_attention_states']

@@ -4,16 +4,19 @@ prefill kernel. Same signature and semantics as `lmdp.kernels.paged_attention.pa
     is_decoding   True if every q_seqlen is 1 (or 0): picks the flash-decoding kernel without looking at the data
     max_q_seqlen  longest q_seqlen of the batch: sizes the prefill grid
     max_kv_seqlen longest kv_seqlen: lets decode use fewer splits on short contexts
+    sum_kv_seqlen total kv_seqlen: sizes the packed K/V buffers of torch's flash path for prefill
     num_splits    force the number of decode splits (tests, benchmarks)
 
 With `is_decoding` given (and `max_q_seqlen` for prefill) nothing here reads device memory from the host, so a
 decode step can be captured in a CUDA graph. Without them the missing facts are derived with a host sync.
+Prefill runs the kernel `lmdp.kernels.prefill_select` picks (torch's flash or cuDNN attention, or lmdp's Triton
+kernel).
 """
 
 import torch
 
+from ..prefill_select import prefill_attention
 from .decode_attention import decode_attention_fwd
-from .prefill_attention import prefill_attention_fwd
 
 
 def paged_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_offsets: torch.Tensor,
@@ -22,24 +25,24 @@ def paged_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         logit_softcapping: float | None = None, causal: bool = True,
                         out: torch.Tensor | None = None, is_decoding: bool | None = None,
                         max_q_seqlen: int | None = None, max_kv_seqlen: int | None = None,
-                        num_splits: int | None = None) -> torch.Tensor:
+                        num_splits: int | None = None, sum_kv_seqlen: int | None = None) -> torch.Tensor:
     """Attend packed queries `q [T, Hq, D]` to the paged cache; returns `[T, Hq, Dv]` in q's dtype (or `out`)."""
     num_heads = q.size(1)
-    if out is None:
-        out = q.new_empty(q.size(0), num_heads, v_cache.size(-1))
     if q.size(0) == 0 or q_seqlens.numel() == 0:
-        return out
+        return q.new_empty(q.size(0), num_heads, v_cache.size(-1)) if out is None else out
     if is_decoding is None:
         if max_q_seqlen is None:
             max_q_seqlen = int(q_seqlens.max().item())  # host sync: pass the hints to avoid it
         is_decoding = max_q_seqlen <= 1
     if is_decoding:
+        if out is None:
+            out = q.new_empty(q.size(0), num_heads, v_cache.size(-1))
         return decode_attention_fwd(q, k_cache, v_cache, block_offsets, q_start_loc, q_seqlens, kv_seqlens, out,
                                     scale=scale, sliding_window=sliding_window,
                                     logit_softcapping=logit_softcapping, max_kv_seqlen=max_kv_seqlen,
                                     num_splits=num_splits)
     if max_q_seqlen is None:
         max_q_seqlen = int(q_seqlens.max().item())  # host sync: pass the hint to avoid it
-    return prefill_attention_fwd(q, k_cache, v_cache, block_offsets, q_start_loc, q_seqlens, kv_seqlens, out,
-                                 max_q_seqlen, scale=scale, sliding_window=sliding_window,
-                                 logit_softcapping=logit_softcapping, causal=causal)
+    return prefill_attention(q, k_cache, v_cache, block_offsets, q_start_loc, q_seqlens, kv_seqlens, out,
+                             max_q_seqlen, max_kv_seqlen=max_kv_seqlen, sum_kv_seqlen=sum_kv_seqlen, scale=scale,
+                             sliding_window=sliding_window, logit_softcapping=logit_softcapping, causal=causal)
