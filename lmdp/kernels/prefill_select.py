@@ -156,7 +156,7 @@ def choose(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slidin
             if why is not None:
                 _warn_once(kind, why)
         if why is None:
-            return kind, ''
+            return kind, '; '.join(reasons)
         reasons.append(f'{kind}: {why}')
     raise AssertionError('unreachable: triton ends every preference')
 
