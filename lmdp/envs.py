@@ -44,6 +44,16 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError('expected a number >= 0') from None
+    if not value >= 0:
+        raise ValueError('expected a number >= 0')
+    return value
+
+
 def _kernels(text: str) -> str:
     value = text.strip().lower() or 'auto'
     if value not in ('auto', 'reference'):
@@ -86,6 +96,9 @@ VARIABLES: dict[str, EnvVar] = {v.name: v for v in [
     EnvVar('LMDP_MOE_GEMV_MAX_PAIRS', '', lambda t: None if t == '' else _non_negative_int(t),
            'Fused MoE: up to this many (token, expert) pairs a step runs the GEMV path instead of the grouped GEMM; '
            'unset: the kernel picks from the number of experts.'),
+    EnvVar('LMDP_MAX_KV_POOL_GIB', '0', _non_negative_float,
+           'On CUDA, the most GiB the KV pool takes when it is sized from free memory (cache_max_entry_count); 0: '
+           'no cap. For processes that share one GPU, such as the gpu tests run beside other GPU work.'),
     EnvVar('LMDP_TP_TIMEOUT', '300', _positive_seconds,
            'Tensor parallelism: seconds a rank may keep the others waiting inside one step before the engine '
            'gives up on it, names it, and shuts every rank down.'),
@@ -95,8 +108,11 @@ VARIABLES: dict[str, EnvVar] = {v.name: v for v in [
     EnvVar('LMDP_PREFILL_ATTENTION', 'auto', _prefill_attention,
            "Prefill attention on CUDA: 'cudnn' (torch's cuDNN attention, one call per sequence), 'flash' (torch's "
            "flash-attention varlen kernel, one call per step) or 'triton' (lmdp's paged kernel) where the layer and "
-           "the device allow it, Triton elsewhere; 'auto' picks the fastest that passes its start-up check "
-           "(lmdp.kernels.prefill_select)."),
+           "the device allow it, Triton elsewhere. 'auto' (the default) is 'flash'; cuDNN runs only when asked, as "
+           "it builds an execution plan for every new shape (lmdp.kernels.prefill_select)."),
+    EnvVar('TRITON_INTERPRET', '0', _bool,
+           "Triton's own: run the kernels in its CPU interpreter (the CPU tests do). lmdp reads it once, when the "
+           "kernels are imported, to keep float32 silu off libdevice, which the interpreter lacks."),
     EnvVar('OUT', '.', _path,
            'The folder where the benchmark commands (`lmdp bench`, `python -m lmdp.kernels.triton.bench_gemv`) '
            'write their JSON by default.'),

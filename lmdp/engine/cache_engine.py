@@ -4,6 +4,7 @@ import os
 
 import torch
 
+from .. import envs
 from ..config import ModelConfig
 from ..distributed import get_tp_world_rank, kv_heads_per_rank
 
@@ -64,6 +65,9 @@ def plan_num_blocks(model_config: ModelConfig, block_size: int, device, num_gpu_
         num_blocks = int(free * cache_max_entry_count) // per_block
         why = (f'{cache_max_entry_count:.0%} of {free / 2**30:.2f} GiB free after the weights '
                f'({total / 2**30:.2f} GiB card)')
+        cap_gib = envs.LMDP_MAX_KV_POOL_GIB
+        if cap_gib > 0 and num_blocks * per_block > cap_gib * 2**30:
+            num_blocks, why = int(cap_gib * 2**30) // per_block, f'LMDP_MAX_KV_POOL_GIB={cap_gib:g}'
     else:
         num_blocks = -(-session_len // block_size) * max_batch_size
         why = f'{max_batch_size} sequences x session_len {session_len}'

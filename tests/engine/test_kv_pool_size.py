@@ -27,6 +27,17 @@ def test_cuda_takes_a_fraction_of_the_free_memory(monkeypatch, caplog):
     assert '50% of' in caplog.text
 
 
+def test_a_gib_cap_bounds_the_pool_sized_from_free_memory(monkeypatch):
+    per_block = CacheEngine.bytes_per_block(MC, 64)
+    monkeypatch.setattr(torch.cuda, 'empty_cache', lambda: None)
+    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (2**31, 2**33))   # 2 GiB free
+    monkeypatch.setenv('LMDP_MAX_KV_POOL_GIB', '0.5')
+    assert plan_num_blocks(MC, 64, 'cuda', cache_max_entry_count=0.8) == 2**29 // per_block
+    monkeypatch.setenv('LMDP_MAX_KV_POOL_GIB', '4')                  # above 80% of what is free: no effect
+    assert plan_num_blocks(MC, 64, 'cuda', cache_max_entry_count=0.8) == int(2**31 * 0.8) // per_block
+    assert plan_num_blocks(MC, 64, 'cuda', num_gpu_blocks=3) == 3    # an explicit size is not capped
+
+
 def test_the_engine_fits_session_len_to_a_small_pool(tiny2, make_pipe):
     pipe = make_pipe(tiny2, num_gpu_blocks=4, session_len=1024)
     assert pipe.engine.session_len == 4 * 16 and pipe.engine.runner.max_blocks_per_seq == 4

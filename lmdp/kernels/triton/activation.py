@@ -3,17 +3,16 @@
 Grid `(rows, cdiv(I, BLOCK))`. The activation is computed in float32 and rounded to x's dtype before the product,
 as `F.silu(gate) * up` rounds in the reference; the product is computed in float32 and rounded once.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ... import envs
 from ._common import next_pow2
 
 # The interpreter has no libdevice; off the GPU float32 silu takes tl.exp, which numpy computes exactly there.
-_INTERPRET = tl.constexpr(os.environ.get('TRITON_INTERPRET', '0') == '1')
+_INTERPRET = tl.constexpr(envs.TRITON_INTERPRET)
 
 _BLOCK = 1024
 

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# lmdp beside lmdeploy on the same random checkpoints, one shape after the other, in one device call; logs and JSON
+# under $OUT, a table last. For each SHAPE (lmdp bench's shapes; `moe:8` = the moe shape with 8 layers):
+# `lmdp bench SHAPE --no-hf` (it writes the checkpoint), then ../shared/bench/lmdeploy_bench.py on that folder
+# (carry .carry/lmdeploy: see /work/shared/bench/README.md), then the checkpoint is removed (the disk is 64 GB).
+#
+#     [LIMIT=300 DEADLINE=560] bash scripts/bench_vs_lmdeploy.sh moe:8 1b 8b     # repository root, on the GPU machine
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+out=${OUT:-/tmp/lmdp_bench_vs_lmdeploy}
+work=${WORKDIR:-/tmp}
+mkdir -p "$out"
+export OUT=$out
+LIMIT=${LIMIT:-300}       # per engine and shape, seconds
+DEADLINE=${DEADLINE:-560} # seconds from the start: a step gets what is left of it (less 20 s for the table)
+lim() { local left=$((DEADLINE - 20 - SECONDS)); echo $((left < LIMIT ? left : LIMIT)); }
+
+for spec in "$@"; do
+    shape=${spec%%:*}
+    layers=()
+    [ "$spec" != "$shape" ] && layers=(--layers "${spec#*:}")
+    name=$shape
+    [ ${#layers[@]} -gt 0 ] && name="$shape-${spec#*:}l"
+    if [ "$(lim)" -lt 60 ]; then echo "== $name: skipped, $((DEADLINE - SECONDS)) s left"; continue; fi
+    echo "== $name: lmdp"
+    timeout -k 10 "$(lim)" python -m lmdp.bench "$shape" "${layers[@]}" --no-hf --workdir "$work" \
+        --json "$out/lmdp_$name.json" > "$out/lmdp_$name.log" 2>&1
+    echo "   exit $? after $SECONDS s"; tail -n 3 "$out/lmdp_$name.log" | sed 's/^/   /'
+    nl=None
+    [ ${#layers[@]} -gt 0 ] && nl=${spec#*:}
+    ckpt=$(python -c "from lmdp.bench.checkpoint import checkpoint_dir
+from lmdp.bench.shapes import SHAPES, with_layers
+print(checkpoint_dir(with_layers(SHAPES['$shape'], $nl), '$work'))")
+    if [ -f .carry/lmdeploy/install.sh ] && [ -f "$ckpt/config.json" ] && [ "$(lim)" -ge 60 ]; then
+        echo "== $name: lmdeploy on $ckpt"
+        timeout -k 10 "$(lim)" env -u PYTHONPATH bash -c \
+            '. .carry/lmdeploy/install.sh || exit 1; python3 .carry/lmdeploy/lmdeploy_bench.py "$1"' _ "$ckpt" \
+            > "$out/lmdeploy_$name.log" 2>&1
+        echo "   exit $? after $SECONDS s"; grep RESULT "$out/lmdeploy_$name.log" | sed 's/^/   /'
+    fi
+    rm -rf "$ckpt"
+done
+
+python - "$out" "$@" <<'PY'
+import glob, json, os, sys
+out = sys.argv[1]
+print('\n| shape | lmdp bs1 tok/s | roofline | fraction | lmdeploy bs1 | ratio | lmdp 256-req out tok/s | lmdeploy | ratio |')
+print('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+for path in sorted(glob.glob(os.path.join(out, 'lmdp_*.json'))):
+    try:
+        res = json.load(open(path))
+    except Exception:
+        continue
+    for name, fig in res.get('shapes', {}).items():
+        lmd = {}
+        for cand in glob.glob(os.path.join(out, 'lmdeploy_*.json')):
+            d = json.load(open(cand))
+            if d.get('preset', '').endswith('_' + name):
+                lmd = d
+        bs1, roof = fig.get('bs1_decode_tok_s'), fig.get('roofline_tok_s')
+        tp, ltp, lbs1 = fig.get('tp_out_tok_s'), lmd.get('tp_out_tok_s'), lmd.get('bs1_decode_tok_s')
+        r = lambda a, b: f'{a / b:.2f}x' if a and b else '-'  # noqa: E731
+        print(f"| {name} | {bs1} | {roof} | {bs1 / roof:.1%} | {lbs1 or '-'} | {r(bs1, lbs1)} | {tp or '-'} | "
+              f"{ltp or '-'} | {r(tp, ltp)} |")
+print(f"\n{res.get('device', '')}, copy bandwidth {res.get('copy_bandwidth_TBps', '?')} TB/s")
+PY
