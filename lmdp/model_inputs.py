@@ -1,8 +1,10 @@
 """One forward step's inputs, in the packed layout every layer sees.
 
-Tokens of all sequences in a step are packed into `input_ids [1, T]` with no padding; a step is all-prefill or
-all-decode. Per sequence b: `q_seqlens[b]` new tokens after `history_lengths[b]` cached ones, so
-`kv_seqlens = history + q_seqlens`, and its blocks of the paged KV cache are `block_offsets[b, :]`.
+Tokens of all sequences in a step are packed into `input_ids [1, T]` with no padding. Per sequence b: `q_seqlens[b]`
+new tokens after `history_lengths[b]` cached ones, so `kv_seqlens = history + q_seqlens`, and its blocks of the
+paged KV cache are `block_offsets[b, :]`. A step is all-decode (`is_decoding`: one token per sequence), or a
+prefill step; a prefill step may lead with `num_decodes` decode rows of running sequences (a mixed step), which
+attention can hand to its decode kernel.
 """
 import contextlib
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ class ModelInputs:
     max_kv_seqlen: int
     sum_kv_seqlen: int
     inputs_embeds: torch.Tensor | None = None
+    num_decodes: int = 0               # leading rows of a prefill step that are decodes (q_len 1, with history)
 
     @classmethod
     def make(cls, token_ids: list[list[int]], history_lengths: list[int], block_tables: list[list[int]],
@@ -58,6 +61,7 @@ class AttentionMetadata:
     kv_seqlens: torch.Tensor           # [B] history + new
     max_q_seqlen: int = 0
     max_kv_seqlen: int = 0
+    num_decodes: int = 0               # a mixed step's leading decode rows (0 in decode-only steps)
 
 
 @dataclass
@@ -92,7 +96,8 @@ class StepContext:
             position_ids = token_positions(q_start_loc, q_seqlens, kv_seqlens, inputs.input_ids.size(-1))[1][None]
         attn_metadata = AttentionMetadata(is_decoding=inputs.is_decoding, block_offsets=inputs.block_offsets,
                                           q_start_loc=q_start_loc, q_seqlens=q_seqlens, kv_seqlens=kv_seqlens,
-                                          max_q_seqlen=inputs.max_q_seqlen, max_kv_seqlen=inputs.max_kv_seqlen)
+                                          max_q_seqlen=inputs.max_q_seqlen, max_kv_seqlen=inputs.max_kv_seqlen,
+                                          num_decodes=0 if inputs.is_decoding else inputs.num_decodes)
         return cls(input_ids=inputs.input_ids, position_ids=position_ids, q_seqlens=q_seqlens,
                    kv_seqlens=kv_seqlens, q_start_loc=q_start_loc, block_offsets=inputs.block_offsets,
                    history_lengths=history, is_decoding=inputs.is_decoding, max_q_seqlen=inputs.max_q_seqlen,

@@ -119,7 +119,8 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
                                       meta.kv_seqlens, scale=scaling, sliding_window=window if window else None,
                                       logit_softcapping=softcap or None, causal=True, is_decoding=meta.is_decoding,
                                       max_q_seqlen=meta.max_q_seqlen,
-                                      max_kv_seqlen=None if meta.is_decoding else meta.max_kv_seqlen)
+                                      max_kv_seqlen=None if meta.is_decoding else meta.max_kv_seqlen,
+                                      num_decodes=meta.num_decodes)
     step.served.add(layer)
     return out[None], None
 

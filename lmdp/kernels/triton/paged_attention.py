@@ -5,6 +5,9 @@ prefill kernel. Same signature and semantics as `lmdp.kernels.paged_attention.pa
     max_q_seqlen  longest q_seqlen of the batch: sizes the prefill grid
     max_kv_seqlen longest kv_seqlen: lets decode use fewer splits on short contexts
     num_splits    force the number of decode splits (tests, benchmarks)
+    num_decodes   a prefill step's leading sequences that have one query each (a mixed step's decodes): they go to
+                  the decode kernel, which reads each K/V element once per KV group rather than once per query
+                  head, and the rest to the prefill kernel; both write their own rows of `out`
 
 With `is_decoding` given (and `max_q_seqlen` for prefill) nothing here reads device memory from the host, so a
 decode step can be captured in a CUDA graph. Without them the missing facts are derived with a host sync.
@@ -22,7 +25,7 @@ def paged_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         logit_softcapping: float | None = None, causal: bool = True,
                         out: torch.Tensor | None = None, is_decoding: bool | None = None,
                         max_q_seqlen: int | None = None, max_kv_seqlen: int | None = None,
-                        num_splits: int | None = None) -> torch.Tensor:
+                        num_splits: int | None = None, num_decodes: int = 0) -> torch.Tensor:
     """Attend packed queries `q [T, Hq, D]` to the paged cache; returns `[T, Hq, Dv]` in q's dtype (or `out`)."""
     num_heads = q.size(1)
     if out is None:
@@ -33,6 +36,15 @@ def paged_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         if max_q_seqlen is None:
             max_q_seqlen = int(q_seqlens.max().item())  # host sync: pass the hints to avoid it
         is_decoding = max_q_seqlen <= 1
+    if not is_decoding and num_decodes > 0:
+        d = num_decodes
+        decode_attention_fwd(q, k_cache, v_cache, block_offsets[:d], q_start_loc[:d], q_seqlens[:d], kv_seqlens[:d],
+                             out, scale=scale, sliding_window=sliding_window, logit_softcapping=logit_softcapping,
+                             max_kv_seqlen=max_kv_seqlen, num_splits=num_splits)
+        if d >= q_seqlens.numel():
+            return out
+        block_offsets, q_start_loc, q_seqlens, kv_seqlens = \
+            block_offsets[d:], q_start_loc[d:], q_seqlens[d:], kv_seqlens[d:]
     if is_decoding:
         return decode_attention_fwd(q, k_cache, v_cache, block_offsets, q_start_loc, q_seqlens, kv_seqlens, out,
                                     scale=scale, sliding_window=sliding_window,
