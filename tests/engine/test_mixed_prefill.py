@@ -112,3 +112,33 @@ def test_aborting_a_prompt_part_way_through_its_chunks(tiny2, make_pipe):
     assert aborted
     assert [got[i] for i in ids] == expected
     assert engine.block_manager.num_used == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__('torch').cuda.is_available(), reason='needs CUDA')
+def test_gpu_mixed_steps_run_eagerly_and_decode_only_steps_still_replay_graphs(tmp_path):
+    """Prompts arrive while others decode. Mixed steps run eagerly (decode rows on the decode kernel), the
+    decode-only steps between them replay CUDA graphs, and every request's greedy tokens equal those of an eager
+    engine that never mixes. float32: the batches differ between the two, and in bfloat16 a random tiny model's
+    near-ties would flip on the GEMMs' batch-dependent rounding."""
+    from lmdp import PytorchEngineConfig, pipeline
+    from lmdp.tiny import make_tiny
+    path = str(make_tiny('llama', tmp_path / 'tl', dtype='float32'))
+    rng = random.Random(7)
+    prompts = [[rng.randrange(7, 500) for _ in range(rng.randrange(5, 300))] for _ in range(12)]
+    gens = [GenerationConfig(max_new_tokens=rng.randrange(8, 40), ignore_eos=True) for _ in prompts]
+    outs, counts = {}, {}
+    for eager, mixed in ((True, False), (False, True)):
+        cfg = PytorchEngineConfig(dtype='float32', session_len=512, max_batch_size=8, num_gpu_blocks=64,
+                                  max_prefill_token_num=128, eager_mode=eager, mixed_prefill=mixed,
+                                  cudagraph_capture_batch_sizes=[1, 2, 4, 8])
+        pipe = pipeline(path, backend_config=cfg)
+        runner = pipe.engine.runner
+        replays = []
+        replay = runner.replay
+        runner.replay = lambda inputs: replays.append(1) or replay(inputs)
+        outs[mixed] = [r.token_ids for r in pipe(prompts, gen_config=gens, do_preprocess=False)]
+        counts[mixed] = (len(replays), pipe.engine.stats.mixed_steps)
+        pipe.close()
+    assert counts[True][0] > 0 and counts[True][1] > 0, counts
+    assert outs[True] == outs[False]
