@@ -4,6 +4,7 @@
 #      steps still replaying CUDA graphs beside eager mixed steps);
 #   2. lmdp bench SHAPE --mixed-prefill both: the 256-request run with and without mixing on one engine, each with
 #      output tok/s (batch call) and TTFT / ITL p50/p99 (streamed run);
+#   2b. the same with mixing at smaller prompt budgets ($BUDGETS, default 1024): shorter mixed steps, longer prefill;
 #   3. lmdeploy on the same checkpoint: ../shared/bench/lmdeploy_bench.py (bs1 and 256-request tok/s) and
 #      scripts/lmdeploy_latency.py (the same streamed run, measured by the same lmdp code), when .carry/lmdeploy
 #      holds the bundle (see ../shared/bench/README.md).
@@ -32,6 +33,10 @@ if [ "$shape" = 1b ]; then
         tests/kernels/test_triton_kernels.py -k "mixed"
 fi
 step "bench_$shape" python -m lmdp.bench "$shape" --mixed-prefill both --no-hf --json "$out/lmdp_bench_$shape.json"
+for budget in ${BUDGETS-1024}; do
+    step "bench_${shape}_budget$budget" python -m lmdp.bench "$shape" --mixed-prefill on --no-hf \
+        --max-prefill-token-num "$budget" --json "$out/lmdp_bench_${shape}_budget$budget.json"
+done
 if [ -f .carry/lmdeploy/install.sh ]; then
     step "lmdeploy_$shape" bash -c ". .carry/lmdeploy/install.sh && python3 .carry/lmdeploy/lmdeploy_bench.py $shape"
     step "lmdeploy_latency_$shape" bash -c ". .carry/lmdeploy/install.sh && PYTHONPATH=$PWD:\$PYTHONPATH \

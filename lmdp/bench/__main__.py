@@ -34,7 +34,8 @@ def run(args) -> dict:
         impls = ['lmdp', 'transformers'] if args.model_impl == 'both' else [args.model_impl]
         for impl in impls:
             figures = lmdp_figures(path, throughput=not args.no_throughput, eager_mode=args.eager, model_impl=impl,
-                                   mixed_prefill=MIXED_PREFILL[args.mixed_prefill])
+                                   mixed_prefill=MIXED_PREFILL[args.mixed_prefill],
+                                   max_prefill_token_num=args.max_prefill_token_num)
             figures['bs1_roofline_fraction'] = round(figures['bs1_decode_tok_s'] / roofline, 3)
             if impl == impls[0]:
                 fig.update(figures)          # the first implementation's figures are the shape's headline
@@ -118,6 +119,9 @@ def main(argv=None) -> int:
                         help="which implementation serves the checkpoint: its lmdp port, the transformers fallback "
                              "(model_impl='transformers'), or both in one call with the fallback's ratios to the "
                              'port and to transformers\' eager generate')
+    parser.add_argument('--max-prefill-token-num', type=int, default=4096,
+                        help='prompt tokens a step may take (a mixed step: beside its decodes); smaller makes mixed '
+                             'steps shorter (inter-token latency) and the prefill of a burst longer (first token)')
     parser.add_argument('--json', default=os.path.join(envs.OUT, 'lmdp_bench.json'))
     args = parser.parse_args(argv)
     results = run(args)

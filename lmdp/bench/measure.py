@@ -82,15 +82,17 @@ def streamed_run(stream_infer, prompts, gens) -> dict:
 
 
 def lmdp_figures(model_path: str, throughput: bool = True, eager_mode: bool = False, model_impl: str = 'auto',
-                 mixed_prefill: tuple[bool, ...] = (True,)) -> dict:
+                 mixed_prefill: tuple[bool, ...] = (True,), max_prefill_token_num: int = 4096) -> dict:
     """bs1 decode, and the 256-request run (batch, then streamed for the latencies) once per scheduling policy in
     `mixed_prefill` on the same engine; the first policy's figures are the headline."""
     from lmdp import GenerationConfig, PytorchEngineConfig, pipeline
     config = PytorchEngineConfig(session_len=4096, max_batch_size=256, cache_max_entry_count=0.8,
-                                 eager_mode=eager_mode, model_impl=model_impl, mixed_prefill=mixed_prefill[0])
+                                 eager_mode=eager_mode, model_impl=model_impl, mixed_prefill=mixed_prefill[0],
+                                 max_prefill_token_num=max_prefill_token_num)
     start = time.perf_counter()
     pipe = pipeline(model_path, backend_config=config)
-    out = {'build_s': round(time.perf_counter() - start, 1), 'model_class': type(pipe.engine.agent.model).__name__}
+    out = {'build_s': round(time.perf_counter() - start, 1), 'model_class': type(pipe.engine.agent.model).__name__,
+           'max_prefill_token_num': max_prefill_token_num}
     out.update(_engine_notes(pipe.engine))
 
     def generate_one(prompt, n):
