@@ -75,6 +75,9 @@ class PytorchEngineConfig(_Checked):
     cache_max_entry_count: on CUDA, the fraction of the memory free after the weights load given to the KV pool.
     num_gpu_blocks: the KV pool's size in blocks; overrides cache_max_entry_count when > 0.
     max_prefill_token_num: token budget of one prefill step (longer prompts are prefilled in chunks).
+    mixed_prefill: the running sequences decode in every step, and waiting prompts' chunks (up to
+    max_prefill_token_num tokens) ride along in the same step, so a long prompt does not stall everyone's next token;
+    False: a step is all-prefill or all-decode, prefill first.
     device_type: 'auto' (CUDA when there is one), 'cuda' or 'cpu'.
     tp: tensor-parallel ranks (one process each; NCCL on GPUs, gloo on the CPU). pipeline() starts them on this host;
     under torchrun (`torchrun --nproc-per-node N`, across hosts too) every process runs the script and rank 0 serves
@@ -90,6 +93,7 @@ class PytorchEngineConfig(_Checked):
     block_size: int = 64
     num_gpu_blocks: int = 0
     max_prefill_token_num: int = 4096
+    mixed_prefill: bool = True
     eager_mode: bool = False
     custom_module_map: None | str | dict[str, object] = None
     device_type: str = 'auto'
@@ -108,6 +112,7 @@ class PytorchEngineConfig(_Checked):
         block_size=_power_of_two,
         num_gpu_blocks=lambda n, v: validate.integer(n, v, 0),
         max_prefill_token_num=lambda n, v: validate.integer(n, v, 1),
+        mixed_prefill=validate.boolean,
         eager_mode=validate.boolean,
         custom_module_map=_module_map,
         device_type=lambda n, v: validate.choice(n, v, ('auto', 'cuda', 'cpu')),

@@ -1,8 +1,10 @@
 """One forward step's inputs, in the packed layout every layer sees.
 
-Tokens of all sequences in a step are packed into `input_ids [1, T]` with no padding; a step is all-prefill or
-all-decode. Per sequence b: `q_seqlens[b]` new tokens after `history_lengths[b]` cached ones, so
-`kv_seqlens = history + q_seqlens`, and its blocks of the paged KV cache are `block_offsets[b, :]`.
+Tokens of all sequences in a step are packed into `input_ids [1, T]` with no padding. Per sequence b: `q_seqlens[b]`
+new tokens after `history_lengths[b]` cached ones, so `kv_seqlens = history + q_seqlens`, and its blocks of the
+paged KV cache are `block_offsets[b, :]`. A step is all-decode (`is_decoding`: one token per sequence), or a
+prefill step; a prefill step may lead with `num_decodes` decode rows of running sequences (a mixed step), which
+attention can hand to its decode kernel.
 """
 import contextlib
 from dataclasses import dataclass, field
@@ -23,8 +25,9 @@ class ModelInputs:
     is_decoding: bool
     max_q_seqlen: int
     max_kv_seqlen: int
-    sum_kv_seqlen: int
+    sum_kv_seqlen: int                 # keys of the prefill rows (all rows but the num_decodes leading ones)
     inputs_embeds: torch.Tensor | None = None
+    num_decodes: int = 0               # leading rows of a prefill step that are decodes (q_len 1, with history)
 
     @classmethod
     def make(cls, token_ids: list[list[int]], history_lengths: list[int], block_tables: list[list[int]],
@@ -58,7 +61,8 @@ class AttentionMetadata:
     kv_seqlens: torch.Tensor           # [B] history + new
     max_q_seqlen: int = 0
     max_kv_seqlen: int = 0
-    sum_kv_seqlen: int = 0             # total keys of the step (sizes torch's packed-K/V prefill path); 0: unknown
+    sum_kv_seqlen: int = 0             # keys of the step's prefill rows (sizes torch's packed-K/V path); 0: unknown
+    num_decodes: int = 0               # a mixed step's leading decode rows (0 in decode-only steps)
 
 
 @dataclass
@@ -94,7 +98,8 @@ class StepContext:
         attn_metadata = AttentionMetadata(is_decoding=inputs.is_decoding, block_offsets=inputs.block_offsets,
                                           q_start_loc=q_start_loc, q_seqlens=q_seqlens, kv_seqlens=kv_seqlens,
                                           max_q_seqlen=inputs.max_q_seqlen, max_kv_seqlen=inputs.max_kv_seqlen,
-                                          sum_kv_seqlen=inputs.sum_kv_seqlen)
+                                          sum_kv_seqlen=inputs.sum_kv_seqlen,
+                                          num_decodes=0 if inputs.is_decoding else inputs.num_decodes)
         return cls(input_ids=inputs.input_ids, position_ids=position_ids, q_seqlens=q_seqlens,
                    kv_seqlens=kv_seqlens, q_start_loc=q_start_loc, block_offsets=inputs.block_offsets,
                    history_lengths=history, is_decoding=inputs.is_decoding, max_q_seqlen=inputs.max_q_seqlen,

@@ -1,7 +1,8 @@
 """`python -m lmdp.bench` / `lmdp bench`: lmdp's speed on real shapes, framed by the roofline and baselines.
 
 For each shape: write (or reuse) a random-weight bf16 checkpoint, measure the copy bandwidth, lmdp's batch-1
-decode and 256-request throughput, and transformers' eager batch-1 decode; print a table and write JSON.
+decode and 256-request throughput (with time to first token and inter-token latency p50/p99 from a streamed run
+of the same requests), and transformers' eager batch-1 decode; print a table and write JSON.
 """
 import argparse
 import json
@@ -32,7 +33,9 @@ def run(args) -> dict:
                'decode_weight_GB': round(shape.decode_weight_bytes() / 1e9, 2)}
         impls = ['lmdp', 'transformers'] if args.model_impl == 'both' else [args.model_impl]
         for impl in impls:
-            figures = lmdp_figures(path, throughput=not args.no_throughput, eager_mode=args.eager, model_impl=impl)
+            figures = lmdp_figures(path, throughput=not args.no_throughput, eager_mode=args.eager, model_impl=impl,
+                                   mixed_prefill=MIXED_PREFILL[args.mixed_prefill],
+                                   max_prefill_token_num=args.max_prefill_token_num)
             figures['bs1_roofline_fraction'] = round(figures['bs1_decode_tok_s'] / roofline, 3)
             if impl == impls[0]:
                 fig.update(figures)          # the first implementation's figures are the shape's headline
@@ -62,13 +65,29 @@ def fallback_ratios(fig: dict) -> dict:
             for k, v in ratios.items()}
 
 
+#: --mixed-prefill: the scheduling policies the 256-request run is measured under, the first one the headline
+MIXED_PREFILL = {'on': (True,), 'off': (False,), 'both': (True, False)}
+NAN = float('nan')
+
+
+def _latency_cells(f: dict) -> str:
+    return ' '.join(f"{f.get(k, NAN):>9.1f}" for k in ('tp_ttft_p50_ms', 'tp_ttft_p99_ms', 'tp_itl_p50_ms',
+                                                       'tp_itl_p99_ms'))
+
+
 def table(results: dict) -> str:
-    lines = [f"{results['device']}, device copy {results['copy_bandwidth_TBps']:.2f} TB/s",
-             f"{'shape':>5} {'bs1 tok/s':>10} {'roofline':>9} {'fraction':>9} {'HF bs1':>7} {'256-req out tok/s':>18}"]
+    lines = [f"{results['device']}, device copy {results['copy_bandwidth_TBps']:.2f} TB/s; 256 requests: TTFT and "
+             'ITL in ms, from a streamed run',
+             f"{'shape':>5} {'bs1 tok/s':>10} {'roofline':>9} {'fraction':>9} {'HF bs1':>7} {'256-req out tok/s':>18} "
+             f"{'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>9} {'ITL p99':>9}"]
     for name, f in results['shapes'].items():
         lines.append(f"{name:>5} {f['bs1_decode_tok_s']:>10.1f} {f['roofline_tok_s']:>9.1f} "
-                     f"{f['bs1_roofline_fraction']:>9.1%} {f.get('hf_bs1_decode_tok_s', float('nan')):>7.1f} "
-                     f"{f.get('tp_out_tok_s', float('nan')):>18.1f}")
+                     f"{f['bs1_roofline_fraction']:>9.1%} {f.get('hf_bs1_decode_tok_s', NAN):>7.1f} "
+                     f"{f.get('tp_out_tok_s', NAN):>18.1f} {_latency_cells(f)}")
+    for name, f in results['shapes'].items():
+        for policy, g in f.get('tp_by_mixed_prefill', {}).items():
+            lines.append(f"{name:>5} mixed_prefill {policy:<3} {'':>20} {g['tp_out_tok_s']:>18.1f} "
+                         f"{_latency_cells(g)}")
     for name, f in results['shapes'].items():
         for key, r in f.get('fallback_vs_port', {}).items():
             lines.append(f"{name:>5} transformers fallback {key}: {r['ratio']:.3f}x (target >= {r['target']}x) "
@@ -93,10 +112,16 @@ def main(argv=None) -> int:
     parser.add_argument('--no-hf', action='store_true', help='skip the transformers baseline')
     parser.add_argument('--hf-new-tokens', type=int, default=256)
     parser.add_argument('--eager', action='store_true', help='eager_mode=True (no CUDA graphs)')
+    parser.add_argument('--mixed-prefill', default='on', choices=sorted(MIXED_PREFILL),
+                        help='the 256-request run with prompt chunks riding along with the decodes (on, the '
+                             "default), prefill first (off), or both on the same engine (the first is the headline)")
     parser.add_argument('--model-impl', default='auto', choices=['auto', 'lmdp', 'transformers', 'both'],
                         help="which implementation serves the checkpoint: its lmdp port, the transformers fallback "
                              "(model_impl='transformers'), or both in one call with the fallback's ratios to the "
                              'port and to transformers\' eager generate')
+    parser.add_argument('--max-prefill-token-num', type=int, default=4096,
+                        help='prompt tokens a step may take (a mixed step: beside its decodes); smaller makes mixed '
+                             'steps shorter (inter-token latency) and the prefill of a burst longer (first token)')
     parser.add_argument('--json', default=os.path.join(envs.OUT, 'lmdp_bench.json'))
     args = parser.parse_args(argv)
     results = run(args)

@@ -4,6 +4,8 @@ import time
 
 import torch
 
+from .latency import TokenClock
+
 
 def copy_bandwidth(num_bytes: int = 1 << 30, repeats: int = 20) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
@@ -66,13 +68,31 @@ def throughput_workload(num_requests: int = 256, seed: int = 0):
     return prompts, outs
 
 
-def lmdp_figures(model_path: str, throughput: bool = True, eager_mode: bool = False, model_impl: str = 'auto') -> dict:
+def streamed_run(stream_infer, prompts, gens) -> dict:
+    """The workload once more, streamed: its output tok/s, and time to first token and inter-token latency from
+    the arrival of each request's tokens (`lmdp.bench.latency`). `stream_infer` is lmdp's or lmdeploy's."""
+    _sync()
+    clock = TokenClock()
+    for r in stream_infer(prompts, gen_config=gens, do_preprocess=False):
+        clock.seen(r.index, r.generate_token_len)
+    _sync()
+    seconds = time.perf_counter() - clock.start
+    return dict(tp_stream_wall_s=round(seconds, 2), tp_stream_out_tok_s=round(clock.tokens / seconds, 1),
+                **clock.figures())
+
+
+def lmdp_figures(model_path: str, throughput: bool = True, eager_mode: bool = False, model_impl: str = 'auto',
+                 mixed_prefill: tuple[bool, ...] = (True,), max_prefill_token_num: int = 4096) -> dict:
+    """bs1 decode, and the 256-request run (batch, then streamed for the latencies) once per scheduling policy in
+    `mixed_prefill` on the same engine; the first policy's figures are the headline."""
     from lmdp import GenerationConfig, PytorchEngineConfig, pipeline
     config = PytorchEngineConfig(session_len=4096, max_batch_size=256, cache_max_entry_count=0.8,
-                                 eager_mode=eager_mode, model_impl=model_impl)
+                                 eager_mode=eager_mode, model_impl=model_impl, mixed_prefill=mixed_prefill[0],
+                                 max_prefill_token_num=max_prefill_token_num)
     start = time.perf_counter()
     pipe = pipeline(model_path, backend_config=config)
-    out = {'build_s': round(time.perf_counter() - start, 1), 'model_class': type(pipe.engine.agent.model).__name__}
+    out = {'build_s': round(time.perf_counter() - start, 1), 'model_class': type(pipe.engine.agent.model).__name__,
+           'max_prefill_token_num': max_prefill_token_num}
     out.update(_engine_notes(pipe.engine))
 
     def generate_one(prompt, n):
@@ -83,10 +103,17 @@ def lmdp_figures(model_path: str, throughput: bool = True, eager_mode: bool = Fa
         prompts, outs = throughput_workload()
         gens = [GenerationConfig(max_new_tokens=m, min_new_tokens=m, ignore_eos=True, do_sample=False) for m in outs]
         pipe(prompts[:16], gen_config=gens[:16], do_preprocess=False)      # warm-up
-        seconds, responses = _timed(lambda: pipe(prompts, gen_config=gens, do_preprocess=False))
-        generated = sum(r.generate_token_len for r in responses)
-        out.update(tp_requests=len(prompts), tp_out_tokens=generated, tp_wall_s=round(seconds, 2),
-                   tp_out_tok_s=round(generated / seconds, 1))
+        for i, mixed in enumerate(mixed_prefill):
+            pipe.engine.scheduler.mixed_prefill = mixed
+            seconds, responses = _timed(lambda: pipe(prompts, gen_config=gens, do_preprocess=False))
+            generated = sum(r.generate_token_len for r in responses)
+            figures = dict(tp_requests=len(prompts), tp_out_tokens=generated, tp_wall_s=round(seconds, 2),
+                           tp_out_tok_s=round(generated / seconds, 1), mixed_prefill=mixed)
+            figures.update(streamed_run(pipe.stream_infer, prompts, gens))
+            if i == 0:
+                out.update(figures)
+            if len(mixed_prefill) > 1:
+                out.setdefault('tp_by_mixed_prefill', {})['on' if mixed else 'off'] = figures
     pipe.close()
     pipe = None        # (the closure above holds the name: drop the engine, keep the cell)
     import gc

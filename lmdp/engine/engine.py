@@ -57,10 +57,11 @@ class _InFlight:
 
 @dataclass
 class EngineStats:
-    prefill_steps: int = 0
-    decode_steps: int = 0
+    prefill_steps: int = 0       # steps with prompt tokens (mixed steps included)
+    decode_steps: int = 0        # decode-only steps
     prefill_tokens: int = 0      # prompt tokens computed (prefix-cache hits excluded)
-    decode_tokens: int = 0
+    decode_tokens: int = 0       # decode rows, in decode-only and mixed steps
+    mixed_steps: int = 0         # prefill steps that decoded running sequences too (mixed_prefill)
 
 
 def engine_limits(config: PytorchEngineConfig, model_config, device: str) -> tuple[int, int]:
@@ -124,7 +125,8 @@ class Engine:
         plan = RankPlan(num_blocks + int(use_graphs), bs, max_blocks_per_seq=-(-session_len // bs))
         self.cache = CacheEngine(model_config, plan.cache_blocks, bs, device)
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, self.max_batch_size, config.max_prefill_token_num)
+        self.scheduler = Scheduler(self.block_manager, self.max_batch_size, config.max_prefill_token_num,
+                                   mixed_prefill=config.mixed_prefill)
         if self.ranks is None:
             self.runner = ModelRunner(self.agent, self.cache, plan.max_blocks_per_seq)
         else:
@@ -258,9 +260,9 @@ class Engine:
                          len(batch.seqs), exc_info=error)
             return self._fail(batch.seqs, 'error', _describe(error, 'a step with this request failed'))
         blamed = {id(seq) for seq, _ in culprits}
-        if not batch.is_decoding:       # prefill took them off the queue: back to its front, in order
-            healthy = [seq for seq in batch.seqs if id(seq) not in blamed]
-            self.scheduler.waiting.extendleft(reversed(healthy))
+        # prefill took its prompts off the queue: back to its front, in order (decode rows stay in the running set)
+        healthy = [seq for seq in batch.seqs[batch.num_decodes:] if id(seq) not in blamed]
+        self.scheduler.waiting.extendleft(reversed(healthy))
         outputs = []
         for seq, e in culprits:
             logger.warning('request %s failed in a step and was dropped: %r', seq.seq_id, e)
@@ -282,8 +284,7 @@ class Engine:
         if len(batch.seqs) == 1:
             return [(batch.seqs[0], error)]
         half = len(batch.seqs) // 2
-        parts = [ScheduledBatch(batch.seqs[:half], batch.num_new[:half], batch.is_decoding),
-                 ScheduledBatch(batch.seqs[half:], batch.num_new[half:], batch.is_decoding)]
+        parts = [batch.rows(0, half), batch.rows(half, len(batch.seqs))]
         return [c for part in parts for c in self._culprits(part, error)]
 
     def _recover(self, error: Exception) -> list[EngineOutput]:
@@ -353,11 +354,14 @@ class Engine:
         if not keep:
             return None
         seqs = [previous.batch.seqs[i] for i in keep]
+        # the blocks they need all together must be free: each one alone fitting is not enough (a failed
+        # allocation would leave a sequence writing past its blocks, into another sequence's)
+        bm = self.block_manager
+        if sum(max(0, bm.blocks_for(seq.num_tokens + 1) - len(seq.blocks)) for seq in seqs) > bm.num_free:
+            return None
         for seq in seqs:
-            if not self.block_manager.can_allocate(seq, seq.num_tokens + 1):
-                return None
-        for seq in seqs:
-            self.block_manager.allocate(seq, seq.num_tokens + 1)
+            allocated = bm.allocate(seq, seq.num_tokens + 1)
+            assert allocated, 'the blocks were counted free just above'
         tokens = previous.tokens if len(keep) == len(previous.batch.seqs) else \
             previous.tokens[torch.tensor(keep, device=previous.tokens.device)]
         batch = ScheduledBatch(seqs, [1] * len(seqs), is_decoding=True)
@@ -400,12 +404,13 @@ class Engine:
     def _count(self, batch: ScheduledBatch):
         if not batch.seqs:
             return                          # a step run ahead for sequences that all finished meanwhile
+        self.stats.decode_tokens += batch.num_decodes
         if batch.is_decoding:
             self.stats.decode_steps += 1
-            self.stats.decode_tokens += len(batch.seqs)
         else:
             self.stats.prefill_steps += 1
-            self.stats.prefill_tokens += sum(batch.num_new)
+            self.stats.mixed_steps += batch.num_decodes > 0
+            self.stats.prefill_tokens += sum(batch.num_new[batch.num_decodes:])
 
     # -- prompt logits ----------------------------------------------------------------------------------------
 

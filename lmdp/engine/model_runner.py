@@ -104,9 +104,11 @@ class ModelRunner:
         else:
             ids_dev = ahead_tokens.view(1, -1)
         kv_lens = [h + n for h, n in zip(history, num_new)]
+        num_decodes = 0 if batch.is_decoding else batch.num_decodes
         return ModelInputs(input_ids=ids_dev, seq_length=meta_dev[:B], history_lengths=meta_dev[B:2 * B],
                            block_offsets=meta_dev[2 * B:].view(B, width), is_decoding=batch.is_decoding,
-                           max_q_seqlen=max(num_new), max_kv_seqlen=max(kv_lens), sum_kv_seqlen=sum(kv_lens))
+                           max_q_seqlen=max(num_new), max_kv_seqlen=max(kv_lens),
+                           sum_kv_seqlen=sum(kv_lens[num_decodes:]), num_decodes=num_decodes)
 
     def forward(self, inputs: ModelInputs) -> torch.Tensor:
         """The model's output for every packed token, `[T, hidden]` (a graph runner replays decode steps here)."""

@@ -1,11 +1,17 @@
 """Continuous batching: which sequences run in the next step, and what a step's sampled tokens do to them.
 
-A step is all-prefill or all-decode. Prefill goes first: waiting sequences join in arrival order while the token
-budget (`max_prefill_token_num`), the batch limit and the free blocks allow; only the first prompt of a step may be
-cut into a chunk, so a prompt longer than the budget is prefilled over several steps. Otherwise every running
-sequence decodes one token. When a decode needs a block and none is free, the newest running sequence is
-preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed later (with prefix
-caching, mostly from its own blocks still in the cache).
+Prefill: waiting sequences join in arrival order while the token budget (`max_prefill_token_num`), the batch limit
+and the free blocks allow; only the first prompt of a step may be cut into a chunk, so a prompt longer than the
+budget is prefilled over several steps. Decode: every running sequence adds one token. When a decode needs a block
+and none is free, the newest running sequence is preempted: its blocks are freed and it goes back to the front of
+the queue, to be recomputed later (with prefix caching, mostly from its own blocks still in the cache).
+
+Two policies decide how the two meet. Without `mixed_prefill` a step is all-prefill or all-decode, and prefill
+goes first: while prompts wait and fit, the running sequences draw no token (a long prompt stalls them all). With
+`mixed_prefill` (as vLLM's and SGLang's chunked-prefill schedulers do), every running sequence decodes in every
+step and the prefill chunks ride along in the same step, under the same budget: the step's rows are the decodes
+first (q_len 1, `num_decodes` of them), then the prompt chunks. Blocks go to the decodes first; a step in which a
+decode had to preempt takes no prompt (the pool is full: a prompt now would only be preempted again).
 """
 from collections import deque
 from dataclasses import dataclass
@@ -18,15 +24,27 @@ from .sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     seqs: list[Sequence]
     num_new: list[int]        # tokens each sequence adds to the cache in this step (q_seqlens)
-    is_decoding: bool
+    is_decoding: bool         # every row is a decode (a mixed step is not: it runs the prefill path)
+    num_decodes: int = 0      # leading rows that are decodes of running sequences (all of them when is_decoding)
+
+    def __post_init__(self):
+        if self.is_decoding:
+            self.num_decodes = len(self.seqs)
+
+    def rows(self, lo: int, hi: int) -> 'ScheduledBatch':
+        """The step cut down to rows [lo, hi) (to find which rows make a step fail)."""
+        num_decodes = max(0, min(hi, self.num_decodes) - lo)
+        return ScheduledBatch(self.seqs[lo:hi], self.num_new[lo:hi], self.is_decoding, num_decodes)
 
 
 class Scheduler:
 
-    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_prefill_token_num: int):
+    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_prefill_token_num: int,
+                 mixed_prefill: bool = False):
         self.block_manager = block_manager
         self.max_batch_size = max_batch_size
         self.max_prefill_token_num = max_prefill_token_num
+        self.mixed_prefill = mixed_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
@@ -39,7 +57,10 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch | None:
         """The next step's batch, or None when nothing can run."""
-        batch = self._schedule_prefill() or self._schedule_decode()
+        if self.mixed_prefill and self.running:
+            batch = self._schedule_mixed()
+        else:
+            batch = self._schedule_prefill() or self._schedule_decode()
         if batch is None and self.waiting:
             # Nothing runs, yet prompts wait: the pool is held by part-prefilled prompts behind the head of the
             # queue. Let them go (they recompute later) so the head fits: session_len never exceeds the pool.
@@ -67,6 +88,20 @@ class Scheduler:
             budget -= n
         return ScheduledBatch(seqs, num_new, is_decoding=False) if seqs else None
 
+    def _schedule_mixed(self) -> ScheduledBatch | None:
+        """Every running sequence decodes; waiting prompts fill the budget behind them (see the module docstring)."""
+        preempted = self.num_preemptions
+        decode = self._schedule_decode()
+        if decode is None:                 # every running sequence had to go: a plain prefill step, if any fits
+            return self._schedule_prefill()
+        if not self.waiting or self.num_preemptions > preempted:
+            return decode
+        prefill = self._schedule_prefill()
+        if prefill is None:
+            return decode
+        return ScheduledBatch(decode.seqs + prefill.seqs, decode.num_new + prefill.num_new, is_decoding=False,
+                              num_decodes=len(decode.seqs))
+
     def _schedule_decode(self) -> ScheduledBatch | None:
         scheduled = []
         while self.running:
@@ -92,7 +127,7 @@ class Scheduler:
         """Account a finished step: `sampled[i]` is the token drawn for `batch.seqs[i]`, None where its prefill
         chunk did not reach the end of its tokens. Returns the sequences that finished."""
         finished = []
-        for seq, n, token in zip(batch.seqs, batch.num_new, sampled):
+        for row, (seq, n, token) in enumerate(zip(batch.seqs, batch.num_new, sampled)):
             seq.num_cached += n
             self.block_manager.register_full_blocks(seq)
             if token is None:
@@ -103,7 +138,7 @@ class Scheduler:
             if reason is not None:
                 seq.finish_reason = reason
                 finished.append(seq)
-            elif not batch.is_decoding:
+            elif row >= batch.num_decodes:     # a prompt done: it decodes from now on
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
         if finished:

@@ -120,7 +120,8 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
                                       logit_softcapping=softcap or None, causal=True, is_decoding=meta.is_decoding,
                                       max_q_seqlen=meta.max_q_seqlen,
                                       max_kv_seqlen=None if meta.is_decoding else meta.max_kv_seqlen,
-                                      sum_kv_seqlen=None if meta.is_decoding else (meta.sum_kv_seqlen or None))
+                                      sum_kv_seqlen=None if meta.is_decoding else (meta.sum_kv_seqlen or None),
+                                      num_decodes=meta.num_decodes)
     step.served.add(layer)
     return out[None], None
 

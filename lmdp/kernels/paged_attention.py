@@ -35,13 +35,14 @@ def paged_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         logit_softcapping: float | None = None, causal: bool = True,
                         out: torch.Tensor | None = None, is_decoding: bool | None = None,
                         max_q_seqlen: int | None = None, max_kv_seqlen: int | None = None,
-                        sum_kv_seqlen: int | None = None) -> torch.Tensor:
+                        sum_kv_seqlen: int | None = None, num_decodes: int = 0) -> torch.Tensor:
     """Attend packed queries `q [T, Hq, D]` to their sequences' cached keys and values.
 
     The cache must already hold this step's K/V (see `fill_kv_cache`). Returns `[T, Hq, Dv]` in q's dtype.
     GQA: query head h reads kv head `h // (Hq // Hk)`. is_decoding / max_q_seqlen / max_kv_seqlen / sum_kv_seqlen
-    are hints that let the CUDA kernels size their grids and buffers without a host sync; the reference needs none
-    of them.
+    are hints that let the CUDA kernels size their grids and buffers without a host sync; num_decodes (the leading
+    sequences of a mixed step that have one query each) lets them run those rows on the decode kernel. The
+    reference needs none of them.
     """
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.size(2)

@@ -74,7 +74,8 @@ class Attention(nn.Module):
                                            sliding_window=self.sliding_window,
                                            logit_softcapping=self.logit_softcapping, causal=self.causal,
                                            is_decoding=meta.is_decoding, max_q_seqlen=meta.max_q_seqlen,
-                                           max_kv_seqlen=max_kv_seqlen, sum_kv_seqlen=sum_kv_seqlen)
+                                           max_kv_seqlen=max_kv_seqlen, sum_kv_seqlen=sum_kv_seqlen,
+                                           num_decodes=getattr(meta, 'num_decodes', 0))
 
     def extra_repr(self):
         return (f'heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_size={self.head_size}, '

@@ -41,6 +41,9 @@ def add_parser(sub):
     e.add_argument('--block-size', type=int, default=64)
     e.add_argument('--max-prefill-token-num', type=int, default=4096)
     e.add_argument('--enable-prefix-caching', action=argparse.BooleanOptionalAction, default=True)
+    e.add_argument('--mixed-prefill', action=argparse.BooleanOptionalAction, default=True,
+                   help='prompt chunks ride along with the running decodes in one step (--no-mixed-prefill: a step '
+                        'is all-prefill or all-decode, prefill first)')
     e.add_argument('--eager-mode', action='store_true', help='no CUDA graphs')
     e.add_argument('--trust-remote-code', action='store_true')
     p.set_defaults(func=cmd_serve)
@@ -74,6 +77,7 @@ def cmd_serve(args) -> int:
             max_batch_size=args.max_batch_size, cache_max_entry_count=args.cache_max_entry_count,
             num_gpu_blocks=args.num_gpu_blocks, block_size=args.block_size,
             max_prefill_token_num=args.max_prefill_token_num, enable_prefix_caching=args.enable_prefix_caching,
+            mixed_prefill=args.mixed_prefill,
             eager_mode=args.eager_mode, custom_module_map=args.custom_module_map,
             trust_remote_code=args.trust_remote_code)
         pipe = pipeline(args.model_path, backend_config=config)

@@ -48,3 +48,16 @@ def test_overlap_reads_tokens_back_one_step_late(tiny2, make_pipe):
     while engine.has_unfinished():
         got += engine.step()
     assert got[-1].finish_reason == 'length' and len(got) == 4
+
+
+def test_a_step_run_ahead_takes_blocks_only_when_all_its_sequences_get_theirs(tiny2, make_pipe):
+    """Four sequences cross into their second block in the same step run ahead, with one block free: each alone
+    would fit, all together do not. The step must not be run ahead then (a sequence left without its block would
+    write its K/V into block 0, another sequence's), and the tokens stay those of a roomy pool."""
+    rng = random.Random(3)
+    prompts = [[rng.randrange(7, 500) for _ in range(15)] for _ in range(4)]    # 15 tokens + 1 drawn: one block
+    gen = GenerationConfig(max_new_tokens=6, ignore_eos=True)
+    expected = make_pipe(tiny2, num_gpu_blocks=64)(prompts, gen_config=gen, do_preprocess=False)
+    tight = make_pipe(tiny2, num_gpu_blocks=5, session_len=80)
+    got = _run(tight, True, prompts, [gen] * 4)
+    assert got == [(r.token_ids, r.finish_reason) for r in expected]

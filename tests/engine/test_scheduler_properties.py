@@ -6,7 +6,9 @@ sequence samples, it reads the whole history back through that table: whatever t
 preemption, prefix sharing and eviction did, a sequence must find exactly the entries its own tokens make, and
 every request must end with the tokens it would have made alone. The rules the scheduler promises are checked at
 every step: the token budget, the batch limit, one chunked prompt per step at most, preemption of the newest
-running sequences, and block accounting.
+running sequences, and block accounting. Both scheduling policies run: prefill first, and mixed prefill (every
+running sequence decodes in every step, prompt chunks ride along), whose extra rules are checked too: no running
+sequence misses a step unless it was preempted, and no prompt waits while the budget and the pool have room for it.
 """
 import types
 
@@ -116,7 +118,7 @@ def workloads(draw):
         requests.append((prompt, SamplingParams(max_new_tokens=draw(st.integers(1, 12)), stop_ids=stop)))
     return dict(block_size=block_size, num_blocks=num_blocks, session_len=session_len, requests=requests,
                 caching=draw(st.booleans()), shuffle=draw(st.none() | st.integers(0, 3)),
-                max_batch_size=draw(st.integers(1, 8)), budget=draw(st.integers(1, 16)),
+                max_batch_size=draw(st.integers(1, 8)), budget=draw(st.integers(1, 16)), mixed=draw(st.booleans()),
                 arrivals=draw(st.lists(st.integers(0, 3), min_size=len(requests), max_size=len(requests))),
                 aborts=draw(st.lists(st.tuples(st.integers(0, 30), st.integers(0, 7)), max_size=2)))
 
@@ -145,7 +147,7 @@ def simulate(w):
         taken.extend([len(prefix)] if done else [])
         return done
     bm.allocate = counting_allocate
-    sched = Scheduler(bm, w['max_batch_size'], w['budget'])
+    sched = Scheduler(bm, w['max_batch_size'], w['budget'], mixed_prefill=w['mixed'])
     model = PagedStandIn(bs, -(-session_len // bs))
     seqs = [Sequence(i, list(p), len(p), params) for i, (p, params) in enumerate(w['requests'])]
     arrive = {}
@@ -169,7 +171,22 @@ def simulate(w):
         assert batch is not None, 'nothing can run although the pool holds a whole session'
         assert isinstance(batch.is_decoding, bool)
         assert len(batch.seqs) <= w['max_batch_size']
-        if batch.is_decoding:
+        d = batch.num_decodes
+        assert batch.num_new[:d] == [1] * d and sum(batch.num_new[d:]) <= w['budget']
+        if w['mixed'] and running_before:
+            # the running sequences all decode, but for those that had to make room; then the whole pool is
+            # theirs and no prompt rides along; a prefill-only step only when every one of them had to go
+            assert d > 0 or not sched.running
+            if d < len(running_before):
+                assert len(batch.seqs) == d or d == 0
+        if w['mixed'] and d and not batch.is_decoding:
+            event('a mixed step')
+            assert batch.seqs[:d] == running_before, 'a running sequence missed a mixed step'
+            prompts = batch.seqs[d:]
+            assert prompts == waiting_before[:len(prompts)], 'prompts ride along in arrival order'
+            assert all(s.num_cached + n == s.num_tokens for s, n in zip(prompts[1:], batch.num_new[d + 1:]))
+            assert list(sched.running) == running_before
+        elif batch.is_decoding:
             # decode: the oldest running sequences run; those that had to make room are the newest, and they
             # wait at the head of the queue in the order they ran
             n = len(batch.seqs)
@@ -226,7 +243,7 @@ def pressed_workloads(draw):
                  SamplingParams(max_new_tokens=draw(st.integers(6, 16))))
                 for _ in range(draw(st.integers(3, 6)))]
     return dict(block_size=1, num_blocks=num_blocks, session_len=num_blocks, requests=requests,
-                caching=draw(st.booleans()), shuffle=None, max_batch_size=8, budget=16,
+                caching=draw(st.booleans()), shuffle=None, max_batch_size=8, budget=16, mixed=draw(st.booleans()),
                 arrivals=[0] * len(requests), aborts=[])
 
 
@@ -248,6 +265,7 @@ def cached_workloads(draw):
                 for _ in range(draw(st.integers(3, 8)))]
     return dict(block_size=block_size, num_blocks=num_blocks, session_len=num_blocks * block_size,
                 requests=requests, caching=True, shuffle=None, max_batch_size=draw(st.integers(1, 4)),
+                mixed=draw(st.booleans()),
                 budget=draw(st.integers(2, 16)),
                 arrivals=draw(st.lists(st.integers(0, 8), min_size=len(requests), max_size=len(requests))), aborts=[])
 

@@ -862,3 +862,65 @@ def test_gpu_gated_activation(op, inter):
         approx = 'tanh' if op == 'gelu_tanh' else 'none'
         out, ref = tk.gelu_and_mul(x, approx), ref_act.gelu_and_mul(x, approx)
     assert rel_l2(out, ref) < 1e-2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# mixed steps: decode rows (q_len 1, with history) lead, prompt chunks follow (mixed_prefill)
+
+class GridSpy(LaunchCounter):
+    """A LaunchCounter that also keeps each launch's grid."""
+
+    def __init__(self, kernel):
+        super().__init__(kernel)
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return super().__getitem__(grid)
+
+
+MIXED_SEQS = [(1, 1), (1, 40), (1, 129), (1, 17), (12, 12), (7, 70), (30, 33)]   # 4 decodes, then prompts
+
+
+@cpu_only
+@pytest.mark.parametrize('kw', [dict(), dict(sliding_window=9), dict(logit_softcapping=4.0)],
+                         ids=['plain', 'window', 'softcap'])
+@pytest.mark.parametrize('group', [1, 4])
+def test_mixed_step_sends_its_decode_rows_to_the_decode_kernel(monkeypatch, kw, group):
+    """Each row of a mixed step equals the reference, the decode kernel takes exactly the leading decode rows and
+    the prefill kernel exactly the rest (one launch each), and no host sync is needed with the hints."""
+    prefill_mod = importlib.import_module('lmdp.kernels.triton.prefill_attention')
+    decode_spy, prefill_spy = GridSpy(decode_mod._decode_split_kernel), GridSpy(prefill_mod._prefill_kernel)
+    monkeypatch.setattr(decode_mod, '_decode_split_kernel', decode_spy)
+    monkeypatch.setattr(prefill_mod, '_prefill_kernel', prefill_spy)
+    b = PagedBatch(MIXED_SEQS, 2 * group, 2, 32, 16, torch.float32, 'cpu', seed=31 + group)
+    out = torch.full((b.q.size(0), b.q.size(1), b.v_cache.size(-1)), float('nan'))
+    tk.paged_attention_fwd(*b.args(), out=out, is_decoding=False, max_q_seqlen=b.max_q, max_kv_seqlen=b.max_kv,
+                           num_decodes=4, **kw)
+    assert_close(out, b.reference(**kw), torch.float32)
+    assert decode_spy.launches == 1 and decode_spy.grids[0][1] == 4
+    assert prefill_spy.launches == 1 and prefill_spy.grids[0][1] == len(MIXED_SEQS) - 4
+
+
+@cpu_only
+def test_mixed_step_of_decodes_only_launches_no_prefill(monkeypatch):
+    prefill_mod = importlib.import_module('lmdp.kernels.triton.prefill_attention')
+    prefill_spy = GridSpy(prefill_mod._prefill_kernel)
+    monkeypatch.setattr(prefill_mod, '_prefill_kernel', prefill_spy)
+    b = PagedBatch(MIXED_SEQS[:4], 4, 2, 32, 16, torch.float32, 'cpu', seed=35)
+    out = tk.paged_attention_fwd(*b.args(), is_decoding=False, max_q_seqlen=1, num_decodes=4)
+    assert_close(out, b.reference(), torch.float32)
+    assert prefill_spy.launches == 0
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize('kw', [dict(), dict(sliding_window=512)], ids=['plain', 'window'])
+def test_gpu_mixed_step(kw):
+    """200 decodes at 100..3000 keys beside a 2048-token chunk after 1000 of history and a short prompt."""
+    g = torch.Generator().manual_seed(5)
+    decodes = [(1, n) for n in torch.randint(100, 3000, (200,), generator=g).tolist()]
+    b = PagedBatch(decodes + [(2048, 3048), (300, 300)], 32, 8, 128, 64, GPU_DTYPE, 'cuda', seed=6)
+    out = tk.paged_attention_fwd(*b.args(), is_decoding=False, max_q_seqlen=b.max_q, max_kv_seqlen=b.max_kv,
+                                 num_decodes=200, **kw)
+    assert_close(out, b.reference(**kw), GPU_DTYPE)

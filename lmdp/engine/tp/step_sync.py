@@ -20,8 +20,9 @@ from ..model_runner import ModelRunner
 FORWARD, LOGITS, REPLAY, CAPTURE, SHUTDOWN = 1, 2, 3, 4, 5
 OP_NAMES = {FORWARD: 'forward', LOGITS: 'logits', REPLAY: 'graph replay', CAPTURE: 'CUDA-graph capture',
             SHUTDOWN: 'shutdown'}
-# header: op, step, batch, tokens, block-table width, is_decoding, max_q, max_kv, sum_kv, has_embeds, rows
-HEADER = 11
+# header: op, step, batch, tokens, block-table width, is_decoding, max_q, max_kv, sum_kv, has_embeds, rows,
+# num_decodes
+HEADER = 12
 
 
 def _header(op: int, step: int, inputs: ModelInputs | None = None, rows: torch.Tensor | None = None):
@@ -31,6 +32,7 @@ def _header(op: int, step: int, inputs: ModelInputs | None = None, rows: torch.T
         batch, width = inputs.block_offsets.shape
         h[2:10] = torch.tensor([batch, inputs.input_ids.numel(), width, int(inputs.is_decoding), inputs.max_q_seqlen,
                                 inputs.max_kv_seqlen, inputs.sum_kv_seqlen, int(inputs.inputs_embeds is not None)])
+        h[11] = inputs.num_decodes
     return h
 
 
@@ -41,6 +43,7 @@ def _pack(inputs: ModelInputs) -> torch.Tensor:
 
 def _receive_inputs(h: torch.Tensor, device, model_config) -> ModelInputs:
     batch, tokens, width, decoding, max_q, max_kv, sum_kv, embeds = h[2:10].tolist()
+    num_decodes = int(h[11])
     packed = torch.empty(2 * batch + batch * width + tokens, dtype=torch.int32, device=device)
     dist.broadcast(packed, 0)
     seq_length, history, offsets, ids = packed.split([batch, batch, batch * width, tokens])
@@ -50,7 +53,8 @@ def _receive_inputs(h: torch.Tensor, device, model_config) -> ModelInputs:
         dist.broadcast(inputs_embeds, 0)
     return ModelInputs(input_ids=ids.long().view(1, tokens), seq_length=seq_length, history_lengths=history,
                        block_offsets=offsets.view(batch, width), is_decoding=bool(decoding), max_q_seqlen=max_q,
-                       max_kv_seqlen=max_kv, sum_kv_seqlen=sum_kv, inputs_embeds=inputs_embeds)
+                       max_kv_seqlen=max_kv, sum_kv_seqlen=sum_kv, inputs_embeds=inputs_embeds,
+                       num_decodes=num_decodes)
 
 
 class LeaderModelRunner(ModelRunner):
