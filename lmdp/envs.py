@@ -108,8 +108,9 @@ VARIABLES: dict[str, EnvVar] = {v.name: v for v in [
     EnvVar('LMDP_PREFILL_ATTENTION', 'auto', _prefill_attention,
            "Prefill attention on CUDA: 'cudnn' (torch's cuDNN attention, one call per sequence), 'flash' (torch's "
            "flash-attention varlen kernel, one call per step) or 'triton' (lmdp's paged kernel) where the layer and "
-           "the device allow it, Triton elsewhere. 'auto' (the default) is 'flash'; cuDNN runs only when asked, as "
-           "it builds an execution plan for every new shape (lmdp.kernels.prefill_select)."),
+           "the device allow it, Triton elsewhere. 'auto' (the default) is 'triton': on the H200 torch's flash kernel "
+           "measured no faster, and cuDNN, 1.6-1.8x faster warm, builds an execution plan for every new shape "
+           "(lmdp.kernels.prefill_select, notes/performance.md)."),
     EnvVar('TRITON_INTERPRET', '0', _bool,
            "Triton's own: run the kernels in its CPU interpreter (the CPU tests do). lmdp reads it once, when the "
            "kernels are imported, to keep float32 silu off libdevice, which the interpreter lacks."),

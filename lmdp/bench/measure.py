@@ -82,7 +82,7 @@ def streamed_run(stream_infer, prompts, gens) -> dict:
 
 
 def lmdp_figures(model_path: str, throughput: bool = True, eager_mode: bool = False, model_impl: str = 'auto',
-                 mixed_prefill: tuple[bool, ...] = (True,), max_prefill_token_num: int = 4096) -> dict:
+                 mixed_prefill: tuple[bool, ...] = (False,), max_prefill_token_num: int = 4096) -> dict:
     """bs1 decode, and the 256-request run (batch, then streamed for the latencies) once per scheduling policy in
     `mixed_prefill` on the same engine; the first policy's figures are the headline."""
     from lmdp import GenerationConfig, PytorchEngineConfig, pipeline

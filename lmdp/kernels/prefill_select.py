@@ -4,8 +4,8 @@ Candidates, fastest first where they apply (`lmdp.kernels.torch_prefill` for the
     cudnn   torch's cuDNN attention, one call per sequence (history joined by log-sum-exp). Fast kernel, but cuDNN
             builds an execution plan for every new (q_len, kv_len) shape, tens of ms each, so it only runs where
             asked for (LMDP_PREFILL_ATTENTION=cudnn): a server's prompts rarely repeat a shape.
-    flash   torch's flash-attention varlen kernel, one call per step, no per-shape cost. The default.
-    triton  lmdp's paged prefill kernel: everything else.
+    flash   torch's flash-attention varlen kernel, one call per step, no per-shape cost (when asked for).
+    triton  lmdp's paged prefill kernel: the default (auto), and everything the others cannot serve.
 What torch's kernels cannot do keeps the Triton kernel, for these reasons:
     - float32 (torch's fused kernels take bf16/fp16 only)
     - tanh logit softcapping (Gemma 2): neither torch kernel exposes it
@@ -130,7 +130,10 @@ def cudnn_fits(seqlens) -> bool:
 def preference() -> tuple[str, ...]:
     """The kernels to try, in order, from LMDP_PREFILL_ATTENTION."""
     chosen = envs.LMDP_PREFILL_ATTENTION
-    if chosen == 'triton':
+    if chosen in ('auto', 'triton'):
+        # auto is Triton: on the H200 torch's flash kernel (FlashAttention-2, built for sm80) measured no faster
+        # (4k: 220 vs 267 TFLOP/s; 8B time to first token at 16k/32k 0.617/1.675 s vs 0.608/1.631 s,
+        # notes/performance.md); cuDNN is 1.6-1.8x faster warm but builds a plan per new shape
         return ('triton',)
     if chosen == 'cudnn':
         return ('cudnn', 'flash', 'triton')

@@ -41,9 +41,9 @@ def add_parser(sub):
     e.add_argument('--block-size', type=int, default=64)
     e.add_argument('--max-prefill-token-num', type=int, default=4096)
     e.add_argument('--enable-prefix-caching', action=argparse.BooleanOptionalAction, default=True)
-    e.add_argument('--mixed-prefill', action=argparse.BooleanOptionalAction, default=True,
-                   help='prompt chunks ride along with the running decodes in one step (--no-mixed-prefill: a step '
-                        'is all-prefill or all-decode, prefill first)')
+    e.add_argument('--mixed-prefill', action=argparse.BooleanOptionalAction, default=False,
+                   help='prompt chunks ride along with the running decodes in one step (default off: a step is '
+                        'all-prefill or all-decode, prefill first; see notes/performance.md)')
     e.add_argument('--eager-mode', action='store_true', help='no CUDA graphs')
     e.add_argument('--trust-remote-code', action='store_true')
     p.set_defaults(func=cmd_serve)

@@ -10,16 +10,19 @@ weights of the distinct experts the batch reaches (what a step must read) over t
 device copy bandwidth printed first; TFLOP/s counts 2 x 3 x H x I per (token, expert).
 """
 import argparse
+import importlib
 import itertools
 import json
 import os
 
 import torch
 
-from lmdp.kernels.triton import fused_moe as tmoe
 from lmdp.kernels.triton.moe_router import softmax_topk
 
 from ... import envs
+
+# the module itself: the package exports the function under the module's name
+tmoe = importlib.import_module('lmdp.kernels.triton.fused_moe')
 
 SHAPES = {'qwen3-30b-a3b': (128, 8, 2048, 768), 'mixtral-8x7b': (8, 2, 4096, 14336),
           'qwen1.5-moe-a2.7b': (60, 4, 2048, 1408)}
