@@ -82,7 +82,7 @@ def test_a_long_prompt_does_not_stall_the_running_requests(tiny2, make_pipe):
 
 def test_aborting_a_prompt_part_way_through_its_chunks(tiny2, make_pipe):
     """The long prompt is aborted between two of its chunks; the running requests go on and the pool empties."""
-    pipe = make_pipe(tiny2, max_prefill_token_num=16)
+    pipe = make_pipe(tiny2, max_prefill_token_num=16, mixed_prefill=True)
     engine = pipe.engine
     gen = GenerationConfig(max_new_tokens=12, ignore_eos=True)
     short = [[1, 9, 17, 31], [1, 12, 40]]

@@ -97,8 +97,12 @@ class PagedStandIn:
                                                 [s.blocks for s in batch.seqs], batch.is_decoding))
         for name in ('input_ids', 'position_ids', 'q_seqlens', 'kv_seqlens', 'q_start_loc', 'history_lengths'):
             assert torch.equal(getattr(made, name).long(), getattr(ctx, name).long()), name
-        assert (made.max_q_seqlen, made.max_kv_seqlen, made.sum_kv_seqlen, made.is_decoding) == \
-            (ctx.max_q_seqlen, ctx.max_kv_seqlen, ctx.sum_kv_seqlen, ctx.is_decoding)
+        assert (made.max_q_seqlen, made.max_kv_seqlen, made.is_decoding) == \
+            (ctx.max_q_seqlen, ctx.max_kv_seqlen, ctx.is_decoding)
+        # sum_kv_seqlen sizes the prefill kernels' packed K/V: a mixed step's leading decode rows are not theirs
+        prefill_rows = 0 if batch.is_decoding else batch.num_decodes
+        assert ctx.sum_kv_seqlen == sum(made.kv_seqlens[prefill_rows:].tolist())
+        assert made.sum_kv_seqlen == sum(made.kv_seqlens.tolist())
         for b, seq in enumerate(batch.seqs):
             width = len(seq.blocks)
             assert made.block_offsets[b, :width].tolist() == ctx.block_offsets[b, :width].tolist() == seq.blocks
