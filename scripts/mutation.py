@@ -16,6 +16,8 @@ writes the table into notes/mutation.md. Run it through scripts/mutation.sh.
 """
 import argparse
 import difflib
+import fnmatch
+import json
 import os
 import re
 import shutil
@@ -26,6 +28,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTES = ROOT / 'notes' / 'mutation.md'
+
+def _some(path: str, *prefixes: str) -> list[str]:
+    """The tests of `path` whose names start with one of `prefixes`, as pytest node ids (the file's others are
+    slow or reach other code)."""
+    names = re.findall(r'^def (test_\w+)', (ROOT / path).read_text(), flags=re.M)
+    return [f'{path}::{n}' for n in names if n.startswith(prefixes)]
+
 
 # module -> (files mutated, the tests they run against). The tests are the fast ones that pin the module's
 # behaviour; a pipeline over a tiny model appears only where nothing cheaper reaches the code.
@@ -50,6 +59,17 @@ MODULES = {
     'weight_loader': (['lmdp/weight_loader/checkpoint.py', 'lmdp/weight_loader/loaders.py',
                        'lmdp/weight_loader/model_weight_loader.py', 'lmdp/weight_loader/tracker.py'],
                       ['tests/test_weight_loader_units.py', 'tests/test_weight_loading.py']),
+    # the parity harness's verdicts, on hand-made metrics, logits, router logits and reports: no transformers run
+    'parity_metrics': (['parity/metrics.py', 'parity/noise_floor.py'],
+                       _some('tests/parity/test_parity_metrics.py', 'test_diff_', 'test_tolerance_',
+                             'test_noise_margin_', 'test_gain_', 'test_rounding_alone_',
+                             'test_a_fixed_error_per_channel_')),
+    'parity_checks': (['parity/checks.py', 'parity/routing_checks.py'],
+                      ['tests/parity/test_parity_checks.py', 'tests/parity/test_parity_routing_forgiveness.py']
+                      + _some('tests/parity/test_parity_cuda_graph.py', 'test_skipped_', 'test_bitwise_',
+                              'test_a_replay_off_', 'test_a_padded_replay_', 'test_refused_')
+                      + _some('tests/parity/test_parity_routing.py', 'test_the_routing_check_', 'test_a_layer_')),
+    'parity_report': (['parity/report.py'], ['tests/parity/test_parity_report_model.py']),
 }
 
 STATUS = re.compile(r'^\s*(\S+__mutmut_\d+): (.+)$')
@@ -89,11 +109,14 @@ def prepare(module: str, work: Path, suffix: str = '') -> Path:
 
 def _write_config(module: str, where: Path):
     files, tests = MODULES[module]
+    # the packages holding the mutated files are mutmut's sources; the other one is copied beside them as is
+    sources = sorted({f.split('/')[0] for f in files})
+    others = [p for p in ('lmdp', 'parity') if p not in sources]
     (where / 'setup.cfg').write_text(
         '[mutmut]\n'
-        'source_paths = lmdp\n'
+        f'source_paths ={_lines(sources)}\n'
         f'only_mutate ={_lines(files)}\n'
-        'also_copy = parity\n'
+        + (f'also_copy ={_lines(others)}\n' if others else '') +
         'pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -W\n    ignore::DeprecationWarning\n'
         # a mutant that hangs is killed after 4x its tests' time (+20 s for a busy machine), not mutmut's 15x
         'timeout_multiplier = 4\ntimeout_constant = 20\n'
@@ -122,7 +145,18 @@ def run(module: str, work: Path, jobs: int) -> dict:
     results = _mutmut(prepare(module, work), work / f'{module}.log', '--max-children', str(jobs))
     results.update(run_decorated(module, work))
     print(f'{module}: {len(results)} mutants in {time.time() - start:.0f} s', flush=True)
+    _store(module, work, results, seconds=time.time() - start)
     return results
+
+
+def _store(module: str, work: Path, results: dict, seconds: float | None = None):
+    """Keep a module's results in the work folder, so modules run one at a time make one table."""
+    (work / f'{module}.json').write_text(json.dumps({'seconds': seconds, 'mutants': results}, indent=1))
+
+
+def stored(module: str, work: Path) -> dict | None:
+    path = work / f'{module}.json'
+    return {k: tuple(v) for k, v in json.loads(path.read_text())['mutants'].items()} if path.exists() else None
 
 
 def retest(module: str, work: Path, names) -> dict:
@@ -133,7 +167,16 @@ def retest(module: str, work: Path, names) -> dict:
         shutil.rmtree(dest / 'tests')
         shutil.copytree(ROOT / 'tests', dest / 'tests', ignore=shutil.ignore_patterns('__pycache__'))
     _write_config(module, where)
-    return _mutmut(where, work / f'{module}.retest.log', '--max-children', '1', *names)
+    plain = [n for n in names if '__decorated_' not in n]
+    retested = _mutmut(where, work / f'{module}.retest.log', '--max-children', '1', *plain) if plain else {}
+    # mutmut's results list every mutant of the module; only the ones asked for were run again
+    results = stored(module, work) or {}
+    results.update({k: v for k, v in retested.items() if any(fnmatch.fnmatch(k, n) for n in plain)})
+    decorated = [n for n in names if '__decorated_' in n]
+    if decorated:
+        results.update(run_decorated(module, work, only=decorated))
+    _store(module, work, results)
+    return results
 
 
 def decorated_mutants(path: Path, root: Path = ROOT):
@@ -177,8 +220,9 @@ def decorated_mutants(path: Path, root: Path = ROOT):
     return out
 
 
-def run_decorated(module: str, work: Path) -> dict:
-    """Each decorated-function mutant against the module's tests (-x: the first failure kills it)."""
+def run_decorated(module: str, work: Path, only=None) -> dict:
+    """Each decorated-function mutant against the module's tests (-x: the first failure kills it); `only`: glob
+    patterns of the names to run."""
     files, tests = MODULES[module]
     where = prepare(module, work, suffix='-decorated')
     results = {}
@@ -186,6 +230,8 @@ def run_decorated(module: str, work: Path) -> dict:
         for rel in files:
             original = (where / rel).read_text()
             for name, source in decorated_mutants(Path(rel), where):
+                if only is not None and not any(fnmatch.fnmatch(name, n) for n in only):
+                    continue
                 (where / rel).write_text(source)
                 log.write(f'== {name}\n')
                 log.flush()
@@ -320,6 +366,9 @@ def main():
         results = {args.modules[0]: retest(args.modules[0], work, args.retest)}
     else:
         results = {m: run(m, work, args.jobs) for m in (args.modules or MODULES)}
+    if args.update_notes:
+        # the table covers every module with results in the work folder, in MODULES' order
+        results = {m: results.get(m) or stored(m, work) for m in MODULES if m in results or stored(m, work)}
     groups = classify(results)
     text = table(groups)
     (work / 'table.md').write_text(text)
