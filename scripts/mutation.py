@@ -40,7 +40,11 @@ def _some(path: str, *prefixes: str) -> list[str]:
 # behaviour; a pipeline over a tiny model appears only where nothing cheaper reaches the code.
 MODULES = {
     'sampler': (['lmdp/engine/sampler.py'],
-                ['tests/engine/test_sampler_properties.py', 'tests/engine/test_sampler_noise.py',
+                # the sampler-level properties; the engine-level ones (a step launched ahead, whole requests alone
+                # and batched) take seconds per mutant and reach the sampler only through the engine
+                _some('tests/engine/test_sampler_properties.py', 'test_each_row_', 'test_a_row_', 'test_top_k_',
+                      'test_top_p_', 'test_min_p_', 'test_min_new_tokens_')
+                + ['tests/engine/test_sampler_noise.py',
                  'tests/engine/test_mixed_batch.py',
                  'tests/engine/test_sampling.py::test_4000_seeded_draws_follow_the_filtered_distribution',
                  'tests/engine/test_sampling.py::test_logprobs_are_the_raw_model_logprobs']),
@@ -68,7 +72,8 @@ MODULES = {
     'parity_metrics': (['parity/metrics.py', 'parity/noise_floor.py'],
                        _some('tests/parity/test_parity_metrics.py', 'test_diff_', 'test_tolerance_',
                              'test_noise_margin_', 'test_gain_', 'test_rounding_alone_',
-                             'test_a_fixed_error_per_channel_')),
+                             'test_a_fixed_error_per_channel_', 'test_cosine_', 'test_a_unit_', 'test_the_gain_',
+                             'test_metrics_', 'test_judge_', 'test_the_scale_band_', 'test_the_rule_line_')),
     'parity_checks': (['parity/checks.py', 'parity/routing_checks.py'],
                       ['tests/parity/test_parity_checks.py', 'tests/parity/test_parity_routing_forgiveness.py']
                       + _some('tests/parity/test_parity_cuda_graph.py', 'test_skipped_', 'test_bitwise_',
