@@ -140,14 +140,15 @@ def _mutmut(where: Path, log: Path, *args) -> dict:
                        stderr=subprocess.STDOUT)
     out = subprocess.run([sys.executable, '-m', 'mutmut', 'results', '--all', 'true'], cwd=where, env=_env(),
                          capture_output=True, text=True).stdout
-    results = {}
-    for name, status in (m.groups() for m in map(STATUS.match, out.splitlines()) if m):
-        diff = ''
-        if status not in KILLED:
-            diff = subprocess.run([sys.executable, '-m', 'mutmut', 'show', name], cwd=where, env=_env(),
-                                  capture_output=True, text=True).stdout.split('\n', 1)[-1]
-        results[name] = (status, diff)
-    return results
+    statuses = dict(m.groups() for m in map(STATUS.match, out.splitlines()) if m)
+    # the survivors' diffs in one process (`mutmut show` per mutant costs a second or two each)
+    show = ('import json, sys\n'
+            'from mutmut.mutation.diff_apply import find_mutant, get_diff_for_mutant\n'
+            'print(json.dumps({n: get_diff_for_mutant(n, path=find_mutant(n).path) for n in json.load(sys.stdin)}))')
+    alive = [name for name, status in statuses.items() if status not in KILLED]
+    diffs = json.loads(subprocess.run([sys.executable, '-c', show], cwd=where, env=_env(), input=json.dumps(alive),
+                                      capture_output=True, text=True, check=True).stdout) if alive else {}
+    return {name: (status, diffs.get(name, '')) for name, status in statuses.items()}
 
 
 def run(module: str, work: Path, jobs: int) -> dict:
