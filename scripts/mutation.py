@@ -86,6 +86,9 @@ STATUS = re.compile(r'^\s*(\S+__mutmut_\d+): (.+)$')
 KILLED = ('killed', 'timeout')
 STRING = re.compile(r"""(?:[rbuRBU]{0,2})('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
 MESSAGE_CALL = re.compile(r'^\s*(raise |assert |.*\blogger\.\w+\(|.*\bwarnings\.warn\()')
+# a parity check's `detail` (the sentences a person reads): its prose literals (those with a space; a check's name
+# and status have none) are wording like an error message's
+DETAIL = re.compile(r'.*\bCheckResult\(|^\s*detail \+?= ')
 
 
 def _env(**extra):
@@ -138,6 +141,11 @@ def _mutmut(where: Path, log: Path, *args) -> dict:
     with open(log, 'w') as f:
         subprocess.run([sys.executable, '-m', 'mutmut', 'run', *args], cwd=where, env=_env(), stdout=f,
                        stderr=subprocess.STDOUT)
+    return collect(where)
+
+
+def collect(where: Path) -> dict:
+    """Every mutant's status in a finished mutmut folder and, for those not killed, its diff."""
     out = subprocess.run([sys.executable, '-m', 'mutmut', 'results', '--all', 'true'], cwd=where, env=_env(),
                          capture_output=True, text=True).stdout
     statuses = dict(m.groups() for m in map(STATUS.match, out.splitlines()) if m)
@@ -272,16 +280,19 @@ def is_wording(diff: str) -> bool:
     if len(pairs) != 1:
         return False
     a, b = (s[1:-1] for s in pairs[0])
-    return b in (f'XX{a}XX', a.upper(), a.lower()) and _inside_message(lines, i)
+    if b not in (f'XX{a}XX', a.upper(), a.lower()):
+        return False
+    return _inside_message(lines, i) or (' ' in a and _inside_message(lines, i, DETAIL))
 
 
-def _inside_message(lines, i) -> bool:
-    """Whether diff line i lies in a raise/assert/log statement that opens on it or on a context line above."""
+def _inside_message(lines, i, opener=MESSAGE_CALL) -> bool:
+    """Whether diff line i lies in a statement `opener` matches (a raise/assert/log call) that opens on it or on a
+    context line above."""
     above = [j for j in range(i - 1, -1, -1) if not lines[j].startswith('+')]
     for j in [i] + above:
         if lines[j].startswith('@@'):
             return False
-        if MESSAGE_CALL.match(lines[j][1:]):
+        if opener.match(lines[j][1:]):
             # every line from the opener down to line i must leave a bracket open
             depth = 0
             for k in range(j, i):
@@ -364,6 +375,8 @@ def main():
                         help='mutants tested at once (default 1: the CPU is shared)')
     parser.add_argument('--retest', nargs='+', metavar='MUTANT',
                         help="run these mutants of one module again in its work folder (globs like 'x_f__mutmut_*')")
+    parser.add_argument('--collect', action='store_true',
+                        help="read the modules' finished mutmut runs from the work folder instead of running them")
     parser.add_argument('--update-notes', action='store_true', help='write the table into notes/mutation.md')
     args = parser.parse_args()
     unknown = set(args.modules) - set(MODULES)
@@ -375,6 +388,14 @@ def main():
         if len(args.modules) != 1:
             parser.error('--retest takes exactly one module')
         results = {args.modules[0]: retest(args.modules[0], work, args.retest)}
+    elif args.collect:
+        # a mutmut run that finished (or was stopped) in the module's folder: read its results, run the decorated
+        # mutants, keep them
+        results = {}
+        for m in args.modules:
+            results[m] = collect(work / m)
+            results[m].update(run_decorated(m, work))
+            _store(m, work, results[m])
     else:
         results = {m: run(m, work, args.jobs) for m in (args.modules or MODULES)}
     if args.update_notes:
