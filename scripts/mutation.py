@@ -75,7 +75,8 @@ MODULES = {
                              'test_a_fixed_error_per_channel_', 'test_cosine_', 'test_a_unit_', 'test_the_gain_',
                              'test_metrics_', 'test_judge_', 'test_the_scale_band_', 'test_the_rule_line_')),
     'parity_checks': (['parity/checks.py', 'parity/routing_checks.py'],
-                      ['tests/parity/test_parity_checks.py', 'tests/parity/test_parity_routing_forgiveness.py']
+                      ['tests/parity/test_parity_checks.py', 'tests/parity/test_parity_routing_forgiveness.py',
+                       'tests/parity/test_parity_check_results.py']
                       + _some('tests/parity/test_parity_cuda_graph.py', 'test_skipped_', 'test_bitwise_',
                               'test_a_replay_off_', 'test_a_padded_replay_', 'test_refused_')
                       + _some('tests/parity/test_parity_routing.py', 'test_the_routing_check_', 'test_a_layer_')),

@@ -61,7 +61,8 @@ def _names_after(detail, what):
 
 def test_weight_coverage_fails_on_either_side_and_lists_the_first_ten_names():
     load = types.SimpleNamespace
-    assert coverage_check(load(missing=[], unused=[])).status == 'passed'
+    clean = coverage_check(load(missing=[], unused=[]))
+    assert (clean.name, clean.phase, clean.status) == ('weight_coverage', None, 'passed') and clean.detail
     missing = [f'model.layers.{i}.mlp.up_proj.weight' for i in range(12)]
     check = coverage_check(load(missing=missing, unused=[]))
     assert check.status == 'failed' and check.data == {'missing': missing, 'unused': []}
@@ -70,6 +71,8 @@ def test_weight_coverage_fails_on_either_side_and_lists_the_first_ten_names():
     check = coverage_check(load(missing=[], unused=['lm_head.bias']))
     assert check.status == 'failed' and _names_after(check.detail, 'checkpoint tensor') == (1, ['lm_head.bias'])
     assert _names_after(check.detail, 'port parameter') == (0, [])
+    check = coverage_check(load(missing=[], unused=missing))
+    assert check.name == 'weight_coverage' and _names_after(check.detail, 'checkpoint tensor') == (12, missing[:10])
     both = coverage_check(load(missing=missing[:2], unused=['lm_head.bias']))
     assert _names_after(both.detail, 'port parameter') == (2, missing[:2])
     assert _names_after(both.detail, 'checkpoint tensor') == (1, ['lm_head.bias'])

@@ -1,0 +1,109 @@
+"""What the whole-model checks hand to reports and notebooks besides their verdict: each CheckResult's name, phase,
+value, bound and data, on hand-made replays, routing reports and logits (parity/checks.py, routing_checks.py)."""
+import torch
+
+from parity.capture_set import CaptureSet
+from parity.checks import cuda_graph_checks, greedy_check
+from parity.graph_replay import GraphReplay, ReplayDiff
+from parity.routing import Flip, LayerRouting, RoutingReport
+from parity.routing_checks import routing_check
+
+
+def _diff(batch, bucket, **kw):
+    base = dict(captured=True, max_abs=0.0, rel_l2=0.0, bitwise=True, vocab=256)
+    base.update(kw)
+    return ReplayDiff(batch=batch, bucket=bucket, **base)
+
+
+def test_cuda_graph_results_carry_their_numbers_and_the_replay():
+    exact, padded = _diff(3, 3), _diff(3, 4, bitwise=False, max_abs=2e-3, rel_l2=1e-3)
+    ok, close = cuda_graph_checks('cuda', GraphReplay(exact, padded), 1e-3)     # exactly at the tolerance passes
+    assert (ok.name, ok.phase, ok.status, ok.value, ok.bound, ok.data) == ('cuda_graph', None, 'passed', 0.0, 0.0,
+                                                                           exact.to_data())
+    assert (close.name, close.status, close.value, close.bound, close.data) == ('cuda_graph_padded', 'passed', 1e-3,
+                                                                                1e-3, padded.to_data())
+    off = _diff(3, 3, bitwise=False, max_abs=5e-6, rel_l2=1e-8)
+    bad, _ = cuda_graph_checks('cuda', GraphReplay(off, padded), 1e-3)
+    assert (bad.status, bad.value, bad.bound, bad.data) == ('failed', 5e-6, 0.0, off.to_data())
+
+
+def test_a_capture_without_a_comparison_is_not_compared_and_says_which_stage_failed():
+    for captured, stage in ((True, 'replaying'), (False, 'capturing')):
+        broken = _diff(3, 3, captured=captured, bitwise=None, max_abs=None, rel_l2=None, reason='it raised')
+        exact, padded = cuda_graph_checks('cuda', GraphReplay(broken, broken), 1e-3)
+        for check in (exact, padded):
+            assert check.status == 'failed' and check.data == broken.to_data()
+            assert check.detail.split(' the batch-3 decode graph failed')[0] == stage, check.detail
+
+
+def test_no_replay_on_cuda_fails_both_checks():
+    for check in cuda_graph_checks('cuda', None, 1e-3):
+        assert check.status == 'failed' and 'made no CUDA-graph comparison' in check.detail
+
+
+def _flip(row, near):
+    return Flip(row=row, dropped=[1], added=[2], margin=0.01 if near else 2.0, noise=0.05, near_tie=near)
+
+
+def _layer(layer, flips=(), floor=0.98, tokens=6):
+    return LayerRouting(layer, tokens, agreement=1 - len(flips) / tokens, floor_agreement=floor, logits_rel_l2=1e-3,
+                        flips=list(flips))
+
+
+def test_the_routing_result_carries_agreement_counts_and_the_first_hard_flip():
+    report = RoutingReport('decode', 2, [_layer(1, [_flip(0, True), _flip(3, False)]),
+                                         _layer(3, [_flip(1, True), _flip(4, False)], floor=0.5)])
+    check = routing_check(report, prompt_lengths=[4, 9], decode_steps=3)
+    assert (check.name, check.phase, check.status) == ('routing', 'decode', 'failed')
+    assert check.value == 1 - 2 / 6 and check.bound is None
+    assert check.data == {'agreement': {'1': 1 - 2 / 6, '3': 1 - 2 / 6}, 'floor_agreement': {'1': 0.98, '3': 0.5},
+                          'near_tie': 2, 'hard': 2, 'first_hard': {'layer': 1, 'row': 3}}
+    # decode row 3 is prompt 1's first step: position 9
+    assert 'layer 1, prompt 1 position 9:' in check.detail
+    assert 'of 6 tokens (transformers in the test dtype: 98.0%, 50.0%)' in check.detail
+    assert '2 HARD flip(s)' in check.detail and '2 flip(s) forgiven' in check.detail
+
+
+def test_a_routing_row_beyond_the_prompts_is_named_by_its_row():
+    report = RoutingReport('prefill', 2, [_layer(0, [_flip(5, False)])])
+    check = routing_check(report, prompt_lengths=[2, 3], decode_steps=0)           # rows 0-4
+    assert 'layer 0, row 5:' in check.detail
+    report = RoutingReport('prefill', 2, [_layer(0, [_flip(4, False)])])
+    assert 'layer 0, prompt 1 position 2:' in routing_check(report, [2, 3], 0).detail
+
+
+def test_the_routing_detail_keeps_every_part_and_no_floor_no_floor_text():
+    hard = RoutingReport('prefill', 2, [_layer(0, [_flip(1, False)], floor=None)], unrouted=[2])
+    moved = RoutingReport('prefill', 2, [_layer(0, [_flip(1, True), _flip(2, True)])])
+    check = routing_check(hard, [6], 0, accumulated=moved)
+    assert 'transformers in the test dtype' not in check.detail
+    parts = [p.split(' ')[0:2] for p in check.detail.split('; ')]
+    # the agreement, then end-to-end moves, the unrouted layers and the hard flips, each kept
+    assert parts[0] == ['top-2', 'expert'] and ['end', 'to'] in parts and ['layers', '[2]'] in parts
+    assert ['1', 'HARD'] in parts
+    assert check.data['end_to_end_rows'] == 2
+
+
+def test_without_layers_the_routing_check_fails_naming_what_is_missing():
+    missing = {f'layers.{i}.router': f'reason {i}' for i in range(5)}
+    check = routing_check(RoutingReport('decode', 2, [], missing=missing), [3], 2)
+    assert (check.name, check.phase, check.status) == ('routing', 'decode', 'failed')
+    named = [k for k in missing if k in check.detail]
+    assert named == ['layers.0.router', 'layers.1.router', 'layers.2.router'] and 'reason 2' in check.detail
+    empty = routing_check(RoutingReport('prefill', 2, []), [3], 0)
+    assert empty.status == 'failed' and 'no MoE layers' in empty.detail
+
+
+def _capture(prefill_rows, decode_rows=None):
+    taps = {'prefill': {'logits': [torch.tensor(r) for r in prefill_rows]}}
+    taps['decode'] = {'logits': [torch.tensor(r) for r in decode_rows]} if decode_rows else {}
+    return CaptureSet(taps=taps)
+
+
+def test_greedy_without_decode_steps_and_with_a_padded_vocabulary():
+    """The port's lm_head may be padded past the vocabulary (a multiple of 64, say): the padding is not a token."""
+    ref = _capture([[[0.0, 3.0, 1.0]], [[2.0, 0.0, 1.0]]])
+    port = _capture([[[0.0, 3.0, 1.0, 9.0]], [[2.0, 0.0, 1.0, 9.0]]])     # a padding column that wins argmax
+    check = greedy_check(ref, port, None, torch.float32, reference_tokens=[[1], [0]])
+    assert check.status == 'passed' and check.data['port_tokens'] == [[1], [0]]
+    assert (check.value, check.bound) == (2.0, 2.0)
