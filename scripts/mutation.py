@@ -150,10 +150,13 @@ def collect(where: Path) -> dict:
     out = subprocess.run([sys.executable, '-m', 'mutmut', 'results', '--all', 'true'], cwd=where, env=_env(),
                          capture_output=True, text=True).stdout
     statuses = dict(m.groups() for m in map(STATUS.match, out.splitlines()) if m)
-    # the survivors' diffs in one process (`mutmut show` per mutant costs a second or two each)
-    show = ('import json, sys\n'
-            'from mutmut.mutation.diff_apply import find_mutant, get_diff_for_mutant\n'
-            'print(json.dumps({n: get_diff_for_mutant(n, path=find_mutant(n).path) for n in json.load(sys.stdin)}))')
+    # the survivors' diffs in one process (`mutmut show` per mutant costs a second or two each), each with its whole
+    # function as context, so a message's opening line (`raise ...(`) is in it however long the message
+    show = ('import difflib, json, sys\n'
+            'import mutmut.mutation.diff_apply as d\n'
+            'd.unified_diff = lambda *a, **k: difflib.unified_diff(*a, n=10**6, **k)\n'
+            'print(json.dumps({n: d.get_diff_for_mutant(n, path=d.find_mutant(n).path)\n'
+            '                  for n in json.load(sys.stdin)}))')
     alive = [name for name, status in statuses.items() if status not in KILLED]
     diffs = json.loads(subprocess.run([sys.executable, '-c', show], cwd=where, env=_env(), input=json.dumps(alive),
                                       capture_output=True, text=True, check=True).stdout) if alive else {}
