@@ -1,12 +1,17 @@
 """What the whole-model checks hand to reports and notebooks besides their verdict: each CheckResult's name, phase,
 value, bound and data, on hand-made replays, routing reports and logits (parity/checks.py, routing_checks.py)."""
+import math
+import re
+
+import pytest
 import torch
 
 from parity.capture_set import CaptureSet
-from parity.checks import cuda_graph_checks, greedy_check
+from parity.checks import cuda_graph_checks, greedy_check, logprob_checks
 from parity.graph_replay import GraphReplay, ReplayDiff
+from parity.noise_floor import KL_EPS, kl_bound
 from parity.routing import Flip, LayerRouting, RoutingReport
-from parity.routing_checks import routing_check
+from parity.routing_checks import NearTieFlip, RoutedPositions, routing_check
 
 
 def _diff(batch, bucket, **kw):
@@ -107,3 +112,94 @@ def test_greedy_without_decode_steps_and_with_a_padded_vocabulary():
     check = greedy_check(ref, port, None, torch.float32, reference_tokens=[[1], [0]])
     assert check.status == 'passed' and check.data['port_tokens'] == [[1], [0]]
     assert (check.value, check.bound) == (2.0, 2.0)
+
+
+def _kl_reference(ref, other):
+    """KL(softmax(ref) || softmax(other)) per row by plain loops; a token the reference gives no mass adds nothing."""
+    out = []
+    for r, o in zip(ref.double().tolist(), other.double().tolist()):
+        lr = torch.tensor(r, dtype=torch.float64).log_softmax(-1).tolist()
+        lo = torch.tensor(o, dtype=torch.float64).log_softmax(-1).tolist()
+        out.append(sum(math.exp(a) * (a - b) for a, b in zip(lr, lo) if a > -math.inf))
+    return out
+
+
+LENGTHS = [2, 3]                                   # prefill rows 0-1 (prompt 0) and 2-4 (prompt 1)
+ROW = [4.0, 3.0, 2.0, 1.0, 0.0, -1.0]
+
+
+def _rows(edit=None):
+    rows = [list(ROW) for _ in range(sum(LENGTHS))]
+    for r, c, v in edit or ():
+        rows[r][c] = v
+    return _capture([rows[:2], rows[2:]])
+
+
+def _routed(*seqs):
+    return RoutedPositions({s: NearTieFlip(s, 0, 1, 'prefill') for s in seqs})
+
+
+def test_the_kl_result_carries_its_mean_max_floor_and_bound():
+    dt = torch.bfloat16
+    ref, port, floor = _rows(), _rows([(3, 5, -0.5)]), _rows([(0, 0, 4.2), (2, 1, 3.1)])
+    kl, top = logprob_checks(ref, port, floor, dt, 'prefill')
+    rows = _kl_reference(torch.tensor([ROW] * 5), torch.cat(port.get('prefill', 'logits')))
+    floor_rows = _kl_reference(torch.tensor([ROW] * 5), torch.cat(floor.get('prefill', 'logits')))
+    floor_kl = sum(floor_rows) / 5
+    assert (kl.name, kl.phase, kl.status) == ('logprob_kl', 'prefill', 'passed' if kl.value <= kl.bound else 'failed')
+    assert kl.value == pytest.approx(sum(rows) / 5, rel=1e-9) and kl.bound == pytest.approx(kl_bound(dt, floor_kl))
+    assert kl.data == pytest.approx({'max_kl': max(rows), 'floor_kl': floor_kl, 'mean_kl': sum(rows) / 5,
+                                     'bound_all_positions': kl_bound(dt, floor_kl)}, rel=1e-9)
+    assert (top.name, top.phase, top.value, top.bound) == ('top5', 'prefill', 1.0, 1.0)
+    assert top.data == {'forgiven': 0, 'unforgiven_rows': [], 'routing_forgiven': 0}
+    no_floor, _ = logprob_checks(ref, port, None, dt, 'prefill')
+    assert no_floor.bound == KL_EPS[dt] and no_floor.data['floor_kl'] is None
+
+
+def test_a_token_the_reference_rules_out_adds_no_kl():
+    masked = [list(ROW[:-1]) + [-math.inf] for _ in range(5)]
+    ref = _capture([masked[:2], masked[2:]])
+    kl, _ = logprob_checks(ref, _rows(), None, torch.float32, 'prefill')
+    want = _kl_reference(torch.tensor(masked), torch.tensor([ROW] * 5))
+    assert math.isfinite(kl.value) and kl.value == pytest.approx(sum(want) / 5, rel=1e-9)
+
+
+def test_kl_forgiven_by_routing_reports_the_rest_and_its_bound():
+    dt = torch.bfloat16
+    ref, floor = _rows(), _rows([(0, 0, 4.01)])                      # a floor KL at row 0 only
+    port = _rows([(3, 5, 9.0)])                                      # prompt 1 far off
+    kl, _ = logprob_checks(ref, port, floor, dt, 'prefill', _routed(1))
+    rest_floor = sum(_kl_reference(torch.tensor([ROW] * 2), torch.cat(floor.get('prefill', 'logits'))[:2])) / 2
+    assert (kl.name, kl.phase, kl.status) == ('logprob_kl', 'prefill', 'passed')
+    assert kl.value == 0.0 and kl.bound == pytest.approx(kl_bound(dt, rest_floor), rel=1e-9)
+    assert kl.data['routing_forgiven'] == 3 and kl.data['rest_kl'] == 0.0
+    assert kl.data['rest_bound'] == kl.bound and kl.data['mean_kl'] > kl.data['bound_all_positions']
+    worse = _rows([(3, 5, 9.0), (0, 5, 9.0)])                        # prompt 0 off too: not forgiven
+    kl, _ = logprob_checks(ref, worse, floor, dt, 'prefill', _routed(1))
+    assert kl.status == 'failed' and kl.value == kl.data['mean_kl'] and kl.bound == kl.data['bound_all_positions']
+    assert kl.data['rest_kl'] > kl.data['rest_bound']
+    every = _rows([(3, 5, 9.0), (0, 5, 9.0)])                        # both prompts flipped: nothing left to judge
+    kl, _ = logprob_checks(ref, every, floor, dt, 'prefill', _routed(0, 1))
+    assert kl.status == 'passed' and (kl.value, kl.data['rest_kl'], kl.data['routing_forgiven']) == (0.0, 0.0, 5)
+    assert kl.bound == kl_bound(dt, 0.0) and 'no other position' in kl.detail
+    kl, _ = logprob_checks(ref, port, None, dt, 'prefill', _routed(1))
+    assert kl.status == 'passed' and kl.bound == KL_EPS[dt]
+
+
+def test_decode_checks_of_a_single_prompt():
+    ref = _capture([[ROW] * 3], [[ROW] * 2])
+    port = _capture([[ROW] * 3], [[ROW, ROW[::-1]]])
+    kl, top = logprob_checks(ref, port, None, torch.float32, 'decode')
+    assert (kl.phase, kl.status, top.status, top.data['unforgiven_rows']) == ('decode', 'failed', 'failed', [1])
+
+
+def test_greedy_counts_prompts_and_lists_ten_notes():
+    prompts = 12
+    ref = _capture([[ROW]] * prompts)
+    port = _capture([[ROW[::-1]]] * 11 + [[ROW]])                     # 11 prompts pick token 5, not 0
+    check = greedy_check(ref, port, None, torch.float32, reference_tokens=[[0]] * prompts)
+    assert (check.name, check.phase, check.status) == ('greedy', None, 'failed')
+    assert (check.value, check.bound) == (1.0, 12.0) and len(check.data['notes']) == 11
+    m = re.match(r'greedy tokens equal for (\d+)/(\d+) prompts over (\d+) generated tokens; (.*)$', check.detail)
+    assert m and m.groups()[:3] == ('1', '12', '1')
+    assert m.group(4) == '; '.join(check.data['notes'][:10])
