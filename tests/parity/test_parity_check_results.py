@@ -203,3 +203,45 @@ def test_greedy_counts_prompts_and_lists_ten_notes():
     m = re.match(r'greedy tokens equal for (\d+)/(\d+) prompts over (\d+) generated tokens; (.*)$', check.detail)
     assert m and m.groups()[:3] == ('1', '12', '1')
     assert m.group(4) == '; '.join(check.data['notes'][:10])
+
+
+def test_the_top_k_result_on_a_small_vocabulary_counts_every_forgiven_row():
+    """With 4 tokens the set compared is the top 3; two rows swapped at a near tie are both forgiven."""
+    ref_row, near = [3.0, 2.0, 1.0, 0.999], [3.0, 2.0, 0.999, 1.0]
+    ref = _capture([[ref_row] * 2, [ref_row] * 3])
+    port = _capture([[near, ref_row], [ref_row, near, ref_row]])
+    floor = _capture([[[r + 0.01 for r in ref_row]] * 2, [[r + 0.01 for r in ref_row]] * 3])
+    _, top = logprob_checks(ref, port, floor, torch.bfloat16, 'prefill')
+    assert (top.name, top.phase, top.status, top.bound) == ('top3', 'prefill', 'passed', 1.0)
+    assert top.value == pytest.approx(0.6)
+    assert top.data == {'forgiven': 2, 'unforgiven_rows': [], 'routing_forgiven': 0}
+    assert top.detail.split('; ')[0] == 'top-3 sets agree at 3/5 positions'
+
+
+def test_the_top_k_detail_names_the_first_eight_unforgiven_rows():
+    far = list(ROW[:-1]) + [9.0]
+    ref = _capture([[ROW] * 5, [ROW] * 5])
+    port = _capture([[far] * 5, [far] * 4 + [ROW]])
+    _, top = logprob_checks(ref, port, None, torch.float32, 'prefill')
+    assert top.data['unforgiven_rows'] == list(range(9))
+    assert top.detail.split('; ') == ['top-5 sets agree at 1/10 positions',
+                                      '9 not forgiven (rows [0, 1, 2, 3, 4, 5, 6, 7] of the phase, in prompt order)']
+
+
+def _near(seq, position):
+    return NearTieFlip(seq, position, 1, 'prefill')
+
+
+def test_the_earliest_near_tie_flip_of_each_sequence_is_kept_whatever_comes_first():
+    layer = LayerRouting(2, 5, 0.4, None, 1e-3, flips=[_flip(1, False), _flip(4, True), _flip(3, True)])
+    report = RoutingReport('prefill', 2, [layer])
+    routed = RoutedPositions.from_routing({'prefill': report}, [2, 3], 0)        # rows 2-4 are prompt 1
+    assert routed.first == {1: NearTieFlip(1, 1, 2, 'prefill')}
+    assert bool(routed) and not RoutedPositions({})
+
+
+def test_the_reason_names_the_first_four_flips_in_prompt_order():
+    flips = [_near(s, 0) for s in (4, 1, 3, 0, 2)]
+    reason = RoutedPositions.reason_for(flips)
+    named = re.findall(r'prompt (\d+) position', reason)
+    assert named == ['0', '1', '2', '3']
