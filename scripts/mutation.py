@@ -16,6 +16,8 @@ writes the table into notes/mutation.md. Run it through scripts/mutation.sh.
 """
 import argparse
 import difflib
+import fnmatch
+import json
 import os
 import re
 import shutil
@@ -27,11 +29,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 NOTES = ROOT / 'notes' / 'mutation.md'
 
+def _some(path: str, *prefixes: str) -> list[str]:
+    """The tests of `path` whose names start with one of `prefixes`, as pytest node ids (the file's others are
+    slow or reach other code)."""
+    names = re.findall(r'^def (test_\w+)', (ROOT / path).read_text(), flags=re.M)
+    return [f'{path}::{n}' for n in names if n.startswith(prefixes)]
+
+
 # module -> (files mutated, the tests they run against). The tests are the fast ones that pin the module's
 # behaviour; a pipeline over a tiny model appears only where nothing cheaper reaches the code.
 MODULES = {
     'sampler': (['lmdp/engine/sampler.py'],
-                ['tests/engine/test_sampler_properties.py', 'tests/engine/test_sampler_noise.py',
+                # the sampler-level properties; the engine-level ones (a step launched ahead, whole requests alone
+                # and batched) take seconds per mutant and reach the sampler only through the engine
+                _some('tests/engine/test_sampler_properties.py', 'test_each_row_', 'test_a_row_', 'test_top_k_',
+                      'test_top_p_', 'test_min_p_', 'test_min_new_tokens_')
+                + ['tests/engine/test_sampler_noise.py',
                  'tests/engine/test_mixed_batch.py',
                  'tests/engine/test_sampling.py::test_4000_seeded_draws_follow_the_filtered_distribution',
                  'tests/engine/test_sampling.py::test_logprobs_are_the_raw_model_logprobs']),
@@ -49,13 +62,34 @@ MODULES = {
                       'tests/engine/test_scheduler_properties.py']),
     'weight_loader': (['lmdp/weight_loader/checkpoint.py', 'lmdp/weight_loader/loaders.py',
                        'lmdp/weight_loader/model_weight_loader.py', 'lmdp/weight_loader/tracker.py'],
-                      ['tests/test_weight_loader_units.py', 'tests/test_weight_loading.py']),
+                      ['tests/test_weight_loader_units.py', 'tests/test_checkpoint_headers.py',
+                       'tests/test_weight_loading.py',
+                       # broken checkpoints, refused before any model is built (fast), and the experts' loading
+                       'tests/robustness/test_checkpoints.py']
+                      + _some('tests/test_moe_layers.py', 'test_per_expert_', 'test_all_experts_',
+                              'test_missing_expert_', 'test_loader_errors_')),
+    # the parity harness's verdicts, on hand-made metrics, logits, router logits and reports: no transformers run
+    'parity_metrics': (['parity/metrics.py', 'parity/noise_floor.py'],
+                       _some('tests/parity/test_parity_metrics.py', 'test_diff_', 'test_tolerance_',
+                             'test_noise_margin_', 'test_gain_', 'test_rounding_alone_',
+                             'test_a_fixed_error_per_channel_', 'test_cosine_', 'test_a_unit_', 'test_the_gain_',
+                             'test_metrics_', 'test_judge_', 'test_the_scale_band_', 'test_the_rule_line_')),
+    'parity_checks': (['parity/checks.py', 'parity/routing_checks.py'],
+                      ['tests/parity/test_parity_checks.py', 'tests/parity/test_parity_routing_forgiveness.py',
+                       'tests/parity/test_parity_check_results.py']
+                      + _some('tests/parity/test_parity_cuda_graph.py', 'test_skipped_', 'test_bitwise_',
+                              'test_a_replay_off_', 'test_a_padded_replay_', 'test_refused_')
+                      + _some('tests/parity/test_parity_routing.py', 'test_the_routing_check_', 'test_a_layer_')),
+    'parity_report': (['parity/report.py'], ['tests/parity/test_parity_report_model.py']),
 }
 
 STATUS = re.compile(r'^\s*(\S+__mutmut_\d+): (.+)$')
 KILLED = ('killed', 'timeout')
 STRING = re.compile(r"""(?:[rbuRBU]{0,2})('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
 MESSAGE_CALL = re.compile(r'^\s*(raise |assert |.*\blogger\.\w+\(|.*\bwarnings\.warn\()')
+# a parity check's `detail` (the sentences a person reads): its prose literals (those with a space; a check's name
+# and status have none) are wording like an error message's
+DETAIL = re.compile(r'.*\bCheckResult\(|^\s*detail \+?= ')
 
 
 def _env(**extra):
@@ -89,11 +123,14 @@ def prepare(module: str, work: Path, suffix: str = '') -> Path:
 
 def _write_config(module: str, where: Path):
     files, tests = MODULES[module]
+    # the packages holding the mutated files are mutmut's sources; the other one is copied beside them as is
+    sources = sorted({f.split('/')[0] for f in files})
+    others = [p for p in ('lmdp', 'parity') if p not in sources]
     (where / 'setup.cfg').write_text(
         '[mutmut]\n'
-        'source_paths = lmdp\n'
+        f'source_paths ={_lines(sources)}\n'
         f'only_mutate ={_lines(files)}\n'
-        'also_copy = parity\n'
+        + (f'also_copy ={_lines(others)}\n' if others else '') +
         'pytest_add_cli_args =\n    -p\n    no:cacheprovider\n    -W\n    ignore::DeprecationWarning\n'
         # a mutant that hangs is killed after 4x its tests' time (+20 s for a busy machine), not mutmut's 15x
         'timeout_multiplier = 4\ntimeout_constant = 20\n'
@@ -105,16 +142,25 @@ def _mutmut(where: Path, log: Path, *args) -> dict:
     with open(log, 'w') as f:
         subprocess.run([sys.executable, '-m', 'mutmut', 'run', *args], cwd=where, env=_env(), stdout=f,
                        stderr=subprocess.STDOUT)
+    return collect(where)
+
+
+def collect(where: Path) -> dict:
+    """Every mutant's status in a finished mutmut folder and, for those not killed, its diff."""
     out = subprocess.run([sys.executable, '-m', 'mutmut', 'results', '--all', 'true'], cwd=where, env=_env(),
                          capture_output=True, text=True).stdout
-    results = {}
-    for name, status in (m.groups() for m in map(STATUS.match, out.splitlines()) if m):
-        diff = ''
-        if status not in KILLED:
-            diff = subprocess.run([sys.executable, '-m', 'mutmut', 'show', name], cwd=where, env=_env(),
-                                  capture_output=True, text=True).stdout.split('\n', 1)[-1]
-        results[name] = (status, diff)
-    return results
+    statuses = dict(m.groups() for m in map(STATUS.match, out.splitlines()) if m)
+    # the survivors' diffs in one process (`mutmut show` per mutant costs a second or two each), each with its whole
+    # function as context, so a message's opening line (`raise ...(`) is in it however long the message
+    show = ('import difflib, json, sys\n'
+            'import mutmut.mutation.diff_apply as d\n'
+            'd.unified_diff = lambda *a, **k: difflib.unified_diff(*a, n=10**6, **k)\n'
+            'print(json.dumps({n: d.get_diff_for_mutant(n, path=d.find_mutant(n).path)\n'
+            '                  for n in json.load(sys.stdin)}))')
+    alive = [name for name, status in statuses.items() if status not in KILLED]
+    diffs = json.loads(subprocess.run([sys.executable, '-c', show], cwd=where, env=_env(), input=json.dumps(alive),
+                                      capture_output=True, text=True, check=True).stdout) if alive else {}
+    return {name: (status, diffs.get(name, '')) for name, status in statuses.items()}
 
 
 def run(module: str, work: Path, jobs: int) -> dict:
@@ -122,7 +168,18 @@ def run(module: str, work: Path, jobs: int) -> dict:
     results = _mutmut(prepare(module, work), work / f'{module}.log', '--max-children', str(jobs))
     results.update(run_decorated(module, work))
     print(f'{module}: {len(results)} mutants in {time.time() - start:.0f} s', flush=True)
+    _store(module, work, results, seconds=time.time() - start)
     return results
+
+
+def _store(module: str, work: Path, results: dict, seconds: float | None = None):
+    """Keep a module's results in the work folder, so modules run one at a time make one table."""
+    (work / f'{module}.json').write_text(json.dumps({'seconds': seconds, 'mutants': results}, indent=1))
+
+
+def stored(module: str, work: Path) -> dict | None:
+    path = work / f'{module}.json'
+    return {k: tuple(v) for k, v in json.loads(path.read_text())['mutants'].items()} if path.exists() else None
 
 
 def retest(module: str, work: Path, names) -> dict:
@@ -133,7 +190,16 @@ def retest(module: str, work: Path, names) -> dict:
         shutil.rmtree(dest / 'tests')
         shutil.copytree(ROOT / 'tests', dest / 'tests', ignore=shutil.ignore_patterns('__pycache__'))
     _write_config(module, where)
-    return _mutmut(where, work / f'{module}.retest.log', '--max-children', '1', *names)
+    plain = [n for n in names if '__decorated_' not in n]
+    retested = _mutmut(where, work / f'{module}.retest.log', '--max-children', '1', *plain) if plain else {}
+    # mutmut's results list every mutant of the module; only the ones asked for were run again
+    results = stored(module, work) or {}
+    results.update({k: v for k, v in retested.items() if any(fnmatch.fnmatch(k, n) for n in plain)})
+    decorated = [n for n in names if '__decorated_' in n]
+    if decorated:
+        results.update(run_decorated(module, work, only=decorated))
+    _store(module, work, results)
+    return results
 
 
 def decorated_mutants(path: Path, root: Path = ROOT):
@@ -177,8 +243,9 @@ def decorated_mutants(path: Path, root: Path = ROOT):
     return out
 
 
-def run_decorated(module: str, work: Path) -> dict:
-    """Each decorated-function mutant against the module's tests (-x: the first failure kills it)."""
+def run_decorated(module: str, work: Path, only=None) -> dict:
+    """Each decorated-function mutant against the module's tests (-x: the first failure kills it); `only`: glob
+    patterns of the names to run."""
     files, tests = MODULES[module]
     where = prepare(module, work, suffix='-decorated')
     results = {}
@@ -186,6 +253,8 @@ def run_decorated(module: str, work: Path) -> dict:
         for rel in files:
             original = (where / rel).read_text()
             for name, source in decorated_mutants(Path(rel), where):
+                if only is not None and not any(fnmatch.fnmatch(name, n) for n in only):
+                    continue
                 (where / rel).write_text(source)
                 log.write(f'== {name}\n')
                 log.flush()
@@ -215,16 +284,19 @@ def is_wording(diff: str) -> bool:
     if len(pairs) != 1:
         return False
     a, b = (s[1:-1] for s in pairs[0])
-    return b in (f'XX{a}XX', a.upper(), a.lower()) and _inside_message(lines, i)
+    if b not in (f'XX{a}XX', a.upper(), a.lower()):
+        return False
+    return _inside_message(lines, i) or (' ' in a and _inside_message(lines, i, DETAIL))
 
 
-def _inside_message(lines, i) -> bool:
-    """Whether diff line i lies in a raise/assert/log statement that opens on it or on a context line above."""
+def _inside_message(lines, i, opener=MESSAGE_CALL) -> bool:
+    """Whether diff line i lies in a statement `opener` matches (a raise/assert/log call) that opens on it or on a
+    context line above."""
     above = [j for j in range(i - 1, -1, -1) if not lines[j].startswith('+')]
     for j in [i] + above:
         if lines[j].startswith('@@'):
             return False
-        if MESSAGE_CALL.match(lines[j][1:]):
+        if opener.match(lines[j][1:]):
             # every line from the opener down to line i must leave a bracket open
             depth = 0
             for k in range(j, i):
@@ -307,6 +379,8 @@ def main():
                         help='mutants tested at once (default 1: the CPU is shared)')
     parser.add_argument('--retest', nargs='+', metavar='MUTANT',
                         help="run these mutants of one module again in its work folder (globs like 'x_f__mutmut_*')")
+    parser.add_argument('--collect', action='store_true',
+                        help="read the modules' finished mutmut runs from the work folder instead of running them")
     parser.add_argument('--update-notes', action='store_true', help='write the table into notes/mutation.md')
     args = parser.parse_args()
     unknown = set(args.modules) - set(MODULES)
@@ -318,8 +392,19 @@ def main():
         if len(args.modules) != 1:
             parser.error('--retest takes exactly one module')
         results = {args.modules[0]: retest(args.modules[0], work, args.retest)}
+    elif args.collect:
+        # a mutmut run that finished (or was stopped) in the module's folder: read its results, run the decorated
+        # mutants, keep them
+        results = {}
+        for m in args.modules:
+            results[m] = collect(work / m)
+            results[m].update(run_decorated(m, work))
+            _store(m, work, results[m])
     else:
         results = {m: run(m, work, args.jobs) for m in (args.modules or MODULES)}
+    if args.update_notes:
+        # the table covers every module with results in the work folder, in MODULES' order
+        results = {m: results.get(m) or stored(m, work) for m in MODULES if m in results or stored(m, work)}
     groups = classify(results)
     text = table(groups)
     (work / 'table.md').write_text(text)

@@ -1,8 +1,11 @@
-"""Whole-model checks on hand-made logits: what is forgiven as rounding and what is not."""
+"""Whole-model checks on hand-made logits: what is forgiven as rounding and what is not; weight coverage."""
+import re
+import types
+
 import torch
 
 from parity.capture_set import CaptureSet
-from parity.checks import greedy_check, logprob_checks
+from parity.checks import coverage_check, greedy_check, logprob_checks
 
 
 def _capture(prefill_rows, decode_rows=None):
@@ -48,3 +51,28 @@ def test_greedy_divergence_is_forgiven_only_where_the_top2_margin_is_noise():
     tie_only = _capture([[0.0, 0.999, 1.0]], [[5.0, 1.0, 0.0]])
     check = greedy_check(ref, tie_only, floor, torch.bfloat16, reference_tokens=[[1, 0]])
     assert check.status == 'passed' and check.data['port_tokens'] == [[2, 0]] and len(check.data['notes']) == 1
+
+
+def _names_after(detail, what):
+    """The comma-separated names a coverage detail lists after '<N> <what>...: ', and N."""
+    m = re.search(rf'(\d+) {what}[^:]*: (.*?)(?:; |\. Fix)', detail)
+    return (int(m.group(1)), m.group(2).split(', ')) if m else (0, [])
+
+
+def test_weight_coverage_fails_on_either_side_and_lists_the_first_ten_names():
+    load = types.SimpleNamespace
+    clean = coverage_check(load(missing=[], unused=[]))
+    assert (clean.name, clean.phase, clean.status) == ('weight_coverage', None, 'passed') and clean.detail
+    missing = [f'model.layers.{i}.mlp.up_proj.weight' for i in range(12)]
+    check = coverage_check(load(missing=missing, unused=[]))
+    assert check.status == 'failed' and check.data == {'missing': missing, 'unused': []}
+    assert _names_after(check.detail, 'port parameter') == (12, missing[:10])
+    assert _names_after(check.detail, 'checkpoint tensor') == (0, [])
+    check = coverage_check(load(missing=[], unused=['lm_head.bias']))
+    assert check.status == 'failed' and _names_after(check.detail, 'checkpoint tensor') == (1, ['lm_head.bias'])
+    assert _names_after(check.detail, 'port parameter') == (0, [])
+    check = coverage_check(load(missing=[], unused=missing))
+    assert check.name == 'weight_coverage' and _names_after(check.detail, 'checkpoint tensor') == (12, missing[:10])
+    both = coverage_check(load(missing=missing[:2], unused=['lm_head.bias']))
+    assert _names_after(both.detail, 'port parameter') == (2, missing[:2])
+    assert _names_after(both.detail, 'checkpoint tensor') == (1, ['lm_head.bias'])
