@@ -24,6 +24,19 @@ def num_sms(device: torch.device) -> int:
 
 
 @triton.jit
+def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(row block, column block) of program `pid` over a num_m x num_n grid of output tiles: GROUP_M row blocks
+    share each column block in turn, so neighbouring programs reuse one weight tile from L2 (a GEMM's, or one
+    expert's in the grouped MoE GEMM)."""
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
 def tanh(x):
     # tanh from the long-standing sigmoid (libdevice paths moved between Triton versions)
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0

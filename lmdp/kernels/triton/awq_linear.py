@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ..linear import gated_act
 from ..quant import AWQ_PACK, check_awq_linear
-from ._common import dot_precision, next_pow2
+from ._common import dot_precision, grouped_tile, next_pow2
 from .activation import act_and_mul_f32
 
 _ACTS = {None: 0, 'silu': 1, 'gelu': 2, 'gelu_tanh': 3}
@@ -98,11 +98,7 @@ def _awq_matmul(X, Q, S, Z, Bias, C, M, N, K, stride_xm, stride_qn, stride_sn, s
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m, pid_n = grouped_tile(pid, num_m, num_n, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..quant import FP8_EPS, FP8_GROUP, FP8_MAX, check_fp8_linear
-from ._common import next_pow2
+from ._common import grouped_tile, next_pow2
 from .activation import act_and_mul_f32
 
 _ACTS = {None: 0, 'silu': 1, 'gelu': 2, 'gelu_tanh': 3}
@@ -102,11 +102,7 @@ def _fp8_matmul(A, As, W, Ws, Bias, C, M, N, K, stride_am, stride_asm, stride_wn
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m, pid_n = grouped_tile(pid, num_m, num_n, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)

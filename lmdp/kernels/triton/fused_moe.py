@@ -27,7 +27,7 @@ import triton.language as tl
 from ... import envs
 from ..linear import GATED_ACTS
 from ..moe import check_fused_moe
-from ._common import dot_precision, next_pow2
+from ._common import dot_precision, grouped_tile, next_pow2
 from .activation import act_and_mul_f32
 from .moe_align import moe_align
 
@@ -107,24 +107,12 @@ def _gemv_down(Inter, W, Ids, TopkWeights, Out, stride_im, stride_we, stride_wn,
 
 
 @triton.jit
-def _block_of(pid, num_blocks, num_n, GROUP_M: tl.constexpr):
-    """(row block, column block) of program `pid`: GROUP_M row blocks share each column block in turn, so that
-    neighbouring programs of one expert reuse its weight tile from L2."""
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(num_blocks - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-    return pid_m, pid_n
-
-
-@triton.jit
 def _grouped_gate_up(X, W, Inter, SortedPairs, BlockExperts, NumPadded, num_pairs, inter_size, hidden,
                      num_blocks, stride_xm, stride_we, stride_wn, stride_im,
                      TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
-    pid_m, pid_n = _block_of(tl.program_id(0), num_blocks, tl.cdiv(inter_size, BLOCK_N), GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_blocks, tl.cdiv(inter_size, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(NumPadded):
         return
     expert = tl.load(BlockExperts + pid_m).to(tl.int64)
@@ -167,7 +155,7 @@ def _grouped_down(Inter, W, TopkWeights, PairOut, SortedPairs, BlockExperts, Num
                   TOP_K: tl.constexpr, TOP_K_P2: tl.constexpr, RENORMALIZE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                   EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_m, pid_n = _block_of(tl.program_id(0), num_blocks, tl.cdiv(hidden, BLOCK_N), GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_blocks, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(NumPadded):
         return
     expert = tl.load(BlockExperts + pid_m).to(tl.int64)
