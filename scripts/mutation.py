@@ -190,6 +190,9 @@ def retest(module: str, work: Path, names) -> dict:
         shutil.rmtree(dest / 'tests')
         shutil.copytree(ROOT / 'tests', dest / 'tests', ignore=shutil.ignore_patterns('__pycache__'))
     _write_config(module, where)
+    # mutmut keeps its map of which tests reach which function when only setup.cfg changed: drop it, so tests
+    # added to the module's selection are run too
+    (where / 'mutants' / 'mutmut-stats.json').unlink(missing_ok=True)
     plain = [n for n in names if '__decorated_' not in n]
     retested = _mutmut(where, work / f'{module}.retest.log', '--max-children', '1', *plain) if plain else {}
     # mutmut's results list every mutant of the module; only the ones asked for were run again
