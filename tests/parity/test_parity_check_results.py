@@ -245,3 +245,18 @@ def test_the_reason_names_the_first_four_flips_in_prompt_order():
     reason = RoutedPositions.reason_for(flips)
     named = re.findall(r'prompt (\d+) position', reason)
     assert named == ['0', '1', '2', '3']
+
+
+def test_a_greedy_margin_exactly_at_the_noise_is_forgiven():
+    """float32 without a floor: the noise is EPS (2^-24) times the largest logit, here exactly the top-2 margin."""
+    row = [1.0, 1.0 - 2.0**-24, 0.0]
+    ref, port = _capture([[row]]), _capture([[[1.0 - 2.0**-24, 1.0, 0.0]]])
+    check = greedy_check(ref, port, None, torch.float32, reference_tokens=[[0]])
+    assert check.status == 'passed' and len(check.data['notes']) == 1
+
+
+def test_the_logprob_checks_ignore_a_padded_port_vocabulary():
+    ref = _rows()
+    port = _capture([[list(ROW) + [50.0]] * 2, [list(ROW) + [50.0]] * 3])
+    kl, top = logprob_checks(ref, port, None, torch.float32, 'prefill')
+    assert (kl.status, kl.value, top.status, top.value) == ('passed', 0.0, 'passed', 1.0)
