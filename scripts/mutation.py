@@ -382,6 +382,8 @@ def main():
                         help='mutants tested at once (default 1: the CPU is shared)')
     parser.add_argument('--retest', nargs='+', metavar='MUTANT',
                         help="run these mutants of one module again in its work folder (globs like 'x_f__mutmut_*')")
+    parser.add_argument('--stored', action='store_true',
+                        help='run nothing: the table from the results kept in the work folder (with --update-notes)')
     parser.add_argument('--collect', action='store_true',
                         help="read the modules' finished mutmut runs from the work folder instead of running them")
     parser.add_argument('--update-notes', action='store_true', help='write the table into notes/mutation.md')
@@ -395,6 +397,8 @@ def main():
         if len(args.modules) != 1:
             parser.error('--retest takes exactly one module')
         results = {args.modules[0]: retest(args.modules[0], work, args.retest)}
+    elif args.stored:
+        results = {}
     elif args.collect:
         # a mutmut run that finished (or was stopped) in the module's folder: read its results, run the decorated
         # mutants, keep them
@@ -405,7 +409,7 @@ def main():
             _store(m, work, results[m])
     else:
         results = {m: run(m, work, args.jobs) for m in (args.modules or MODULES)}
-    if args.update_notes:
+    if args.update_notes or args.stored:
         # the table covers every module with results in the work folder, in MODULES' order
         results = {m: results.get(m) or stored(m, work) for m in MODULES if m in results or stored(m, work)}
     groups = classify(results)

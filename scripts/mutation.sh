@@ -5,6 +5,7 @@
 #     bash scripts/mutation.sh                     # every module, one mutant at a time (hours on two shared cores)
 #     bash scripts/mutation.sh sampler paging      # some modules
 #     bash scripts/mutation.sh --update-notes      # ... and write the table into notes/mutation.md
+#     bash scripts/mutation.sh --stored --update-notes   # the table from the results kept in the work folder
 #
 # MUTATION_WORK (default /tmp/lmdp-mutation) holds a copy of the repository per module, mutmut's state and logs,
 # table.md and survivors.md (each surviving mutant's diff). MUTATION_JOBS runs that many mutants at once.
