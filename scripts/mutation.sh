@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Mutation testing of the engine's core (sampler, scheduler, sequence, paging, model_inputs, weight_loader) with
-# mutmut; too slow for every CI run. Its summary lives in notes/mutation.md (see scripts/mutation.py).
+# Mutation testing of the engine's core (sampler, scheduler, sequence, paging, model_inputs, weight_loader) and the
+# parity harness's verdicts (metrics, checks, report) with mutmut; too slow for every CI run. Its summary lives in
+# notes/mutation.md (see scripts/mutation.py).
 #
 #     bash scripts/mutation.sh                     # every module, one mutant at a time (hours on two shared cores)
 #     bash scripts/mutation.sh sampler paging      # some modules
