@@ -146,3 +146,46 @@ def test_stray_bins_beside_pytorch_model_bin_are_ignored_and_listed(tmp_path):
     assert manifest.ignored == ['pytorch_model-old.bin']
     (tmp_path / 'pytorch_model.bin').unlink()
     assert scan_checkpoint(str(tmp_path)).files == [str(tmp_path / 'pytorch_model-old.bin')]   # the only one
+
+
+def _zip_bin(path):
+    torch.save({'w': torch.ones(1000)}, path)
+    path.write_bytes(path.read_bytes()[:3000])
+
+
+@pytest.mark.parametrize('case', ['four bytes', 'header not JSON', 'header a list', 'bin not a checkpoint',
+                                  'bin zip cut short', 'index not JSON', 'not a folder', 'a tensor in two files'])
+def test_each_refusal_names_the_file_or_tensor_at_fault(tmp_path, case):
+    named = 'model.safetensors'
+    if case == 'four bytes':
+        (tmp_path / named).write_bytes(b'\1\2\3\4')
+    elif case == 'header not JSON':
+        text = b'{not json'
+        (tmp_path / named).write_bytes(len(text).to_bytes(8, 'little') + text)
+    elif case == 'header a list':
+        text = b'[1, 2]'
+        (tmp_path / named).write_bytes(len(text).to_bytes(8, 'little') + text)
+    elif case == 'bin not a checkpoint':
+        named = 'pytorch_model.bin'
+        (tmp_path / named).write_bytes(b'hello' * 10)
+    elif case == 'bin zip cut short':
+        named = 'pytorch_model.bin'
+        _zip_bin(tmp_path / named)
+    elif case == 'index not JSON':
+        named = 'model.safetensors.index.json'
+        (tmp_path / named).write_text('{"weight_map": ')
+    elif case == 'not a folder':
+        named = 'plain-file'
+        (tmp_path / named).write_text('x')
+        with pytest.raises(WeightLoadError) as info:
+            scan_checkpoint(str(tmp_path / named))
+        assert named in str(info.value)
+        return
+    else:
+        _folder(tmp_path, a_st={'w': torch.zeros(1)}, b_st={'w': torch.zeros(1)})
+        (tmp_path / 'model.safetensors.index.json').write_text(json.dumps(
+            {'weight_map': {'w': 'a.safetensors', 'x': 'b.safetensors'}}))
+        named = "'w'"
+    with pytest.raises(WeightLoadError) as info:
+        scan_checkpoint(str(tmp_path))
+    assert named in str(info.value), str(info.value)

@@ -308,3 +308,31 @@ def test_a_tensor_counts_as_used_when_any_load_happened_while_it_was_current():
     assert dict(tracker.loaded) == {'norm': {None}}
     assert tracker.missing() == [f"{p}.weight [shard '{s}']" for p, s in (('ab_proj', 'a'), ('ab_proj', 'b'),
                                                                           ('cd_proj', 'c'), ('cd_proj', 'd'))]
+
+
+def test_a_loader_error_names_the_parameter_shard_shape_loader_and_cause():
+    model = torch.nn.Linear(4, 3, bias=False)
+
+    def picky(param, loaded, shard_id=None):
+        raise ValueError(f'rows do not fit ({shard_id})')
+
+    set_weight_loader(model.weight, picky)
+    with tracking(model):
+        with pytest.raises(WeightLoadError) as info:
+            load_weight(model.weight, torch.zeros(5, 4), shard_id='k')
+        text = str(info.value)
+        assert text.startswith("loading parameter 'weight' (shard 'k') from a tensor of shape (5, 4) failed in ")
+        assert text.endswith('picky: ValueError: rows do not fit (k)')
+        with pytest.raises(WeightLoadError) as info:
+            load_weight(model.weight, torch.zeros(5, 4))
+        assert str(info.value).startswith("loading parameter 'weight' from a tensor of shape (5, 4) failed in ")
+
+
+def test_a_silent_loader_counts_each_expert_shard_and_leaves_all_experts_tensors_to_itself():
+    model = torch.nn.Linear(4, 3, bias=False)
+    set_weight_loader(model.weight, lambda param, loaded, **kwargs: None)        # records nothing itself
+    with tracking(model) as tracker:
+        load_weight(model.weight, torch.zeros(3, 4), expert_id=2, shard_id='up')
+        load_weight(model.weight, torch.zeros(3, 4), expert_id=None, shard_id='up')
+        load_weight(model.weight, torch.zeros(3, 4), shard_id='gate')
+    assert tracker.loaded['weight'] == {(2, 'up'), 'gate'}
