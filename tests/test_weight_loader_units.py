@@ -336,3 +336,29 @@ def test_a_silent_loader_counts_each_expert_shard_and_leaves_all_experts_tensors
         load_weight(model.weight, torch.zeros(3, 4), expert_id=None, shard_id='up')
         load_weight(model.weight, torch.zeros(3, 4), shard_id='gate')
     assert tracker.loaded['weight'] == {(2, 'up'), 'gate'}
+
+
+class _ExpertsModel(torch.nn.Module):
+    """Two experts stacked in one parameter, mapped from per-expert checkpoint tensors (as lmdeploy's MoE ports)."""
+    expert_params_mapping = [('experts.gate_up', f'experts.{e}.{p}_proj', e, p)
+                             for e in range(2) for p in ('gate', 'up')]
+
+    def __init__(self):
+        super().__init__()
+        self.experts = torch.nn.Module()
+        self.experts.gate_up = torch.nn.Linear(2, 2, bias=False)
+
+
+def test_an_expert_shard_is_named_by_the_checkpoint_tensor_it_comes_from():
+    model = _ExpertsModel()
+    assert expected_checkpoint_name(model, "experts.gate_up.weight [shard (1, 'up')]") == 'experts.1.up_proj.weight'
+    assert expected_checkpoint_name(model, "experts.gate_up.weight [shard (0, 'gate')]") == \
+        'experts.0.gate_proj.weight'
+    assert expected_checkpoint_name(model, "experts.gate_up.weight [shard (5, 'up')]") is None      # not mapped
+    assert expected_checkpoint_name(model, "norm.weight [shard (1, 'up')]") is None
+
+
+def test_ranges_of_expert_ids():
+    from lmdp.weight_loader.model_weight_loader import _ranges
+    assert _ranges([7, 0, 1, 2, 3]) == '0-3, 7'
+    assert _ranges([4]) == '4' and _ranges([1, 3, 5]) == '1, 3, 5' and _ranges([2, 3]) == '2-3'
