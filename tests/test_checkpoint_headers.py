@@ -146,3 +146,73 @@ def test_stray_bins_beside_pytorch_model_bin_are_ignored_and_listed(tmp_path):
     assert manifest.ignored == ['pytorch_model-old.bin']
     (tmp_path / 'pytorch_model.bin').unlink()
     assert scan_checkpoint(str(tmp_path)).files == [str(tmp_path / 'pytorch_model-old.bin')]   # the only one
+
+
+def _zip_bin(path):
+    torch.save({'w': torch.ones(1000)}, path)
+    path.write_bytes(path.read_bytes()[:3000])
+
+
+@pytest.mark.parametrize('case', ['four bytes', 'header not JSON', 'header a list', 'bin not a checkpoint',
+                                  'bin zip cut short', 'index not JSON', 'not a folder', 'a tensor in two files'])
+def test_each_refusal_names_the_file_or_tensor_at_fault(tmp_path, case):
+    named = 'model.safetensors'
+    if case == 'four bytes':
+        (tmp_path / named).write_bytes(b'\1\2\3\4')
+    elif case == 'header not JSON':
+        text = b'{not json'
+        (tmp_path / named).write_bytes(len(text).to_bytes(8, 'little') + text)
+    elif case == 'header a list':
+        text = b'[1, 2]'
+        (tmp_path / named).write_bytes(len(text).to_bytes(8, 'little') + text)
+    elif case == 'bin not a checkpoint':
+        named = 'pytorch_model.bin'
+        (tmp_path / named).write_bytes(b'hello' * 10)
+    elif case == 'bin zip cut short':
+        named = 'pytorch_model.bin'
+        _zip_bin(tmp_path / named)
+    elif case == 'index not JSON':
+        named = 'model.safetensors.index.json'
+        (tmp_path / named).write_text('{"weight_map": ')
+    elif case == 'not a folder':
+        named = 'plain-file'
+        (tmp_path / named).write_text('x')
+        with pytest.raises(WeightLoadError) as info:
+            scan_checkpoint(str(tmp_path / named))
+        assert named in str(info.value)
+        return
+    else:
+        _folder(tmp_path, a_st={'w': torch.zeros(1)}, b_st={'w': torch.zeros(1)})
+        (tmp_path / 'model.safetensors.index.json').write_text(json.dumps(
+            {'weight_map': {'w': 'a.safetensors', 'x': 'b.safetensors'}}))
+        named = "'w'"
+    with pytest.raises(WeightLoadError) as info:
+        scan_checkpoint(str(tmp_path))
+    assert named in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize('weight_map', [{'w': 1}, ['model.safetensors'], {}, {'w': ['model.safetensors']}])
+def test_an_index_whose_weight_map_is_not_names_to_files_is_refused(tmp_path, weight_map):
+    _folder(tmp_path, model_st={'w': torch.zeros(1)})
+    (tmp_path / 'model.safetensors.index.json').write_text(json.dumps({'weight_map': weight_map}))
+    with pytest.raises(WeightLoadError, match='has no "weight_map" of tensor names to file names'):
+        scan_checkpoint(str(tmp_path))
+
+
+def test_two_shared_tensors_count_one_more_and_an_indexed_folder_lists_its_strays(tmp_path):
+    folder = _folder(tmp_path / 'two', model_st={'a': torch.zeros(1), 'b': torch.zeros(1)},
+                     zz_st={'a': torch.zeros(1), 'b': torch.zeros(1)})
+    with pytest.raises(WeightLoadError, match=r"both hold 'a' \(and 1 more tensor\(s\)\);"):
+        scan_checkpoint(folder)
+    folder = _folder(tmp_path / 'index', one_st={'a': torch.zeros(1)}, old_st={'a': torch.ones(1)})
+    index = {'weight_map': {'a': 'one.safetensors'}}
+    (tmp_path / 'index' / 'model.safetensors.index.json').write_text(json.dumps(index))
+    assert scan_checkpoint(folder).ignored == ['old.safetensors']
+
+
+def test_a_size_mismatch_states_both_byte_counts(tmp_path):
+    header = {'a': {'dtype': 'F32', 'shape': [4], 'data_offsets': [0, 16]},
+              'b': {'dtype': 'F32', 'shape': [4], 'data_offsets': [16, 28]}}
+    with pytest.raises(WeightLoadError, match=r"tensor 'b' \(F32, shape \[4\]\) should take 16 bytes but its header "
+                                              r'gives it 12;'):
+        read_safetensors_header(_raw(tmp_path / 'a.safetensors', header, b'\0' * 28))

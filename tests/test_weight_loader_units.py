@@ -308,3 +308,57 @@ def test_a_tensor_counts_as_used_when_any_load_happened_while_it_was_current():
     assert dict(tracker.loaded) == {'norm': {None}}
     assert tracker.missing() == [f"{p}.weight [shard '{s}']" for p, s in (('ab_proj', 'a'), ('ab_proj', 'b'),
                                                                           ('cd_proj', 'c'), ('cd_proj', 'd'))]
+
+
+def test_a_loader_error_names_the_parameter_shard_shape_loader_and_cause():
+    model = torch.nn.Linear(4, 3, bias=False)
+
+    def picky(param, loaded, shard_id=None):
+        raise ValueError(f'rows do not fit ({shard_id})')
+
+    set_weight_loader(model.weight, picky)
+    with tracking(model):
+        with pytest.raises(WeightLoadError) as info:
+            load_weight(model.weight, torch.zeros(5, 4), shard_id='k')
+        text = str(info.value)
+        assert text.startswith("loading parameter 'weight' (shard 'k') from a tensor of shape (5, 4) failed in ")
+        assert text.endswith('picky: ValueError: rows do not fit (k)')
+        with pytest.raises(WeightLoadError) as info:
+            load_weight(model.weight, torch.zeros(5, 4))
+        assert str(info.value).startswith("loading parameter 'weight' from a tensor of shape (5, 4) failed in ")
+
+
+def test_a_silent_loader_counts_each_expert_shard_and_leaves_all_experts_tensors_to_itself():
+    model = torch.nn.Linear(4, 3, bias=False)
+    set_weight_loader(model.weight, lambda param, loaded, **kwargs: None)        # records nothing itself
+    with tracking(model) as tracker:
+        load_weight(model.weight, torch.zeros(3, 4), expert_id=2, shard_id='up')
+        load_weight(model.weight, torch.zeros(3, 4), expert_id=None, shard_id='up')
+        load_weight(model.weight, torch.zeros(3, 4), shard_id='gate')
+    assert tracker.loaded['weight'] == {(2, 'up'), 'gate'}
+
+
+class _ExpertsModel(torch.nn.Module):
+    """Two experts stacked in one parameter, mapped from per-expert checkpoint tensors (as lmdeploy's MoE ports)."""
+    expert_params_mapping = [('experts.gate_up', f'experts.{e}.{p}_proj', e, p)
+                             for e in range(2) for p in ('gate', 'up')]
+
+    def __init__(self):
+        super().__init__()
+        self.experts = torch.nn.Module()
+        self.experts.gate_up = torch.nn.Linear(2, 2, bias=False)
+
+
+def test_an_expert_shard_is_named_by_the_checkpoint_tensor_it_comes_from():
+    model = _ExpertsModel()
+    assert expected_checkpoint_name(model, "experts.gate_up.weight [shard (1, 'up')]") == 'experts.1.up_proj.weight'
+    assert expected_checkpoint_name(model, "experts.gate_up.weight [shard (0, 'gate')]") == \
+        'experts.0.gate_proj.weight'
+    assert expected_checkpoint_name(model, "experts.gate_up.weight [shard (5, 'up')]") is None      # not mapped
+    assert expected_checkpoint_name(model, "norm.weight [shard (1, 'up')]") is None
+
+
+def test_ranges_of_expert_ids():
+    from lmdp.weight_loader.model_weight_loader import _ranges
+    assert _ranges([7, 0, 1, 2, 3]) == '0-3, 7'
+    assert _ranges([4]) == '4' and _ranges([1, 3, 5]) == '1, 3, 5' and _ranges([2, 3]) == '2-3'

@@ -245,3 +245,89 @@ def test_the_reason_names_the_first_four_flips_in_prompt_order():
     reason = RoutedPositions.reason_for(flips)
     named = re.findall(r'prompt (\d+) position', reason)
     assert named == ['0', '1', '2', '3']
+
+
+def test_a_greedy_margin_exactly_at_the_noise_is_forgiven():
+    """float32 without a floor: the noise is EPS (2^-24) times the largest logit, here exactly the top-2 margin."""
+    row = [1.0, 1.0 - 2.0**-24, 0.0]
+    ref, port = _capture([[row]]), _capture([[[1.0 - 2.0**-24, 1.0, 0.0]]])
+    check = greedy_check(ref, port, None, torch.float32, reference_tokens=[[0]])
+    assert check.status == 'passed' and len(check.data['notes']) == 1
+
+
+def test_the_logprob_checks_ignore_a_padded_port_vocabulary():
+    ref = _rows()
+    port = _capture([[list(ROW) + [50.0]] * 2, [list(ROW) + [50.0]] * 3])
+    kl, top = logprob_checks(ref, port, None, torch.float32, 'prefill')
+    assert (kl.status, kl.value, top.status, top.value) == ('passed', 0.0, 'passed', 1.0)
+
+
+KL_HEAD = (r'mean KL\(transformers float32 \|\| port\) over (\d+) positions (\S+) nats, max (\S+); bound (\S+)'
+           r'(?: \(floor (\S+)\))?')
+
+
+def test_the_kl_detail_states_its_numbers_and_what_routing_forgave():
+    dt = torch.bfloat16
+    ref, floor, port = _rows(), _rows([(0, 0, 4.01)]), _rows([(3, 5, 9.0)])
+    plain, _ = logprob_checks(ref, port, floor, dt, 'prefill')
+    m = re.fullmatch(KL_HEAD, plain.detail)
+    assert m and m.group(1) == '5' and float(m.group(5)) == pytest.approx(plain.data['floor_kl'], rel=0.01)
+    m = re.fullmatch(KL_HEAD, logprob_checks(ref, port, None, dt, 'prefill')[0].detail)
+    assert m and m.group(5) is None
+    for routed, ok, rest in ((_routed(1), True, 'over the other 2 mean KL'), (_routed(0, 1), True, None),
+                             (_routed(0), False, 'over the other 3 mean KL')):
+        kl, _ = logprob_checks(ref, port, floor, dt, 'prefill', routed)
+        whole = re.fullmatch(KL_HEAD + r'; (.*)', kl.detail)
+        assert whole and whole.group(1) == '5', kl.detail
+        counted, *tail = whole.group(6).split('; ')
+        m = re.fullmatch(r'(\d+) position\(s\) (forgiven|set aside): .*', counted)
+        assert m and m.group(2) == ('forgiven' if ok else 'set aside'), kl.detail
+        last = tail[-1]
+        if rest is None:
+            assert last == 'no other position'
+        else:
+            assert last.startswith(rest)
+        assert last.endswith(': NOT forgiven, more than the routing flips explain') == (not ok)
+
+
+def test_the_cuda_graph_padded_detail_states_the_verdict_and_the_bits():
+    for bitwise, rel, verdict in ((True, 0.0, 'within'), (False, 5e-4, 'within'), (False, 2e-3, 'OVER')):
+        padded = _diff(3, 4, bitwise=bitwise, max_abs=rel, rel_l2=rel)
+        _, check = cuda_graph_checks('cuda', GraphReplay(_diff(3, 3), padded), 1e-3)
+        m = re.search(r'relative L2 \S+ (\w+) the decode logits tolerance \S+; (.*?); argmax equal in every row',
+                      check.detail)
+        assert m and m.group(1) == verdict, check.detail
+        assert (m.group(2) == 'bitwise equal too') == bitwise and m.group(2).startswith('not bitwise') != bitwise
+
+
+def test_the_argmax_note_lists_up_to_eight_rows_and_none_when_equal():
+    rows = list(range(9))
+    _, padded = cuda_graph_checks('cuda', GraphReplay(_diff(3, 3), _diff(3, 4, bitwise=False, max_abs=1e-4,
+                                                                              rel_l2=1e-4, argmax_rows_differ=rows)), 1)
+    assert padded.detail.endswith('; argmax differs in 9 row(s) [0, 1, 2, 3, 4, 5, 6, 7]')
+    exact, _ = cuda_graph_checks('cuda', GraphReplay(_diff(3, 3, bitwise=False, max_abs=1e-6, rel_l2=1e-8),
+                                                     _diff(3, 4)), 1)
+    assert 'argmax differs' not in exact.detail
+
+
+def test_not_compared_results_carry_the_replay_and_a_fix_only_when_known():
+    refused = ReplayDiff(3, 3, model_refused=True)
+    failed = ReplayDiff(3, 4, reason='the forward synchronises with the host')
+    exact, padded = cuda_graph_checks('cuda', GraphReplay(refused, failed), 1e-3)
+    assert (exact.status, exact.data) == ('skipped', refused.to_data())
+    assert padded.data == failed.to_data() and 'Fix' not in padded.detail
+
+
+def test_top_k_sets_are_compared_per_row_whatever_their_order():
+    """Logits rising with the token id: the reference's top-5 come highest id first, the port's the same."""
+    rising = [[float(i) for i in range(7)]]
+    _, top = logprob_checks(_capture([rising]), _capture([rising]), None, torch.float32, 'prefill')
+    assert top.status == 'passed' and top.value == 1.0
+
+
+def test_a_top_k_detail_with_routing_forgiveness_keeps_its_count():
+    ref = _rows()
+    port = _rows([(3, 5, 9.0)])
+    _, top = logprob_checks(ref, port, None, torch.bfloat16, 'prefill', _routed(1))
+    parts = top.detail.split('; ')
+    assert parts[0] == 'top-5 sets agree at 4/5 positions' and parts[1].startswith('1 disagreement(s) forgiven')
