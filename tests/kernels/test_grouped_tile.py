@@ -5,8 +5,7 @@ import importlib
 import torch
 import triton
 import triton.language as tl
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 common = importlib.import_module('lmdp.kernels.triton._common')
 
