@@ -24,15 +24,15 @@ def tiles(num_m, num_n, group_m):
     return [tuple(r) for r in out.tolist()]
 
 
-@settings(max_examples=25, deadline=None)
-@given(num_m=st.integers(1, 13), num_n=st.integers(1, 9), group_m=st.sampled_from([1, 2, 4, 8]))
+@settings(max_examples=12, deadline=None)
+@given(num_m=st.integers(1, 11), num_n=st.integers(1, 6), group_m=st.sampled_from([1, 2, 4, 8]))
 def test_every_tile_is_computed_by_exactly_one_program(num_m, num_n, group_m):
     got = tiles(num_m, num_n, group_m)
     assert sorted(got) == [(m, n) for m in range(num_m) for n in range(num_n)]
 
 
-@settings(max_examples=15, deadline=None)
-@given(num_m=st.integers(1, 13), num_n=st.integers(1, 9), group_m=st.sampled_from([2, 4, 8]))
+@settings(max_examples=8, deadline=None)
+@given(num_m=st.integers(1, 11), num_n=st.integers(1, 6), group_m=st.sampled_from([2, 4, 8]))
 def test_consecutive_programs_walk_a_group_of_row_blocks_down_one_column_block(num_m, num_n, group_m):
     got = tiles(num_m, num_n, group_m)
     for start in range(0, num_m, group_m):                  # each group of row blocks ...
