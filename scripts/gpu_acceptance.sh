@@ -17,16 +17,7 @@ seeds_1b=${3:-0,1,2}
 mkdir -p "$out"
 status=0
 
-step() {
-    local name=$1
-    shift
-    echo "== $name: $*"
-    "$@" > "$out/$name.log" 2>&1
-    local rc=$?
-    tail -n 3 "$out/$name.log"
-    echo "== $name: exit $rc"
-    [ "$rc" -eq 0 ] || status=1
-}
+. "$(dirname "$0")/lib.sh"
 
 step gpu_tests python -m pytest -q -p no:cacheprovider -m gpu tests
 step parity_tiny_bf16 python -m pytest -q -p no:cacheprovider parity --device cuda --dtype bfloat16

@@ -12,16 +12,7 @@ out=${OUT:-/tmp/lmdp_gpu_ports}
 mkdir -p "$out"
 status=0
 
-step() {
-    local name=$1
-    shift
-    echo "== $name: $*"
-    "$@" > "$out/$name.log" 2>&1
-    local rc=$?
-    tail -n 3 "$out/$name.log"
-    echo "== $name: exit $rc"
-    [ "$rc" -eq 0 ] || status=1
-}
+. "$(dirname "$0")/lib.sh"
 
 step gpu_tests python -m pytest -q -p no:cacheprovider -m gpu tests/nn tests/test_ports_parity.py tests/kernels
 for family in qwen2 qwen3 phi3 gemma3_text gemma gemma2 mistral; do

@@ -13,16 +13,7 @@ mkdir -p "$out"
 work=$(mktemp -d)
 status=0
 
-step() {
-    local name=$1
-    shift
-    echo "== $name: $*"
-    "$@" > "$out/$name.log" 2>&1
-    local rc=$?
-    tail -n 3 "$out/$name.log"
-    echo "== $name: exit $rc"
-    [ "$rc" -eq 0 ] || status=1
-}
+. "$(dirname "$0")/lib.sh"
 
 step gpu_tests python -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_quant_kernels.py
 step decode_1b env OUT="$out" python scripts/issue16_gpu.py --workdir "$work"

@@ -17,16 +17,8 @@ out=${OUT:-/tmp/lmdp_issue19}
 mkdir -p "$out"
 status=0
 
-step() {
-    local name=$1
-    shift
-    echo "== $name: $*"
-    "$@" > "$out/$name.log" 2>&1
-    local rc=$?
-    tail -n 8 "$out/$name.log"
-    echo "== $name: exit $rc"
-    [ "$rc" -eq 0 ] || status=1
-}
+TAIL=${TAIL:-8}
+. "$(dirname "$0")/lib.sh"
 
 if [ "$shape" = 1b ]; then
     step gpu_tests python -m pytest -q -p no:cacheprovider -m gpu tests/engine/test_mixed_prefill.py \

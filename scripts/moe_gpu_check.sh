@@ -22,16 +22,8 @@ out=${OUT:-/tmp/lmdp_moe_gpu}
 mkdir -p "$out"
 status=0
 
-step() {
-    local name=$1
-    shift
-    echo "== $name: $*"
-    "$@" > "$out/$name.log" 2>&1
-    local rc=$?
-    tail -n "${TAIL:-25}" "$out/$name.log"
-    echo "== $name: exit $rc"
-    [ "$rc" -eq 0 ] || status=1
-}
+TAIL=${TAIL:-25}
+. "$(dirname "$0")/lib.sh"
 
 case "${1:-}" in
 kernels)

@@ -9,16 +9,8 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/lmdp_tp_gpu}
 mkdir -p "$out"
 status=0
-step() {
-    local name=$1
-    shift
-    echo "== $name: $*"
-    timeout 300 "$@" > "$out/$name.log" 2>&1
-    local rc=$?
-    tail -n 25 "$out/$name.log"
-    echo "== $name: exit $rc"
-    [ $rc -eq 0 ] || status=1
-}
+TAIL=${TAIL:-25} STEP_TIMEOUT=${STEP_TIMEOUT:-300}
+. "$(dirname "$0")/lib.sh"
 nvidia-smi -L
 step tp_tests python -m pytest tests/tp -q -p no:cacheprovider -x
 python -m lmdp make-tiny llama "$out/tiny" --layers 2 --dtype bfloat16 > /dev/null
