@@ -77,8 +77,8 @@ def streamed_run(stream_infer, prompts, gens) -> dict:
         clock.seen(r.index, r.generate_token_len)
     _sync()
     seconds = time.perf_counter() - clock.start
-    return dict(tp_stream_wall_s=round(seconds, 2), tp_stream_out_tok_s=round(clock.tokens / seconds, 1),
-                **clock.figures())
+    return dict(tp_stream_out_tokens=clock.tokens, tp_stream_wall_s=round(seconds, 2),
+                tp_stream_out_tok_s=round(clock.tokens / seconds, 1), **clock.figures())
 
 
 def lmdp_figures(model_path: str, throughput: bool = True, eager_mode: bool = False, model_impl: str = 'auto',
