@@ -13,6 +13,7 @@ repeat), it fails that step's requests. `step` itself never raises for a request
 import itertools
 import logging
 import queue
+import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -62,6 +63,10 @@ class EngineStats:
     prefill_tokens: int = 0      # prompt tokens computed (prefix-cache hits excluded)
     decode_tokens: int = 0       # decode rows, in decode-only and mixed steps
     mixed_steps: int = 0         # prefill steps that decoded running sequences too (mixed_prefill)
+    # host wall time of the `step()` calls that finished a prefill (mixed included) / decode-only step: where a
+    # run's time goes (with `overlap`, a decode call also launches the step after it)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
 
 
 def engine_limits(config: PytorchEngineConfig, model_config, device: str) -> tuple[int, int]:
@@ -92,6 +97,7 @@ class Engine:
         self.overlap = True
         self._inflight: _InFlight | None = None
         self.stats = EngineStats()
+        self._finished_kind: str | None = None      # 'prefill' | 'decode': what the current step() accounted
         self._inbox = queue.SimpleQueue()
         self._seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()
@@ -207,6 +213,8 @@ class Engine:
         With `overlap`, a decode step returns the tokens of the step before it: its own are read back by the next
         call, which first launches the step after it. A failure fails only the requests behind it (see above).
         """
+        start = time.perf_counter()
+        self._finished_kind = None
         outputs = self._drain_inbox()
         try:
             outputs += self._step()
@@ -216,6 +224,12 @@ class Engine:
             outputs += self._recover(e)
         finally:
             self._stepping = []
+            if self._finished_kind is not None:
+                seconds = time.perf_counter() - start
+                if self._finished_kind == 'decode':
+                    self.stats.decode_seconds += seconds
+                else:
+                    self.stats.prefill_seconds += seconds
         return outputs
 
     def _step(self) -> list[EngineOutput]:
@@ -405,6 +419,7 @@ class Engine:
         if not batch.seqs:
             return                          # a step run ahead for sequences that all finished meanwhile
         self.stats.decode_tokens += batch.num_decodes
+        self._finished_kind = 'decode' if batch.is_decoding else 'prefill'
         if batch.is_decoding:
             self.stats.decode_steps += 1
         else:
