@@ -2,7 +2,8 @@
 
 For each shape: write (or reuse) a random-weight bf16 checkpoint, measure the copy bandwidth, lmdp's batch-1
 decode and 256-request throughput (with time to first token and inter-token latency p50/p99 from a streamed run
-of the same requests), and transformers' eager batch-1 decode; print a table and write JSON.
+of the same requests, and where the run's time went: prefill and decode steps), time to first token and decode
+rate at long context (4k/16k/32k), and transformers' eager batch-1 decode; print a table and write JSON.
 """
 import argparse
 import json
@@ -11,12 +12,14 @@ import sys
 
 from .. import envs
 from .checkpoint import ensure_checkpoint
+from .long_context import LENGTHS, long_context_row
 from .shapes import SHAPES, with_layers
 
 
 def run(args) -> dict:
     import torch
 
+    from .long_context import long_context_figures
     from .measure import copy_bandwidth, hf_batch1_decode, lmdp_figures
     if not torch.cuda.is_available():
         raise SystemExit('lmdp bench needs a CUDA device')
@@ -42,6 +45,9 @@ def run(args) -> dict:
             if len(impls) > 1:
                 fig.setdefault('by_model_impl', {})[impl] = figures
             print(name, impl, figures, flush=True)
+        if args.long_context:
+            fig['long_context'] = long_context_figures(path, args.long_context)
+            print(name, 'long context', fig['long_context'], flush=True)
         if not args.no_hf:
             fig['hf_bs1_decode_tok_s'] = round(hf_batch1_decode(path, args.hf_new_tokens), 1)
         if len(impls) > 1:
@@ -89,6 +95,9 @@ def table(results: dict) -> str:
             lines.append(f"{name:>5} mixed_prefill {policy:<3} {'':>20} {g['tp_out_tok_s']:>18.1f} "
                          f"{_latency_cells(g)}")
     for name, f in results['shapes'].items():
+        if f.get('long_context'):
+            lines.append(long_context_row(name, f['long_context']))
+    for name, f in results['shapes'].items():
         for key, r in f.get('fallback_vs_port', {}).items():
             lines.append(f"{name:>5} transformers fallback {key}: {r['ratio']:.3f}x (target >= {r['target']}x) "
                          f"{'met' if r['met'] else 'NOT MET'}")
@@ -97,7 +106,7 @@ def table(results: dict) -> str:
 
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f'expected a whole number of layers >= 1, got {text!r}')
+        raise argparse.ArgumentTypeError(f'expected a whole number >= 1, got {text!r}')
     return int(text)
 
 
@@ -122,6 +131,9 @@ def main(argv=None) -> int:
     parser.add_argument('--max-prefill-token-num', type=int, default=4096,
                         help='prompt tokens a step may take (a mixed step: beside its decodes); smaller makes mixed '
                              'steps shorter (inter-token latency) and the prefill of a burst longer (first token)')
+    parser.add_argument('--long-context', type=_positive, nargs='*', default=list(LENGTHS), metavar='N',
+                        help='prompt lengths at which to time the first token and the decode rate (default '
+                             f"{' '.join(map(str, LENGTHS))}; none: skip)")
     parser.add_argument('--json', default=os.path.join(envs.OUT, 'lmdp_bench.json'))
     args = parser.parse_args(argv)
     results = run(args)
