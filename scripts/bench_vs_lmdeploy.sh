@@ -4,6 +4,9 @@
 # `lmdp bench SHAPE --no-hf` (it writes the checkpoint), then ../shared/bench/lmdeploy_bench.py on that folder
 # (carry .carry/lmdeploy: see /work/shared/bench/README.md), then the checkpoint is removed (the disk is 64 GB).
 #
+# With LONG_CONTEXT (default "4096 16384 32768"; empty to skip) both engines also time the first token and the
+# decode rate at those prompt lengths (lmdp bench --long-context, ../shared/bench/longctx.py).
+#
 #     [LIMIT=300 DEADLINE=560] bash scripts/bench_vs_lmdeploy.sh moe:8 1b 8b     # repository root, on the GPU machine
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +17,7 @@ mkdir -p "$out"
 export OUT=$out
 LIMIT=${LIMIT:-300}       # per engine and shape, seconds
 DEADLINE=${DEADLINE:-560} # seconds from the start: a step gets what is left of it (less 20 s for the table)
+LONG_CONTEXT=${LONG_CONTEXT-4096 16384 32768}   # prompt lengths for TTFT / decode at context (empty: skip)
 lim() { local left=$((DEADLINE - 20 - SECONDS)); echo $((left < LIMIT ? left : LIMIT)); }
 
 for spec in "$@"; do
@@ -24,7 +28,9 @@ for spec in "$@"; do
     [ ${#layers[@]} -gt 0 ] && name="$shape-${spec#*:}l"
     if [ "$(lim)" -lt 60 ]; then echo "== $name: skipped, $((DEADLINE - SECONDS)) s left"; continue; fi
     echo "== $name: lmdp"
+    # shellcheck disable=SC2086
     timeout -k 10 "$(lim)" python -m lmdp.bench "$shape" "${layers[@]}" --no-hf --workdir "$work" \
+        --long-context $LONG_CONTEXT \
         --json "$out/lmdp_$name.json" > "$out/lmdp_$name.log" 2>&1
     echo "   exit $? after $SECONDS s"; tail -n 3 "$out/lmdp_$name.log" | sed 's/^/   /'
     nl=None
@@ -38,6 +44,15 @@ print(checkpoint_dir(with_layers(SHAPES['$shape'], $nl), '$work'))")
             '. .carry/lmdeploy/install.sh || exit 1; python3 .carry/lmdeploy/lmdeploy_bench.py "$1"' _ "$ckpt" \
             > "$out/lmdeploy_$name.log" 2>&1
         echo "   exit $? after $SECONDS s"; grep RESULT "$out/lmdeploy_$name.log" | sed 's/^/   /'
+        if [ -n "$LONG_CONTEXT" ] && [ "$(lim)" -ge 60 ]; then
+            echo "== $name: lmdeploy long context $LONG_CONTEXT"
+            # shellcheck disable=SC2086
+            timeout -k 10 "$(lim)" env -u PYTHONPATH bash -c \
+                '. .carry/lmdeploy/install.sh || exit 1; python3 .carry/lmdeploy/longctx.py lmdeploy "$@"' _ \
+                "$ckpt" $LONG_CONTEXT > "$out/lmdeploy_longctx_$name.log" 2>&1
+            echo "   exit $? after $SECONDS s"
+            grep '^RESULT ' "$out/lmdeploy_longctx_$name.log" | tail -n 1 | cut -c8- > "$out/lmdeploy_longctx_$name.json"
+        fi
     fi
     rm -rf "$ckpt"
 done
@@ -63,5 +78,18 @@ for path in sorted(glob.glob(os.path.join(out, 'lmdp_*.json'))):
         r = lambda a, b: f'{a / b:.2f}x' if a and b else '-'  # noqa: E731
         print(f"| {name} | {bs1} | {roof} | {bs1 / roof:.1%} | {lbs1 or '-'} | {r(bs1, lbs1)} | {tp or '-'} | "
               f"{ltp or '-'} | {r(tp, ltp)} |")
+from lmdp.bench.long_context import long_context_row
+for path in sorted(glob.glob(os.path.join(out, 'lmdp_*.json'))):
+    try:
+        res = json.load(open(path))
+    except Exception:
+        continue
+    for name, fig in res.get('shapes', {}).items():
+        if fig.get('long_context'):
+            try:
+                theirs = json.load(open(os.path.join(out, f'lmdeploy_longctx_{name}.json')))
+            except Exception:
+                theirs = None
+            print(long_context_row(name, fig['long_context'], theirs))
 print(f"\n{res.get('device', '')}, copy bandwidth {res.get('copy_bandwidth_TBps', '?')} TB/s")
 PY

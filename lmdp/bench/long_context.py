@@ -58,6 +58,6 @@ def long_context_row(name: str, figures: dict, other: dict | None = None) -> str
         cell = f"{label} TTFT {f['ttft_s']:.3f} s, decode {f['decode_tok_s_at_ctx']:.1f} tok/s"
         theirs = (other or {}).get(n) or (other or {}).get(str(n))
         if theirs:
-            cell += f" (lmdeploy {theirs['ttft_s']:.3f} s: {theirs['ttft_s'] / f['ttft_s']:.2f}x)"
+            cell += f" (lmdeploy {theirs['ttft_s']:.3f} s; lmdp {theirs['ttft_s'] / f['ttft_s']:.2f}x as fast)"
         cells.append(cell)
     return f'{name:>5} long context: ' + '; '.join(cells)

@@ -103,8 +103,8 @@ def test_the_row_puts_lmdeploy_beside_lmdp_by_length():
             16384: dict(ttft_s=0.5, prefill_tok_s=32768, decode_tok_s_at_ctx=150.0)}
     theirs = {'4096': dict(ttft_s=0.12), '16384': dict(ttft_s=0.4)}     # as read back from JSON
     row = long_context.long_context_row('8b', ours, theirs)
-    assert '4k TTFT 0.100 s, decode 200.0 tok/s (lmdeploy 0.120 s: 1.20x)' in row
-    assert '16k TTFT 0.500 s, decode 150.0 tok/s (lmdeploy 0.400 s: 0.80x)' in row
+    assert '4k TTFT 0.100 s, decode 200.0 tok/s (lmdeploy 0.120 s; lmdp 1.20x as fast)' in row
+    assert '16k TTFT 0.500 s, decode 150.0 tok/s (lmdeploy 0.400 s; lmdp 0.80x as fast)' in row
     assert row.index('4k') < row.index('16k')
     assert 'lmdeploy' not in long_context.long_context_row('8b', ours)
 
