@@ -28,7 +28,7 @@ from .model_agent import ModelAgent
 from .model_runner import ModelRunner
 from .sampler import Sampler, logprob_dicts
 from .scheduler import ScheduledBatch, Scheduler
-from .sequence import SamplingParams, Sequence
+from .sequence import SamplingParams, Sequence, SequenceStatus
 from .tp import LeaderModelRunner, RankPlan, start_ranks
 
 logger = logging.getLogger('lmdp')
@@ -355,26 +355,32 @@ class Engine:
         penalty), or the pool has no block to spare."""
         if self.scheduler.waiting or not self._inbox.empty():
             return None
-        keep = []
+        # one pass over the batch (it runs every decode step, 256 rows and more: kept lean)
+        bm, session_len = self.block_manager, self.session_len
+        room = bm.block_size
+        keep, grow = [], []
         for i, seq in enumerate(previous.batch.seqs):
-            if seq.is_finished:
+            if seq.status is SequenceStatus.FINISHED:
                 continue                   # aborted meanwhile
-            if seq.params.repetition_penalty != 1.0:
+            params = seq.params
+            if params.repetition_penalty != 1.0:
                 return None
             # the previous step's token makes it num_tokens + 1 long: a length limit is known in advance
-            if seq.num_generated + 1 >= seq.params.max_new_tokens or seq.num_tokens + 1 >= self.session_len:
+            length = len(seq.token_ids) + 1
+            if length - seq.num_prompt_tokens >= params.max_new_tokens or length >= session_len:
                 continue
             keep.append(i)
+            if length > len(seq.blocks) * room:
+                grow.append(seq)
         if not keep:
             return None
         seqs = [previous.batch.seqs[i] for i in keep]
         # the blocks they need all together must be free: each one alone fitting is not enough (a failed
         # allocation would leave a sequence writing past its blocks, into another sequence's)
-        bm = self.block_manager
-        if sum(max(0, bm.blocks_for(seq.num_tokens + 1) - len(seq.blocks)) for seq in seqs) > bm.num_free:
+        if sum(bm.blocks_for(len(seq.token_ids) + 1) - len(seq.blocks) for seq in grow) > bm.num_free:
             return None
-        for seq in seqs:
-            allocated = bm.allocate(seq, seq.num_tokens + 1)
+        for seq in grow:
+            allocated = bm.allocate(seq, len(seq.token_ids) + 1)
             assert allocated, 'the blocks were counted free just above'
         tokens = previous.tokens if len(keep) == len(previous.batch.seqs) else \
             previous.tokens[torch.tensor(keep, device=previous.tokens.device)]
