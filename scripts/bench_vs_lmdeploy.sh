@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # lmdp beside lmdeploy on the same random checkpoints, one shape after the other, in one device call; logs and JSON
-# under $OUT, a table last. For each SHAPE (lmdp bench's shapes; `moe:8` = the moe shape with 8 layers):
+# under $OUT, a table last. For each SHAPE[:LAYERS][+QUANT] (lmdp bench's shapes; `moe:8` = the moe shape with 8
+# layers; `8b+fp8` / `8b+awq` = the 8b checkpoint quantised by lmdp quantize, lmdp bench --quant):
 # `lmdp bench SHAPE --no-hf` (it writes the checkpoint), then ../shared/bench/lmdeploy_bench.py on that folder
 # (carry .carry/lmdeploy: see /work/shared/bench/README.md), then the checkpoint is removed (the disk is 64 GB).
 #
@@ -21,23 +22,32 @@ LONG_CONTEXT=${LONG_CONTEXT-4096 16384 32768}   # prompt lengths for TTFT / deco
 lim() { local left=$((DEADLINE - 20 - SECONDS)); echo $((left < LIMIT ? left : LIMIT)); }
 
 for spec in "$@"; do
+    quant=bf16
+    if [[ "$spec" == *+* ]]; then quant=${spec#*+}; spec=${spec%%+*}; fi
     shape=${spec%%:*}
     layers=()
     [ "$spec" != "$shape" ] && layers=(--layers "${spec#*:}")
     name=$shape
     [ ${#layers[@]} -gt 0 ] && name="$shape-${spec#*:}l"
+    [ "$quant" != bf16 ] && name="$name-$quant"
+    nl=None
+    [ ${#layers[@]} -gt 0 ] && nl=${spec#*:}
+    base=$(python -c "from lmdp.bench.checkpoint import checkpoint_dir
+from lmdp.bench.shapes import SHAPES, with_layers
+print(checkpoint_dir(with_layers(SHAPES['$shape'], $nl), '$work'))")
+    ckpt=$base
+    [ "$quant" != bf16 ] && ckpt=$(python -c "from lmdp.bench.checkpoint import quantized_dir
+print(quantized_dir('$base', '$quant'))")
+    # a new shape: the last one's bf16 checkpoint goes (it stays while specs quantise the same shape)
+    [ -n "${prev_base:-}" ] && [ "$prev_base" != "$base" ] && rm -rf "$prev_base"
+    prev_base=$base
     if [ "$(lim)" -lt 60 ]; then echo "== $name: skipped, $((DEADLINE - SECONDS)) s left"; continue; fi
     echo "== $name: lmdp"
     # shellcheck disable=SC2086
     timeout -k 10 "$(lim)" python -m lmdp.bench "$shape" "${layers[@]}" --no-hf --workdir "$work" \
-        --long-context $LONG_CONTEXT \
+        --quant "$quant" --long-context $LONG_CONTEXT \
         --json "$out/lmdp_$name.json" > "$out/lmdp_$name.log" 2>&1
     echo "   exit $? after $SECONDS s"; tail -n 3 "$out/lmdp_$name.log" | sed 's/^/   /'
-    nl=None
-    [ ${#layers[@]} -gt 0 ] && nl=${spec#*:}
-    ckpt=$(python -c "from lmdp.bench.checkpoint import checkpoint_dir
-from lmdp.bench.shapes import SHAPES, with_layers
-print(checkpoint_dir(with_layers(SHAPES['$shape'], $nl), '$work'))")
     if [ -f .carry/lmdeploy/install.sh ] && [ -f "$ckpt/config.json" ] && [ "$(lim)" -ge 60 ]; then
         echo "== $name: lmdeploy on $ckpt"
         timeout -k 10 "$(lim)" env -u PYTHONPATH bash -c \
@@ -54,8 +64,9 @@ print(checkpoint_dir(with_layers(SHAPES['$shape'], $nl), '$work'))")
             grep '^RESULT ' "$out/lmdeploy_longctx_$name.log" | tail -n 1 | cut -c8- > "$out/lmdeploy_longctx_$name.json"
         fi
     fi
-    rm -rf "$ckpt"
+    [ "$quant" != bf16 ] && rm -rf "$ckpt"       # a quantised copy is used by its own spec only
 done
+[ -n "${prev_base:-}" ] && rm -rf "$prev_base"
 
 python - "$out" "$@" <<'PY'
 import glob, json, os, sys

@@ -11,7 +11,7 @@ import os
 import sys
 
 from .. import envs
-from .checkpoint import ensure_checkpoint
+from .checkpoint import QUANT_METHODS, ensure_checkpoint, ensure_quantized, step_bytes
 from .long_context import LENGTHS, long_context_row
 from .shapes import SHAPES, with_layers
 
@@ -27,13 +27,17 @@ def run(args) -> dict:
     results = {'device': torch.cuda.get_device_name(0), 'copy_bandwidth_TBps': round(bandwidth / 1e12, 3),
                'shapes': {}}
     print(f"{results['device']}: device copy {bandwidth / 1e12:.2f} TB/s", flush=True)
-    for name in args.shapes:
-        shape = with_layers(SHAPES[name], args.layers)
-        name = shape.name
+    for shape_name, quant in [(s, q) for s in args.shapes for q in args.quant]:
+        shape = with_layers(SHAPES[shape_name], args.layers)
         path = ensure_checkpoint(shape, args.workdir)
-        roofline = bandwidth / shape.decode_weight_bytes()
-        fig = {'roofline_tok_s': round(roofline, 1),
-               'decode_weight_GB': round(shape.decode_weight_bytes() / 1e9, 2)}
+        name, step = shape.name, shape.decode_weight_bytes()
+        if quant != 'bf16':
+            bf16_path, path, name = path, ensure_quantized(path, quant, device='cuda'), f'{name}-{quant}'
+            # the quantised copy's share of the bf16 bytes; for a mixture of experts that share stands in for the
+            # active experts' (every expert is quantised alike)
+            step = step * step_bytes(path) / step_bytes(bf16_path)
+        roofline = bandwidth / step
+        fig = {'roofline_tok_s': round(roofline, 1), 'decode_weight_GB': round(step / 1e9, 2)}
         impls = ['lmdp', 'transformers'] if args.model_impl == 'both' else [args.model_impl]
         for impl in impls:
             figures = lmdp_figures(path, throughput=not args.no_throughput, eager_mode=args.eager, model_impl=impl,
@@ -131,6 +135,10 @@ def main(argv=None) -> int:
     parser.add_argument('--max-prefill-token-num', type=int, default=4096,
                         help='prompt tokens a step may take (a mixed step: beside its decodes); smaller makes mixed '
                              'steps shorter (inter-token latency) and the prefill of a burst longer (first token)')
+    parser.add_argument('--quant', nargs='+', default=['bf16'], choices=['bf16', *sorted(QUANT_METHODS)],
+                        help='the formats to measure each shape in: the bf16 checkpoint, and/or copies of it '
+                             'quantised by lmdp quantize (fp8: 128x128 block scales; awq: 4-bit, group 128), '
+                             'reported as SHAPE-fp8 / SHAPE-awq with rooflines from their bytes')
     parser.add_argument('--long-context', type=_positive, nargs='*', default=list(LENGTHS), metavar='N',
                         help='prompt lengths at which to time the first token and the decode rate (default '
                              f"{' '.join(map(str, LENGTHS))}; none: skip)")
