@@ -27,7 +27,8 @@ def run(args) -> dict:
     results = {'device': torch.cuda.get_device_name(0), 'copy_bandwidth_TBps': round(bandwidth / 1e12, 3),
                'shapes': {}}
     print(f"{results['device']}: device copy {bandwidth / 1e12:.2f} TB/s", flush=True)
-    for shape_name, quant in [(s, q) for s in args.shapes for q in args.quant]:
+    pairs = [(s, q) for s in args.shapes for q in args.quant]
+    for shape_name, quant in dict.fromkeys(pairs):        # each once, in the order asked
         shape = with_layers(SHAPES[shape_name], args.layers)
         path = ensure_checkpoint(shape, args.workdir)
         name, step = shape.name, shape.decode_weight_bytes()
