@@ -5,15 +5,17 @@
 #   kernel  scripts/bench_moe_lmdeploy.py: lmdp's fused MoE beside lmdeploy's, 1-4096 tokens (carry .carry/lmdeploy)
 #   sweep   python -m lmdp.kernels.triton.bench_moe --sweep at the decode and prefill batches of the bench
 #   bench   lmdp bench moe --layers 8: batch-1 decode and the 256-request run, with where its time went
+#   profile scripts/profile_decode.py moe:8 at batch 1, 64 and 256: one graph replay of a decode step against the
+#           bench's mean decode step (device- or host-bound?), and the kernels of the step
 #
-#     [PARTS="tests kernel sweep bench" SWEEP_TOKENS="256 2048 4096"] bash scripts/moe_gpu.sh   # repo root, GPU
+#     [PARTS="tests kernel sweep bench profile" SWEEP_TOKENS="256 2048 4096"] bash scripts/moe_gpu.sh   # repo root
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/lmdp_moe_gpu}
 mkdir -p "$out"
 export OUT=$out
-PARTS=${PARTS:-tests kernel sweep bench}
+PARTS=${PARTS:-tests kernel sweep bench profile}
 SWEEP_TOKENS=${SWEEP_TOKENS:-256 2048 4096}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 . scripts/lib.sh
@@ -24,7 +26,7 @@ fi
 xdist=()
 python3 -c 'import xdist' 2> /dev/null && xdist=(-n 2)
 
-want bench && python -c "from lmdp.bench.checkpoint import ensure_checkpoint
+{ want bench || want profile; } && python -c "from lmdp.bench.checkpoint import ensure_checkpoint
 from lmdp.bench.shapes import SHAPES, with_layers
 ensure_checkpoint(with_layers(SHAPES['moe'], 8), '/tmp')" > "$out/ckpt.log" 2>&1 &
 want tests && STEP_TIMEOUT=180 step tests python -m pytest -q -p no:cacheprovider -m gpu "${xdist[@]}" \
@@ -40,6 +42,9 @@ want sweep && TAIL=4 STEP_TIMEOUT=200 step sweep python -m lmdp.kernels.triton.b
     --json "$out/bench_moe_sweep.json"
 want bench && TAIL=3 STEP_TIMEOUT=240 step bench python -m lmdp.bench moe --layers 8 --no-hf --workdir /tmp \
     --json "$out/lmdp_moe8.json"
+want profile && TAIL=2 STEP_TIMEOUT=150 step profile python scripts/profile_decode.py moe:8 --batch 1 64 256 \
+    --kernels 12
+grep -E 'graph replay|engine step|roofline' "$out/profile.log" 2>/dev/null
 
 echo; echo '== summary'
 grep -h '"sweep_best' "$out/sweep.log" 2>/dev/null | python -c "import json, sys
