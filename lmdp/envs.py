@@ -94,7 +94,8 @@ VARIABLES: dict[str, EnvVar] = {v.name: v for v in [
            'On: decode attention merges its splits inside the split kernel (the last program to arrive merges) '
            'instead of in a second kernel. Off by default: it measured no faster (notes/performance.md).'),
     EnvVar('LMDP_PDL', '0', _bool,
-           'On (Hopper and newer): the decode chain\'s kernels (GEMV, RMSNorm, rotary + cache write, decode attention) '
+           'On (Hopper and newer): the decode chain\'s kernels (GEMV, RMSNorm, rotary + cache write, decode attention, '
+           'the MoE router\'s top-k and expert GEMVs) '
            'launch as programmatic dependents, so each one is resident and its GEMV weight loads start while the '
            'kernel before it drains. Off by default until measured (notes/performance.md). Read when the Triton '
            'kernels are imported.'),

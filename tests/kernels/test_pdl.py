@@ -12,7 +12,8 @@ from lmdp.kernels.triton import _common
 
 # the modules themselves (the package exports some functions under their module's name)
 PDL_MODULES = [importlib.import_module(f'lmdp.kernels.triton.{name}')
-               for name in ('gemv', 'rms_norm', 'rotary_fill_kv_cache', 'decode_attention')]
+               for name in ('gemv', 'rms_norm', 'rotary_fill_kv_cache', 'decode_attention', 'moe_router',
+                                'fused_moe')]
 
 
 def test_off_by_default_and_off_the_gpu(monkeypatch):
@@ -147,10 +148,11 @@ def test_the_decode_chain_gives_the_same_bits_with_pdl(monkeypatch):
 
 @gpu
 @needs_hopper
-def test_the_engine_decodes_the_same_tokens_with_pdl(monkeypatch, tmp_path):
+@pytest.mark.parametrize('family', ['llama', 'qwen3_moe'])
+def test_the_engine_decodes_the_same_tokens_with_pdl(monkeypatch, tmp_path, family):
     from lmdp import GenerationConfig, PytorchEngineConfig, pipeline
     from lmdp.tiny import make_tiny
-    path = str(make_tiny('llama', tmp_path / 'tl', dtype='bfloat16'))
+    path = str(make_tiny(family, tmp_path / family, dtype='bfloat16'))
     prompts = [list(range(3, 3 + n)) for n in (5, 17, 64, 30)]
     gen = GenerationConfig(max_new_tokens=32, ignore_eos=True)
     tokens = {}
