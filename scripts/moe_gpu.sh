@@ -59,7 +59,8 @@ except Exception as e:
     sys.exit(f'bench: no result ({e})')
 for name, f in res.get('shapes', {}).items():
     keys = ['bs1_decode_tok_s', 'roofline_tok_s', 'tp_out_tok_s', 'tp_wall_s', 'tp_prefill_steps', 'tp_prefill_s',
-            'tp_prefill_step_ms', 'tp_decode_steps', 'tp_decode_s', 'tp_decode_step_ms', 'tp_decode_batch_mean',
+            'tp_prefill_step_ms', 'tp_prefill_step_max_ms', 'tp_decode_steps', 'tp_decode_s', 'tp_decode_step_ms',
+            'tp_decode_step_max_ms', 'tp_decode_batch_mean',
             'tp_stream_out_tok_s', 'cuda_graphs_captured']
     print(name, ' '.join(f'{k}={f.get(k)}' for k in keys))
 PY

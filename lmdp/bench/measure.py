@@ -127,13 +127,15 @@ def lmdp_figures(model_path: str, throughput: bool = True, eager_mode: bool = Fa
 
 def step_split(stats) -> dict:
     """Where a run's wall time went, from the engine's step clock: prefill and decode-only steps, their count,
-    seconds and mean time, and the mean batch of a decode-only step."""
+    seconds, mean and longest time (a kernel compiled mid-run stands out there), and the mean batch of a
+    decode-only step."""
     out = {}
     for kind in ('prefill', 'decode'):
         steps, seconds = getattr(stats, f'{kind}_steps'), getattr(stats, f'{kind}_seconds')
         out[f'tp_{kind}_steps'], out[f'tp_{kind}_s'] = steps, round(seconds, 2)
         if steps:
             out[f'tp_{kind}_step_ms'] = round(1e3 * seconds / steps, 2)
+            out[f'tp_{kind}_step_max_ms'] = round(1e3 * getattr(stats, f'{kind}_max_seconds'), 2)
     if stats.decode_steps and not stats.mixed_steps:     # (mixed steps' decode rows are counted with them)
         out['tp_decode_batch_mean'] = round(stats.decode_tokens / stats.decode_steps, 1)
     return out

@@ -67,6 +67,8 @@ class EngineStats:
     # run's time goes (with `overlap`, a decode call also launches the step after it)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    prefill_max_seconds: float = 0.0  # the longest such call of each kind (a kernel compiled mid-run shows here)
+    decode_max_seconds: float = 0.0
 
 
 def engine_limits(config: PytorchEngineConfig, model_config, device: str) -> tuple[int, int]:
@@ -226,10 +228,9 @@ class Engine:
             self._stepping = []
             if self._finished_kind is not None:
                 seconds = time.perf_counter() - start
-                if self._finished_kind == 'decode':
-                    self.stats.decode_seconds += seconds
-                else:
-                    self.stats.prefill_seconds += seconds
+                kind, stats = self._finished_kind, self.stats
+                setattr(stats, f'{kind}_seconds', getattr(stats, f'{kind}_seconds') + seconds)
+                setattr(stats, f'{kind}_max_seconds', max(getattr(stats, f'{kind}_max_seconds'), seconds))
         return outputs
 
     def _step(self) -> list[EngineOutput]:

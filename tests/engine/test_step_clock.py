@@ -51,17 +51,20 @@ def test_a_slow_decode_step_is_charged_to_decode(tiny_llama, monkeypatch):
     assert stats.decode_steps == 3
     assert stats.decode_seconds >= 3 * 0.05
     assert stats.prefill_seconds < 0.05
+    assert 0.05 <= stats.decode_max_seconds <= stats.decode_seconds
+    assert stats.prefill_max_seconds == stats.prefill_seconds      # one prefill step
     pipe.close()
 
 
 @pytest.mark.parametrize('mixed', [0, 2])
 def test_step_split_reads_the_clock(mixed):
     stats = SimpleNamespace(prefill_steps=4, decode_steps=10, prefill_seconds=0.5, decode_seconds=2.0,
-                            decode_tokens=300, mixed_steps=mixed)
+                            prefill_max_seconds=0.3, decode_max_seconds=0.25, decode_tokens=300, mixed_steps=mixed)
     out = step_split(stats)
     assert out['tp_prefill_steps'] == 4 and out['tp_decode_steps'] == 10
     assert out['tp_prefill_s'] == 0.5 and out['tp_decode_s'] == 2.0
     assert out['tp_prefill_step_ms'] == 125.0 and out['tp_decode_step_ms'] == 200.0
+    assert out['tp_prefill_step_max_ms'] == 300.0 and out['tp_decode_step_max_ms'] == 250.0
     # with mixed steps the decode rows are not all in decode-only steps: no mean batch is claimed
     assert ('tp_decode_batch_mean' in out) == (not mixed)
     if not mixed:
@@ -70,6 +73,7 @@ def test_step_split_reads_the_clock(mixed):
 
 def test_step_split_with_no_steps_of_a_kind():
     stats = SimpleNamespace(prefill_steps=1, decode_steps=0, prefill_seconds=0.25, decode_seconds=0.0,
-                            decode_tokens=0, mixed_steps=0)
+                            prefill_max_seconds=0.25, decode_max_seconds=0.0, decode_tokens=0, mixed_steps=0)
     out = step_split(stats)
     assert out['tp_decode_steps'] == 0 and 'tp_decode_step_ms' not in out and 'tp_decode_batch_mean' not in out
+    assert 'tp_decode_step_max_ms' not in out and out['tp_prefill_step_max_ms'] == 250.0
