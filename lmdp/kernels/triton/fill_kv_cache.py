@@ -12,7 +12,7 @@ import triton.language as tl
 from ._common import next_pow2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['batch', 'stride_bo'])
 def _fill_kv_cache_kernel(
     KStates, VStates, KCache, VCache, QStartLoc, QSeqlens, KVSeqlens, BlockOffsets,
     batch,

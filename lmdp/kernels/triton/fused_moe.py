@@ -110,7 +110,7 @@ def _gemv_down(Inter, W, Ids, TopkWeights, Out, stride_im, stride_we, stride_wn,
     tl.store(Out + token * stride_om + offs_n, out.to(Out.dtype.element_ty), mask=n_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['num_pairs', 'num_blocks'])
 def _grouped_gate_up(X, W, Inter, SortedPairs, BlockExperts, NumPadded, num_pairs, inter_size, hidden,
                      num_blocks, stride_xm, stride_we, stride_wn, stride_im,
                      TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -153,7 +153,7 @@ def _grouped_gate_up(X, W, Inter, SortedPairs, BlockExperts, NumPadded, num_pair
     tl.store(out_ptrs, h.to(dtype), mask=row_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['num_pairs', 'num_blocks'])
 def _grouped_down(Inter, W, TopkWeights, PairOut, SortedPairs, BlockExperts, NumPadded, num_pairs, hidden,
                   inter_size, num_blocks, stride_im, stride_we, stride_wn, stride_pm,
                   TOP_K: tl.constexpr, TOP_K_P2: tl.constexpr, RENORMALIZE: tl.constexpr,

@@ -68,7 +68,7 @@ def _write_layout(totals, BlockExperts, SortedPairs, NumPadded, num_experts, num
     return ends - padded
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['num_pairs'])
 def _count_kernel(Ids, ChunkCounts, num_pairs, num_experts, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
     chunk = tl.program_id(0)
     counts = _chunk_counts(Ids, chunk, num_pairs, CHUNK, BLOCK_E)
@@ -76,7 +76,7 @@ def _count_kernel(Ids, ChunkCounts, num_pairs, num_experts, CHUNK: tl.constexpr,
     tl.store(ChunkCounts + chunk * num_experts + experts, counts, mask=experts < num_experts)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['num_chunks', 'num_pairs', 'size'])
 def _offsets_kernel(ChunkCounts, ChunkStarts, BlockExperts, SortedPairs, NumPadded, num_chunks, num_experts,
                     num_pairs, size, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
                     BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
@@ -99,7 +99,7 @@ def _offsets_kernel(ChunkCounts, ChunkStarts, BlockExperts, SortedPairs, NumPadd
         running += tl.sum(counts, axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['num_pairs'])
 def _scatter_kernel(Ids, ChunkStarts, SortedPairs, num_pairs, num_experts, CHUNK: tl.constexpr,
                     BLOCK_E: tl.constexpr):
     chunk = tl.program_id(0)
@@ -108,7 +108,7 @@ def _scatter_kernel(Ids, ChunkStarts, SortedPairs, num_pairs, num_experts, CHUNK
     _scatter_chunk(Ids, SortedPairs, chunk, starts, num_pairs, CHUNK, BLOCK_E)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['num_chunks', 'num_pairs', 'size'])
 def _align_fused_kernel(Ids, BlockExperts, SortedPairs, NumPadded, num_chunks, num_experts, num_pairs, size,
                         BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
                         BLOCK_B: tl.constexpr):

@@ -10,7 +10,7 @@ from ..moe import check_softmax_topk
 from ._common import next_pow2, pdl_launch, pdl_wait
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['num_tokens'])
 def _softmax_topk_kernel(Logits, Weights, Ids, num_tokens, num_experts, stride_l,
                          TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr):
     if USE_PDL:

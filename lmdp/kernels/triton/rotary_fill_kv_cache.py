@@ -41,7 +41,7 @@ def _rotate_in_place(X, t, c1, s1, c2, s2, stride_xt, stride_xh, stride_xd,
     return y1, y2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['batch', 'stride_bob'])
 def _rotary_fill_kv_cache_kernel(
     Q, K, V, Cos, Sin, KCache, VCache, QStartLoc, QSeqlens, KVSeqlens, BlockOffsets,
     batch,
