@@ -143,7 +143,9 @@ def rotary_fill_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos:
         ROT_DIM=rot_dim, PAGE_SIZE=k_cache.size(1),
         BLOCK_HQ=block_hq, BLOCK_HK=next_pow2(num_kv_heads), BLOCK_HALF=block_half,
         BLOCK_REST=next_pow2(max(head_dim - rot_dim, 1)), BLOCK_DV=next_pow2(head_dim_v),
-        BLOCK_B=max(2, next_pow2(batch)), HAS_REST=rot_dim < head_dim,
+        # BLOCK_B: the sequences searched for each token's own; at least 64 so that steps of 2..64 sequences share
+        # one compiled variant instead of one per power of two
+        BLOCK_B=max(64, next_pow2(batch)), HAS_REST=rot_dim < head_dim,
         # the query program is the larger one: Hq heads x R/2 channels, twice
         num_warps=4 if block_hq * block_half <= 2048 else 8, **pdl_launch(q.device),
     )
