@@ -161,6 +161,8 @@ def test_the_engine_decodes_the_same_tokens_with_pdl(monkeypatch, tmp_path, fami
         cfg = PytorchEngineConfig(dtype='bfloat16', session_len=512, max_batch_size=8, num_gpu_blocks=64,
                                   cudagraph_capture_batch_sizes=[1, 2, 4, 8])
         pipe = pipeline(path, backend_config=cfg)
+        graphs = pipe.engine.runner.graphs      # PDL launches must be capturable, not a silent fall back to eager
+        assert graphs is not None and all(r.captured for r in graphs.results.values()), graphs.results
         tokens[pdl] = [r.token_ids for r in pipe(prompts, gen_config=gen, do_preprocess=False)]
         pipe.close()
     assert tokens[True] == tokens[False]
