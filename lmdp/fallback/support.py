@@ -89,8 +89,8 @@ def refusals(hf_config) -> list[str]:
         if isinstance(kinds, (list, tuple)):
             other = sorted({str(k) for k in kinds} - ATTENTION_LAYER_TYPES)
             if other:
-                why.append(f'{name} has layers of kind {other}: only attention layers keep their state in lmdp\'s '
-                           'paged KV cache')
+                why.append(f'{name} has layers of kind {other}, which carry a recurrent state from step to step; '
+                           'only attention layers keep their state in lmdp\'s paged KV cache')
     source = _modeling_source(cls)
     if 'ALL_ATTENTION_FUNCTIONS' not in source and 'AttentionInterface' not in source:
         why.append(f'{cls.__name__} computes attention in its own code, not through transformers\' attention '
