@@ -243,3 +243,39 @@ def test_min_new_tokens_masks_stop_ids_for_exactly_that_many_tokens():
                                seed=1)
             out = generate(model, vocab, [([1], p)])[0]
             assert out[-1] == 4 and len(out) == m + 1 and 4 not in out[:-1]
+
+
+def test_top_k_ranks_minus_zero_and_zero_as_equal():
+    """-0.0 == 0.0: the tie goes to the lower token id whichever of the two it holds."""
+    assert _support([-0.0, 0.0, -1.0], top_k=1) == [0]
+    assert _support([0.0, -0.0, -1.0], top_k=1) == [0]
+    assert _support([-1.0, -0.0, 0.0], top_k=2) == [1, 2]
+
+
+def test_top_p_1_keeps_every_token_however_unlikely_beside_a_top_p_row():
+    """The float64 mass before a token 40 nats down rounds to exactly 1.0: a row without a top-p limit must keep
+    it all the same, also when another row of the batch brings the top-p op in."""
+    vocab = 4
+    logits = torch.tensor([[0.0, -40.0, -41.0, -45.0], [0.0, 0.0, 0.0, 0.0]])
+    params = [SamplingParams(max_new_tokens=1, greedy=False, top_p=1.0, seed=1),
+              SamplingParams(max_new_tokens=1, greedy=False, top_p=0.3, seed=2)]
+    sampler = Sampler(vocab, 'cpu')
+    inputs = sampler.prepare([Sequence(i, [0], 1, p) for i, p in enumerate(params)])
+    candidates = sampler.candidates(sampler.adjusted(logits, inputs), inputs)
+    assert sorted(_row_support(*candidates, 0)) == [0, 1, 2, 3]
+    assert sorted(_row_support(*candidates, 1)) == [0, 1]
+
+
+def test_a_batch_settings_are_built_once_and_again_when_the_batch_changes():
+    """Decode steps of one batch reuse its settings' device tensors (no host-to-device copy per step); another
+    batch, even of the same size, gets its own."""
+    a = [Sequence(0, [1], 1, SamplingParams(max_new_tokens=4, greedy=False, temperature=0.5, top_k=2, seed=1)),
+         Sequence(1, [2], 1, SamplingParams(max_new_tokens=4, greedy=False, temperature=2.0, seed=2))]
+    b = [Sequence(2, [1], 1, SamplingParams(max_new_tokens=4, greedy=False, temperature=0.75, top_k=3, seed=3)),
+         a[1]]
+    sampler = Sampler(8, 'cpu')
+    first = sampler.prepare(a)
+    assert sampler.prepare(a).temperature is first.temperature and sampler.prepare(a).top_k is first.top_k
+    other = sampler.prepare(b)
+    assert other.temperature.flatten().tolist() == [0.75, 2.0] and other.top_k.tolist() == [3, 8]
+    assert sampler.prepare(a).temperature.flatten().tolist() == [0.5, 2.0]
