@@ -40,10 +40,10 @@ def _some(path: str, *prefixes: str) -> list[str]:
 # behaviour; a pipeline over a tiny model appears only where nothing cheaper reaches the code.
 MODULES = {
     'sampler': (['lmdp/engine/sampler.py'],
-                # the sampler-level properties; the engine-level ones (a step launched ahead, whole requests alone
-                # and batched) take seconds per mutant and reach the sampler only through the engine
-                _some('tests/engine/test_sampler_properties.py', 'test_each_row_', 'test_a_row_', 'test_top_k_',
-                      'test_top_p_', 'test_min_p_', 'test_min_new_tokens_')
+                # the sampler-level properties and examples; not the whole generations alone and batched (seconds
+                # per mutant, and they reach the sampler only as the engine's step loop does)
+                _some('tests/engine/test_sampler_properties.py', 'test_each_row_', 'test_a_row_', 'test_a_step_',
+                      'test_a_batch_', 'test_top_k_', 'test_top_p_', 'test_min_p_', 'test_min_new_tokens_')
                 + ['tests/engine/test_sampler_noise.py',
                  'tests/engine/test_mixed_batch.py',
                  'tests/engine/test_sampling.py::test_4000_seeded_draws_follow_the_filtered_distribution',

@@ -13,7 +13,7 @@ import pytest
 import torch
 from sampler_reference import adjusted_row, greedy_token, sampled_token, scaled_row, support
 
-from lmdp.engine.sampler import Sampler
+from lmdp.engine.sampler import Sampler, gumbel_noise, row_key
 from lmdp.engine.scheduler import finish_reason
 from lmdp.engine.sequence import SamplingParams, Sequence, SequenceStatus
 
@@ -279,3 +279,22 @@ def test_a_batch_settings_are_built_once_and_again_when_the_batch_changes():
     other = sampler.prepare(b)
     assert other.temperature.flatten().tolist() == [0.75, 2.0] and other.top_k.tolist() == [3, 8]
     assert sampler.prepare(a).temperature.flatten().tolist() == [0.5, 2.0]
+
+
+def test_a_row_draws_the_same_token_alone_and_beside_a_top_k_row_at_an_exact_tie():
+    """Logit plus noise equal, in float32, for two tokens: the lower id wins, alone (candidates in token order) and
+    beside a top-k row (candidates best first) alike. (argmax's first maximum once took token 0 alone and token 1
+    in the batch.)"""
+    for seed in range(100):
+        g = gumbel_noise(torch.tensor([row_key(seed, 0)]), torch.arange(2)[None])[0]
+        x0 = (1.0 + g[1]) - g[0]
+        if g[0] > g[1] and x0 + g[0] == 1.0 + g[1]:
+            break
+    else:
+        pytest.fail('no seed gives an exact tie: pick other logits')
+    logits = torch.tensor([[x0.item(), 1.0]])
+    row = Sequence(0, [0], 1, SamplingParams(max_new_tokens=1, greedy=False, seed=seed))
+    top_k = Sequence(1, [0], 1, SamplingParams(max_new_tokens=1, greedy=False, top_k=1, seed=7))
+    _, _, alone = _sample(2, [row], logits)
+    _, _, batched = _sample(2, [row, top_k], logits.repeat(2, 1))
+    assert alone.tolist() == [0] and batched.tolist() == [0, 1]
