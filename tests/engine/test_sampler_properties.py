@@ -252,6 +252,14 @@ def test_top_k_ranks_minus_zero_and_zero_as_equal():
     assert _support([-1.0, -0.0, 0.0], top_k=2) == [1, 2]
 
 
+def test_top_k_tells_logits_one_ulp_apart_in_a_wide_vocabulary():
+    """The best token is one float32 step above token 0 and has the highest id: no tie, whatever the width."""
+    for vocab in (2, 64, 4096):
+        logits = [1.0] + [-5.0] * (vocab - 2) + [torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)).item()]
+        assert _support(logits, top_k=1) == [vocab - 1]
+        assert _support(logits, top_k=2) == [0, vocab - 1]
+
+
 def test_top_p_1_keeps_every_token_however_unlikely_beside_a_top_p_row():
     """The float64 mass before a token 40 nats down rounds to exactly 1.0: a row without a top-p limit must keep
     it all the same, also when another row of the batch brings the top-p op in."""
