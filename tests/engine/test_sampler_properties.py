@@ -117,6 +117,20 @@ def test_a_step_launched_ahead_of_the_host_draws_what_a_lockstep_step_draws(step
     assert ahead.tolist() == lockstep.tolist()
 
 
+def test_a_step_launched_ahead_lifts_the_stop_id_mask_on_the_same_token_as_a_lockstep_step():
+    """The stop id is the best token. A row whose host record shows n tokens while one more is on the device is
+    drawing its token number n + 2: the stop id is allowed from min_new_tokens = n + 1 down."""
+    logits = torch.tensor([[0.0, 1.0, 4.0, 0.5]])
+    for greedy in (True, False):
+        for n in range(3):
+            for m in range(n + 4):
+                p = SamplingParams(max_new_tokens=10, min_new_tokens=m, greedy=greedy, top_k=2, seed=3,
+                                   stop_ids=frozenset({2}))
+                behind = Sequence(0, [1] + [3] * n, 1, p)
+                _, _, token = _sample(4, [behind], logits, ahead=1)
+                assert (token.item() == 2) == (n + 1 >= m), (greedy, n, m, token.item())
+
+
 class ToyModel:
     """Next-token logits from the last two tokens, on a coarse grid (ties, as in bfloat16), stop ids favoured."""
 
