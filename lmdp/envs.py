@@ -93,6 +93,12 @@ VARIABLES: dict[str, EnvVar] = {v.name: v for v in [
     EnvVar('LMDP_DECODE_FUSED_REDUCE', '0', _bool,
            'On: decode attention merges its splits inside the split kernel (the last program to arrive merges) '
            'instead of in a second kernel. Off by default: it measured no faster (notes/performance.md).'),
+    EnvVar('LMDP_PDL', '0', _bool,
+           'On (Hopper and newer): the decode chain\'s kernels (GEMV, RMSNorm, rotary + cache write, decode attention, '
+           'the MoE router\'s top-k and expert GEMVs) '
+           'launch as programmatic dependents, so each one is resident and its GEMV weight loads start while the '
+           'kernel before it drains. Off by default until measured (notes/performance.md). Read when the Triton '
+           'kernels are imported.'),
     EnvVar('LMDP_MOE_GEMV_MAX_PAIRS', '', lambda t: None if t == '' else _non_negative_int(t),
            'Fused MoE: up to this many (token, expert) pairs a step runs the GEMV path instead of the grouped GEMM; '
            'unset: the kernel picks from the number of experts.'),

@@ -13,32 +13,13 @@ import time
 import torch
 
 
-def step_bytes(model_path: str) -> int:
-    """Bytes one decode step reads: every tensor once, except the input embedding (one row per token)."""
-    from lmdp.weight_loader import scan_checkpoint
-    manifest = scan_checkpoint(model_path)
-    total = 0
-    for name, info in manifest.tensors.items():
-        n = 1
-        for d in info.shape:
-            n *= d
-        size = n * _ELEM[str(info.dtype).upper()]
-        if 'embed_tokens' in name:
-            size //= info.shape[0]
-        total += size
-    return total
-
-
-_ELEM = {'BF16': 2, 'F16': 2, 'F32': 4, 'F8_E4M3': 1, 'I32': 4, 'U8': 1, 'FLOAT8_E4M3FN': 1}
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument('--workdir', default='/tmp')
     parser.add_argument('--no-parity', action='store_true')
     parser.add_argument('--no-bench', action='store_true')
     args = parser.parse_args()
-    from lmdp.bench.checkpoint import ensure_checkpoint
+    from lmdp.bench.checkpoint import ensure_checkpoint, step_bytes
     from lmdp.bench.measure import copy_bandwidth, lmdp_figures
     from lmdp.bench.shapes import SHAPES
     from lmdp.quantize import quantize_checkpoint

@@ -48,4 +48,4 @@ def test_bench_refuses_a_bad_layer_count_before_any_work(capsys):
     from lmdp.bench.__main__ import main
     with pytest.raises(SystemExit):
         main(['moe', '--layers', '0'])
-    assert "--layers: expected a whole number of layers >= 1, got '0'" in capsys.readouterr().err
+    assert "--layers: expected a whole number >= 1, got '0'" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 For each shape: write (or reuse) a random-weight bf16 checkpoint, measure the copy bandwidth, lmdp's batch-1
 decode and 256-request throughput (with time to first token and inter-token latency p50/p99 from a streamed run
-of the same requests), and transformers' eager batch-1 decode; print a table and write JSON.
+of the same requests, and where the run's time went: prefill and decode steps), time to first token and decode
+rate at long context (4k/16k/32k), and transformers' eager batch-1 decode; print a table and write JSON.
 """
 import argparse
 import json
@@ -10,13 +11,15 @@ import os
 import sys
 
 from .. import envs
-from .checkpoint import ensure_checkpoint
+from .checkpoint import QUANT_METHODS, ensure_checkpoint, ensure_quantized, step_bytes
+from .long_context import LENGTHS, long_context_row
 from .shapes import SHAPES, with_layers
 
 
 def run(args) -> dict:
     import torch
 
+    from .long_context import long_context_figures
     from .measure import copy_bandwidth, hf_batch1_decode, lmdp_figures
     if not torch.cuda.is_available():
         raise SystemExit('lmdp bench needs a CUDA device')
@@ -24,13 +27,18 @@ def run(args) -> dict:
     results = {'device': torch.cuda.get_device_name(0), 'copy_bandwidth_TBps': round(bandwidth / 1e12, 3),
                'shapes': {}}
     print(f"{results['device']}: device copy {bandwidth / 1e12:.2f} TB/s", flush=True)
-    for name in args.shapes:
-        shape = with_layers(SHAPES[name], args.layers)
-        name = shape.name
+    pairs = [(s, q) for s in args.shapes for q in args.quant]
+    for shape_name, quant in dict.fromkeys(pairs):        # each once, in the order asked
+        shape = with_layers(SHAPES[shape_name], args.layers)
         path = ensure_checkpoint(shape, args.workdir)
-        roofline = bandwidth / shape.decode_weight_bytes()
-        fig = {'roofline_tok_s': round(roofline, 1),
-               'decode_weight_GB': round(shape.decode_weight_bytes() / 1e9, 2)}
+        name, step = shape.name, shape.decode_weight_bytes()
+        if quant != 'bf16':
+            bf16_path, path, name = path, ensure_quantized(path, quant, device='cuda'), f'{name}-{quant}'
+            # the quantised copy's share of the bf16 bytes; for a mixture of experts that share stands in for the
+            # active experts' (every expert is quantised alike)
+            step = step * step_bytes(path) / step_bytes(bf16_path)
+        roofline = bandwidth / step
+        fig = {'roofline_tok_s': round(roofline, 1), 'decode_weight_GB': round(step / 1e9, 2)}
         impls = ['lmdp', 'transformers'] if args.model_impl == 'both' else [args.model_impl]
         for impl in impls:
             figures = lmdp_figures(path, throughput=not args.no_throughput, eager_mode=args.eager, model_impl=impl,
@@ -42,6 +50,9 @@ def run(args) -> dict:
             if len(impls) > 1:
                 fig.setdefault('by_model_impl', {})[impl] = figures
             print(name, impl, figures, flush=True)
+        if args.long_context:
+            fig['long_context'] = long_context_figures(path, args.long_context)
+            print(name, 'long context', fig['long_context'], flush=True)
         if not args.no_hf:
             fig['hf_bs1_decode_tok_s'] = round(hf_batch1_decode(path, args.hf_new_tokens), 1)
         if len(impls) > 1:
@@ -89,6 +100,9 @@ def table(results: dict) -> str:
             lines.append(f"{name:>5} mixed_prefill {policy:<3} {'':>20} {g['tp_out_tok_s']:>18.1f} "
                          f"{_latency_cells(g)}")
     for name, f in results['shapes'].items():
+        if f.get('long_context'):
+            lines.append(long_context_row(name, f['long_context']))
+    for name, f in results['shapes'].items():
         for key, r in f.get('fallback_vs_port', {}).items():
             lines.append(f"{name:>5} transformers fallback {key}: {r['ratio']:.3f}x (target >= {r['target']}x) "
                          f"{'met' if r['met'] else 'NOT MET'}")
@@ -97,7 +111,7 @@ def table(results: dict) -> str:
 
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f'expected a whole number of layers >= 1, got {text!r}')
+        raise argparse.ArgumentTypeError(f'expected a whole number >= 1, got {text!r}')
     return int(text)
 
 
@@ -122,6 +136,13 @@ def main(argv=None) -> int:
     parser.add_argument('--max-prefill-token-num', type=int, default=4096,
                         help='prompt tokens a step may take (a mixed step: beside its decodes); smaller makes mixed '
                              'steps shorter (inter-token latency) and the prefill of a burst longer (first token)')
+    parser.add_argument('--quant', nargs='+', default=['bf16'], choices=['bf16', *sorted(QUANT_METHODS)],
+                        help='the formats to measure each shape in: the bf16 checkpoint, and/or copies of it '
+                             'quantised by lmdp quantize (fp8: 128x128 block scales; awq: 4-bit, group 128), '
+                             'reported as SHAPE-fp8 / SHAPE-awq with rooflines from their bytes')
+    parser.add_argument('--long-context', type=_positive, nargs='*', default=list(LENGTHS), metavar='N',
+                        help='prompt lengths at which to time the first token and the decode rate (default '
+                             f"{' '.join(map(str, LENGTHS))}; none: skip)")
     parser.add_argument('--json', default=os.path.join(envs.OUT, 'lmdp_bench.json'))
     args = parser.parse_args(argv)
     results = run(args)

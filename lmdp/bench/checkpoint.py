@@ -130,3 +130,45 @@ def ensure_checkpoint(shape, workdir: str = '/tmp') -> str:
         seconds = writer(shape, path)
         print(f'wrote {path} in {seconds:.0f} s', flush=True)
     return path
+
+
+#: `lmdp bench --quant`: the formats a bench checkpoint can be quantised to, and `lmdp quantize`'s method for each
+QUANT_METHODS = {'fp8': 'fp8-block', 'awq': 'awq'}
+_ELEMENT_BYTES = {'BF16': 2, 'F16': 2, 'F32': 4, 'F64': 8, 'F8_E4M3': 1, 'F8_E5M2': 1, 'I8': 1, 'U8': 1, 'I16': 2,
+                  'I32': 4, 'I64': 8, 'BOOL': 1}
+
+
+def quantized_dir(path: str, quant: str) -> str:
+    """Where the `quant` copy of the bench checkpoint `path` goes: `<path>-<quant>` (lmdeploy's bench script names
+    its results after the folder, so the two engines' figures pair up by that name)."""
+    return f'{os.path.normpath(path)}-{quant}'
+
+
+def ensure_quantized(path: str, quant: str, device: str | None = None) -> str:
+    """The bench checkpoint `path` quantised by `lmdp quantize` to `quant` ('fp8': 128x128 block-scaled FP8;
+    'awq': 4-bit AWQ, group 128), written once next to it."""
+    from ..quantize import quantize_checkpoint
+    if quant not in QUANT_METHODS:
+        raise ValueError(f'bench: quant must be one of {sorted(QUANT_METHODS)}, got {quant!r}')
+    dst = quantized_dir(path, quant)
+    if not os.path.isfile(os.path.join(dst, 'config.json')):
+        start = time.perf_counter()
+        quantize_checkpoint(path, dst, QUANT_METHODS[quant], group_size=128, device=device)
+        print(f'wrote {dst} in {time.perf_counter() - start:.0f} s', flush=True)
+    return dst
+
+
+def step_bytes(model_path: str) -> int:
+    """Bytes a batch-1 decode step of a dense checkpoint reads: every tensor once (weights, scales, zero points,
+    norms, lm_head), except the input embedding table, of which it gathers one row. Read from the headers."""
+    from ..weight_loader import scan_checkpoint
+    total = 0
+    for name, info in scan_checkpoint(model_path).tensors.items():
+        count = 1
+        for d in info.shape:
+            count *= d
+        size = count * _ELEMENT_BYTES[str(info.dtype).upper()]
+        if 'embed_tokens' in name:
+            size //= info.shape[0]
+        total += size
+    return total

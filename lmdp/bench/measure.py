@@ -105,10 +105,12 @@ def lmdp_figures(model_path: str, throughput: bool = True, eager_mode: bool = Fa
         pipe(prompts[:16], gen_config=gens[:16], do_preprocess=False)      # warm-up
         for i, mixed in enumerate(mixed_prefill):
             pipe.engine.scheduler.mixed_prefill = mixed
+            pipe.engine.stats = type(pipe.engine.stats)()
             seconds, responses = _timed(lambda: pipe(prompts, gen_config=gens, do_preprocess=False))
             generated = sum(r.generate_token_len for r in responses)
             figures = dict(tp_requests=len(prompts), tp_out_tokens=generated, tp_wall_s=round(seconds, 2),
-                           tp_out_tok_s=round(generated / seconds, 1), mixed_prefill=mixed)
+                           tp_out_tok_s=round(generated / seconds, 1), mixed_prefill=mixed,
+                           **step_split(pipe.engine.stats))
             figures.update(streamed_run(pipe.stream_infer, prompts, gens))
             if i == 0:
                 out.update(figures)
@@ -120,6 +122,22 @@ def lmdp_figures(model_path: str, throughput: bool = True, eager_mode: bool = Fa
     gc.collect()      # the next pipeline of the same call gets the memory back for its KV pool
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    return out
+
+
+def step_split(stats) -> dict:
+    """Where a run's wall time went, from the engine's step clock: prefill and decode-only steps, their count,
+    seconds, mean and longest time (a kernel compiled mid-run stands out there), and the mean batch of a
+    decode-only step."""
+    out = {}
+    for kind in ('prefill', 'decode'):
+        steps, seconds = getattr(stats, f'{kind}_steps'), getattr(stats, f'{kind}_seconds')
+        out[f'tp_{kind}_steps'], out[f'tp_{kind}_s'] = steps, round(seconds, 2)
+        if steps:
+            out[f'tp_{kind}_step_ms'] = round(1e3 * seconds / steps, 2)
+            out[f'tp_{kind}_step_max_ms'] = round(1e3 * getattr(stats, f'{kind}_max_seconds'), 2)
+    if stats.decode_steps and not stats.mixed_steps:     # (mixed steps' decode rows are counted with them)
+        out['tp_decode_batch_mean'] = round(stats.decode_tokens / stats.decode_steps, 1)
     return out
 
 

@@ -13,6 +13,7 @@ repeat), it fails that step's requests. `step` itself never raises for a request
 import itertools
 import logging
 import queue
+import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ from .model_agent import ModelAgent
 from .model_runner import ModelRunner
 from .sampler import Sampler, logprob_dicts
 from .scheduler import ScheduledBatch, Scheduler
-from .sequence import SamplingParams, Sequence
+from .sequence import SamplingParams, Sequence, SequenceStatus
 from .tp import LeaderModelRunner, RankPlan, start_ranks
 
 logger = logging.getLogger('lmdp')
@@ -62,6 +63,12 @@ class EngineStats:
     prefill_tokens: int = 0      # prompt tokens computed (prefix-cache hits excluded)
     decode_tokens: int = 0       # decode rows, in decode-only and mixed steps
     mixed_steps: int = 0         # prefill steps that decoded running sequences too (mixed_prefill)
+    # host wall time of the `step()` calls that finished a prefill (mixed included) / decode-only step: where a
+    # run's time goes (with `overlap`, a decode call also launches the step after it)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    prefill_max_seconds: float = 0.0  # the longest such call of each kind (a kernel compiled mid-run shows here)
+    decode_max_seconds: float = 0.0
 
 
 def engine_limits(config: PytorchEngineConfig, model_config, device: str) -> tuple[int, int]:
@@ -92,6 +99,7 @@ class Engine:
         self.overlap = True
         self._inflight: _InFlight | None = None
         self.stats = EngineStats()
+        self._finished_kind: str | None = None      # 'prefill' | 'decode': what the current step() accounted
         self._inbox = queue.SimpleQueue()
         self._seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()
@@ -207,6 +215,8 @@ class Engine:
         With `overlap`, a decode step returns the tokens of the step before it: its own are read back by the next
         call, which first launches the step after it. A failure fails only the requests behind it (see above).
         """
+        start = time.perf_counter()
+        self._finished_kind = None
         outputs = self._drain_inbox()
         try:
             outputs += self._step()
@@ -216,6 +226,11 @@ class Engine:
             outputs += self._recover(e)
         finally:
             self._stepping = []
+            if self._finished_kind is not None:
+                seconds = time.perf_counter() - start
+                kind, stats = self._finished_kind, self.stats
+                setattr(stats, f'{kind}_seconds', getattr(stats, f'{kind}_seconds') + seconds)
+                setattr(stats, f'{kind}_max_seconds', max(getattr(stats, f'{kind}_max_seconds'), seconds))
         return outputs
 
     def _step(self) -> list[EngineOutput]:
@@ -341,26 +356,32 @@ class Engine:
         penalty), or the pool has no block to spare."""
         if self.scheduler.waiting or not self._inbox.empty():
             return None
-        keep = []
+        # one pass over the batch (it runs every decode step, 256 rows and more: kept lean)
+        bm, session_len = self.block_manager, self.session_len
+        room = bm.block_size
+        keep, grow = [], []
         for i, seq in enumerate(previous.batch.seqs):
-            if seq.is_finished:
+            if seq.status is SequenceStatus.FINISHED:
                 continue                   # aborted meanwhile
-            if seq.params.repetition_penalty != 1.0:
+            params = seq.params
+            if params.repetition_penalty != 1.0:
                 return None
             # the previous step's token makes it num_tokens + 1 long: a length limit is known in advance
-            if seq.num_generated + 1 >= seq.params.max_new_tokens or seq.num_tokens + 1 >= self.session_len:
+            length = len(seq.token_ids) + 1
+            if length - seq.num_prompt_tokens >= params.max_new_tokens or length >= session_len:
                 continue
             keep.append(i)
+            if length > len(seq.blocks) * room:
+                grow.append(seq)
         if not keep:
             return None
         seqs = [previous.batch.seqs[i] for i in keep]
         # the blocks they need all together must be free: each one alone fitting is not enough (a failed
         # allocation would leave a sequence writing past its blocks, into another sequence's)
-        bm = self.block_manager
-        if sum(max(0, bm.blocks_for(seq.num_tokens + 1) - len(seq.blocks)) for seq in seqs) > bm.num_free:
+        if sum(bm.blocks_for(len(seq.token_ids) + 1) - len(seq.blocks) for seq in grow) > bm.num_free:
             return None
-        for seq in seqs:
-            allocated = bm.allocate(seq, seq.num_tokens + 1)
+        for seq in grow:
+            allocated = bm.allocate(seq, len(seq.token_ids) + 1)
             assert allocated, 'the blocks were counted free just above'
         tokens = previous.tokens if len(keep) == len(previous.batch.seqs) else \
             previous.tokens[torch.tensor(keep, device=previous.tokens.device)]
@@ -405,6 +426,7 @@ class Engine:
         if not batch.seqs:
             return                          # a step run ahead for sequences that all finished meanwhile
         self.stats.decode_tokens += batch.num_decodes
+        self._finished_kind = 'decode' if batch.is_decoding else 'prefill'
         if batch.is_decoding:
             self.stats.decode_steps += 1
         else:

@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import kernels
 from ..distributed import all_reduce, get_tp_world_rank, kv_heads_per_rank
-from ..errors import WeightLoadError
+from ..errors import ConfigError, WeightLoadError
 from ..weight_loader.loaders import check_shape, default_weight_loader, set_weight_loader, split_for_rank
 from ..weight_loader.tracker import describe_param, record_load
 from .quant_linear import linear_quant_method
@@ -39,7 +39,7 @@ def _tp(is_tp: bool):
 
 def _divide(total: int, world: int, what: str) -> int:
     if total % world:
-        raise ValueError(f'{what} ({total}) does not split evenly over {world} tensor-parallel ranks')
+        raise ConfigError(f'{what} ({total}) does not split evenly over {world} tensor-parallel ranks')
     return total // world
 
 

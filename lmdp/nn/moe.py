@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import kernels
 from ..distributed import all_reduce as _all_reduce, get_tp_world_rank
-from ..errors import WeightLoadError
+from ..errors import ConfigError, WeightLoadError
 from ..kernels.quant import FP8_DTYPE, FP8_GROUP
 from ..quant_config import parse_quant_config
 from ..weight_loader.loaders import check_shape, set_weight_loader, split_for_rank
@@ -85,9 +85,9 @@ class LinearWeights(nn.Module):
             # FP8 experts keep one scale per output row and 128 inputs (the checkpoint's 128-row blocks spread over
             # their rows): gate and up stack, and ranks split, at any row without cutting a block's scale
             if tp[0] > 1 and weight_type == 'down' and in_features % FP8_GROUP:
-                raise ValueError(f'FP8 experts: each of {tp[0]} tensor-parallel ranks keeps {in_features} '
-                                 f'intermediate features, which cut through the 128-wide scale blocks of down_proj; '
-                                 'use a tensor-parallel size that leaves each rank a multiple of 128')
+                raise ConfigError(f'FP8 experts: each of {tp[0]} tensor-parallel ranks keeps {in_features} '
+                                  f'intermediate features, which cut through the 128-wide scale blocks of down_proj; '
+                                  'use a tensor-parallel size that leaves each rank a multiple of 128')
             keep_dtype(self.weight)
             self.weight_scale_inv = keep_dtype(nn.Parameter(
                 torch.empty(num_experts, out_features, -(-in_features // FP8_GROUP), dtype=torch.float32,
@@ -191,8 +191,8 @@ class FusedMoE(nn.Module):
         super().__init__()
         world, rank = get_tp_world_rank() if is_tp else (1, 0)
         if ffn_dim % world:
-            raise ValueError(f'FusedMoE: ffn_dim ({ffn_dim}) does not split evenly over {world} tensor-parallel '
-                             'ranks')
+            raise ConfigError(f'FusedMoE: ffn_dim ({ffn_dim}) does not split evenly over {world} tensor-parallel '
+                              'ranks')
         if act not in _ACTS.values():
             act = moe_act(act)
         self.hidden_dim, self.ffn_dim, self.num_experts, self.top_k = hidden_dim, ffn_dim // world, num_experts, top_k

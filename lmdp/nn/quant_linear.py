@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..errors import WeightLoadError
+from ..errors import ConfigError, WeightLoadError
 from ..kernels.quant import AWQ_PACK, FP8_DTYPE, awq_unpack, pack_rows
 from ..quant_config import QuantConfig, parse_quant_config
 from ..weight_loader.loaders import check_shape, set_weight_loader
@@ -119,9 +119,9 @@ class Fp8BlockLinear(QuantLinearMethod):
         bn, bk = self.config.block
         k0, k = int(self.cols[0]), self.in_features
         if k0 % bk or (k % bk and k0 + k != self.ckpt_cols):
-            raise ValueError(f'{self.layer_ref}: this rank keeps input features {k0}..{k0 + k - 1} of '
-                             f'{self.ckpt_cols}, which cut through FP8 scale blocks of {bk}; use a tensor-parallel '
-                             f'size that splits in_features into multiples of {bk}')
+            raise ConfigError(f'{self.layer_ref}: this rank keeps input features {k0}..{k0 + k - 1} of '
+                              f'{self.ckpt_cols}, which cut through FP8 scale blocks of {bk}; use a tensor-parallel '
+                              f'size that splits in_features into multiples of {bk}')
         self.per_row = not self._aligned(bn)
         rows = self.out_features if self.per_row else -(-self.out_features // bn)
         self.register(layer, 'weight', nn.Parameter(torch.empty(self.out_features, k, dtype=FP8_DTYPE, device=device),
@@ -183,12 +183,12 @@ class AwqLinear(QuantLinearMethod):
         g = self.config.group_size
         k0, k = int(self.cols[0]), self.in_features
         if k % g or k0 % g:
-            raise ValueError(f'{self.layer_ref}: {k} input features (from {k0}) are no whole AWQ groups of {g}; '
-                             f'in_features must be a multiple of the group size on every tensor-parallel rank')
+            raise ConfigError(f'{self.layer_ref}: {k} input features (from {k0}) are no whole AWQ groups of {g}; '
+                              f'in_features must be a multiple of the group size on every tensor-parallel rank')
         for shard, ckpt, rows in self.parts:
             if rows.numel() % AWQ_PACK or not _blocks_whole(rows, ckpt, AWQ_PACK):
-                raise ValueError(f'{self.layer_ref}: the output features this rank keeps of projection {shard!r} are '
-                                 f'not whole groups of {AWQ_PACK} (AWQ packs {AWQ_PACK} output features per int32)')
+                raise ConfigError(f'{self.layer_ref}: the output features this rank keeps of projection {shard!r} are '
+                                  f'not whole groups of {AWQ_PACK} (AWQ packs {AWQ_PACK} output features per int32)')
         n = self.out_features
         empty = lambda cols, dt: nn.Parameter(torch.empty(n, cols, dtype=dt, device=device),  # noqa: E731
                                               requires_grad=False)

@@ -5,6 +5,39 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import envs
+
+_PDL = envs.LMDP_PDL
+_INTERPRET = envs.TRITON_INTERPRET
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Launch options of a kernel that can run as a programmatic dependent (PDL, sm_90+): `{'USE_PDL': True,
+    'launch_pdl': True}` when `LMDP_PDL` is on and `device` can, else `{'USE_PDL': False}`. Such a kernel must call
+    `pdl_wait()` (under `if USE_PDL:`) before it reads anything an earlier kernel wrote; what it reads before that
+    may only be what no kernel of the step writes (weights)."""
+    if not _PDL or device.type != 'cuda' or _INTERPRET:
+        return {'USE_PDL': False}
+    return {'USE_PDL': True, 'launch_pdl': True} if _capability(device)[0] >= 9 else {'USE_PDL': False}
+
+
+@functools.cache
+def _capability_of(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@triton.jit
+def pdl_wait():
+    """Wait until the kernel this one depends on has finished and its writes are visible, then let the next
+    kernel's programs launch (they wait in turn). Call only under a USE_PDL constexpr (the interpreter has no
+    `griddepcontrol`)."""
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
+
 
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

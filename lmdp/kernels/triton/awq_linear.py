@@ -92,7 +92,7 @@ def _dequant_tile(packed, s, z, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, dt
     return tl.reshape(w, (BLOCK_N, BLOCK_K)).to(dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['M'])
 def _awq_matmul(X, Q, S, Z, Bias, C, M, N, K, stride_xm, stride_qn, stride_sn, stride_cm,
                 ACT: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ... import envs
-from ._common import dot_precision, next_pow2, num_sms, tanh
+from ._common import dot_precision, next_pow2, num_sms, pdl_launch, pdl_wait, tanh
 
 # a split gets at least this many keys (fewer splits for short contexts: the reduce isn't free)
 _MIN_KEYS_PER_SPLIT = 256
@@ -108,8 +108,10 @@ def _decode_split_kernel(
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, FUSED_REDUCE: tl.constexpr,
     SPLITS_P2: tl.constexpr, CHUNK_S: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        pdl_wait()     # q and this step's keys were written by the kernels just before
     pid_h = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
@@ -219,9 +221,11 @@ def _reduce_kernel(
     stride_pb, stride_ph, stride_ps,
     stride_ot, stride_oh, stride_od,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-    CHUNK_S: tl.constexpr,
+    CHUNK_S: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """The separate merge of the two-kernel path (`fused_reduce=False`, or no counter buffer during a capture)."""
+    if USE_PDL:
+        pdl_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     q_len = tl.load(QSeqlens + b)
@@ -347,7 +351,7 @@ def decode_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_N=block_n,
         PAGE_SIZE=page_size, NUM_SPLITS=num_splits, FUSED_REDUCE=fused, SPLITS_P2=splits_p2, CHUNK_S=chunk_s,
         USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
-        DOT_PRECISION=dot_precision(q), num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION=dot_precision(q), num_warps=num_warps, num_stages=num_stages, **pdl_launch(q.device),
     )
     if num_splits > 1 and not fused:
         _reduce_kernel[(batch, num_heads)](
@@ -355,6 +359,6 @@ def decode_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
             stride_pb, stride_ph, stride_ps,
             out.stride(0), out.stride(1), out.stride(2),
             HEAD_DIM_V=head_dim_v, BLOCK_DV=block_dv, NUM_SPLITS=num_splits, SPLITS_P2=splits_p2, CHUNK_S=chunk_s,
-            num_warps=num_warps,
+            num_warps=num_warps, **pdl_launch(q.device),
         )
     return out

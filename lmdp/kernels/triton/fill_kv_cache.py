@@ -12,7 +12,7 @@ import triton.language as tl
 from ._common import next_pow2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['batch', 'stride_bo'])
 def _fill_kv_cache_kernel(
     KStates, VStates, KCache, VCache, QStartLoc, QSeqlens, KVSeqlens, BlockOffsets,
     batch,
@@ -78,7 +78,9 @@ def fill_kv_cache(k_states: torch.Tensor, v_states: torch.Tensor, k_cache: torch
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         block_offsets.stride(0),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
-        BLOCK_B=max(2, next_pow2(batch)), BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        # BLOCK_B: the sequences searched for each token's own; at least 64 so that steps of 2..64 sequences share
+        # one compiled variant instead of one per power of two
+        BLOCK_B=max(64, next_pow2(batch)), BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_DV=block_dv,
         PAGE_SIZE=k_cache.size(1),
         num_warps=4 if elems <= 4096 else 8,
     )

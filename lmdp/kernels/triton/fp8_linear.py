@@ -96,7 +96,7 @@ def _fp8_gemv(X, W, Ws, Bias, Y, N, K, stride_xm, stride_wn, stride_wsn,
     tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=n_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['M'])
 def _fp8_matmul(A, As, W, Ws, Bias, C, M, N, K, stride_am, stride_asm, stride_wn, stride_wsn, stride_cm,
                 QUANT_A: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_PER_ROW: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):

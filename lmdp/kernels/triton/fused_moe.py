@@ -27,7 +27,7 @@ import triton.language as tl
 from ... import envs
 from ..linear import GATED_ACTS
 from ..moe import check_fused_moe
-from ._common import dot_precision, grouped_tile, next_pow2
+from ._common import dot_precision, grouped_tile, next_pow2, pdl_launch, pdl_wait
 from .activation import act_and_mul_f32
 from .moe_align import moe_align
 
@@ -39,7 +39,9 @@ GEMV_MAX_PAIRS = envs.LMDP_MOE_GEMV_MAX_PAIRS
 @triton.jit
 def _gemv_gate_up(X, W, Ids, Inter, stride_xm, stride_we, stride_wn, stride_im,
                   INTER: tl.constexpr, HIDDEN: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        pdl_wait()     # the expert ids, and so which weights to read, come from the kernel before
     pair = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < INTER
@@ -80,7 +82,9 @@ def _routing_weight_scale(TopkWeights, token, TOP_K: tl.constexpr, TOP_K_P2: tl.
 @triton.jit
 def _gemv_down(Inter, W, Ids, TopkWeights, Out, stride_im, stride_we, stride_wn, stride_om,
                HIDDEN: tl.constexpr, INTER: tl.constexpr, TOP_K: tl.constexpr, TOP_K_P2: tl.constexpr,
-               RENORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               RENORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        pdl_wait()
     token = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < HIDDEN
@@ -106,7 +110,7 @@ def _gemv_down(Inter, W, Ids, TopkWeights, Out, stride_im, stride_we, stride_wn,
     tl.store(Out + token * stride_om + offs_n, out.to(Out.dtype.element_ty), mask=n_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['num_pairs', 'num_blocks'])
 def _grouped_gate_up(X, W, Inter, SortedPairs, BlockExperts, NumPadded, num_pairs, inter_size, hidden,
                      num_blocks, stride_xm, stride_we, stride_wn, stride_im,
                      TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -149,7 +153,7 @@ def _grouped_gate_up(X, W, Inter, SortedPairs, BlockExperts, NumPadded, num_pair
     tl.store(out_ptrs, h.to(dtype), mask=row_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['num_pairs', 'num_blocks'])
 def _grouped_down(Inter, W, TopkWeights, PairOut, SortedPairs, BlockExperts, NumPadded, num_pairs, hidden,
                   inter_size, num_blocks, stride_im, stride_we, stride_wn, stride_pm,
                   TOP_K: tl.constexpr, TOP_K_P2: tl.constexpr, RENORMALIZE: tl.constexpr,
@@ -245,12 +249,12 @@ def _fused_moe_gemv(x, gate_up, down, weights, ids, out, renormalize, act_code):
     _gemv_gate_up[(num_tokens * top_k, triton.cdiv(inter_size, block_n))](
         x, gate_up, ids, inter, x.stride(0), gate_up.stride(0), gate_up.stride(1), inter.stride(0),
         INTER=inter_size, HIDDEN=hidden, TOP_K=top_k, ACT=act_code, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=1)
+        num_warps=warps, num_stages=1, **pdl_launch(x.device))
     block_n, block_k, warps = _gemv_config(inter_size, act=False)
     _gemv_down[(num_tokens, triton.cdiv(hidden, block_n))](
         inter, down, ids, weights, out, inter.stride(0), down.stride(0), down.stride(1), out.stride(0),
         HIDDEN=hidden, INTER=inter_size, TOP_K=top_k, TOP_K_P2=next_pow2(top_k), RENORMALIZE=renormalize,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=1)
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=1, **pdl_launch(x.device))
     return out
 
 

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ... import envs
 from ..linear import check_act_and_mul_linear
-from ._common import next_pow2
+from ._common import next_pow2, pdl_launch, pdl_wait
 from .activation import _gated, act_and_mul_f32
 
 # rows up to which the GEMV kernel replaces cuBLAS (decode graphs of batch 1, 2, 4...)
@@ -46,11 +46,32 @@ def _load_x(x_ptrs, mask, K, ACT: tl.constexpr):
 
 
 @triton.jit
+def _load_w(w_ptrs, n_mask, k_mask, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        if EVEN_N:
+            return tl.load(w_ptrs)
+        return tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
+    return tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _multiply_add(acc, x, w, MODE: tl.constexpr):
+    """acc += x . w over a K chunk: acc is [BLOCK_M, BLOCK_N, BLOCK_K] in mode 0, [BLOCK_M, BLOCK_N] otherwise."""
+    if MODE == 0:
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    elif MODE == 1:
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    else:
+        acc += tl.dot(x.to(w.dtype), tl.trans(w))
+    return acc
+
+
+@triton.jit
 def _gemv_kernel(X, W, Bias, Y, M, N, K,
                  stride_xm, stride_wn, stride_ym,
                  ACT: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -60,30 +81,32 @@ def _gemv_kernel(X, W, Bias, Y, M, N, K,
     w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
     if MODE == 0:
-        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            x = _load_x(x_ptrs, m_mask[:, None], K, ACT)
-            if EVEN_N:
-                w = tl.load(w_ptrs)
-            else:
-                w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
-        else:
-            k_mask = (k0 + offs_k) < K
-            x = _load_x(x_ptrs, m_mask[:, None] & k_mask[None, :], K, ACT)
-            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        if MODE == 0:
-            acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-        elif MODE == 1:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-        else:
-            acc += tl.dot(x.to(w.dtype), tl.trans(w))
+    # The first K chunk is peeled: as a programmatic dependent, its weights (which no kernel writes) are read
+    # while the kernel before drains, and only x waits for it.
+    k_mask = offs_k < K
+    w = _load_w(w_ptrs, n_mask, k_mask, EVEN_N, EVEN_K)
+    if USE_PDL:
+        pdl_wait()
+    if EVEN_K:
+        x = _load_x(x_ptrs, m_mask[:, None], K, ACT)
+    else:
+        x = _load_x(x_ptrs, m_mask[:, None] & k_mask[None, :], K, ACT)
+    acc = _multiply_add(acc, x, w, MODE)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
+        k_mask = (k0 + offs_k) < K
+        if EVEN_K:
+            x = _load_x(x_ptrs, m_mask[:, None], K, ACT)
+        else:
+            x = _load_x(x_ptrs, m_mask[:, None] & k_mask[None, :], K, ACT)
+        w = _load_w(w_ptrs, n_mask, k_mask, EVEN_N, EVEN_K)
+        acc = _multiply_add(acc, x, w, MODE)
     if MODE == 0:
-        acc = tl.sum(acc3, axis=2)
+        acc = tl.sum(acc, axis=2)
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
@@ -126,7 +149,7 @@ def gemv(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act:
         ACT=_ACTS[act], HAS_BIAS=bias is not None, MODE=mode,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl_launch(x2.device),
     )
     return y
 

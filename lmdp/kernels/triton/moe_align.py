@@ -68,7 +68,7 @@ def _write_layout(totals, BlockExperts, SortedPairs, NumPadded, num_experts, num
     return ends - padded
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['num_pairs'])
 def _count_kernel(Ids, ChunkCounts, num_pairs, num_experts, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
     chunk = tl.program_id(0)
     counts = _chunk_counts(Ids, chunk, num_pairs, CHUNK, BLOCK_E)
@@ -76,7 +76,7 @@ def _count_kernel(Ids, ChunkCounts, num_pairs, num_experts, CHUNK: tl.constexpr,
     tl.store(ChunkCounts + chunk * num_experts + experts, counts, mask=experts < num_experts)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['num_chunks', 'num_pairs', 'size'])
 def _offsets_kernel(ChunkCounts, ChunkStarts, BlockExperts, SortedPairs, NumPadded, num_chunks, num_experts,
                     num_pairs, size, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
                     BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
@@ -99,7 +99,7 @@ def _offsets_kernel(ChunkCounts, ChunkStarts, BlockExperts, SortedPairs, NumPadd
         running += tl.sum(counts, axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['num_pairs'])
 def _scatter_kernel(Ids, ChunkStarts, SortedPairs, num_pairs, num_experts, CHUNK: tl.constexpr,
                     BLOCK_E: tl.constexpr):
     chunk = tl.program_id(0)
@@ -108,7 +108,7 @@ def _scatter_kernel(Ids, ChunkStarts, SortedPairs, num_pairs, num_experts, CHUNK
     _scatter_chunk(Ids, SortedPairs, chunk, starts, num_pairs, CHUNK, BLOCK_E)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['num_chunks', 'num_pairs', 'size'])
 def _align_fused_kernel(Ids, BlockExperts, SortedPairs, NumPadded, num_chunks, num_experts, num_pairs, size,
                         BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
                         BLOCK_B: tl.constexpr):
@@ -139,8 +139,10 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, fused_chun
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
     num_chunks = triton.cdiv(num_pairs, CHUNK)
     block_e = next_pow2(num_experts)
-    block_s = min(1024, next_pow2(size))
-    block_b = max(1, min(next_pow2(size // block_m), 4096 // block_e))   # [BLOCK_B, BLOCK_E] tiles
+    # Tiles fixed by the number of experts alone (loops and masks cover any size): one compiled variant per
+    # model and BLOCK_M, not one per step size
+    block_s = 1024
+    block_b = max(1, 4096 // block_e)     # [BLOCK_B, BLOCK_E] tiles
     if num_chunks <= fused_chunks:
         _align_fused_kernel[(1, )](ids, block_experts, sorted_pairs, num_padded, num_chunks, num_experts,
                                    num_pairs, size, BLOCK_M=block_m, CHUNK=CHUNK, BLOCK_E=block_e, BLOCK_S=block_s,
@@ -150,7 +152,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, fused_chun
     chunk_starts = torch.empty_like(chunk_counts)
     _count_kernel[(num_chunks, )](ids, chunk_counts, num_pairs, num_experts, CHUNK=CHUNK, BLOCK_E=block_e,
                                   num_warps=4)
-    block_c = max(1, min(next_pow2(num_chunks), 4096 // block_e))
+    block_c = max(1, 4096 // block_e)
     _offsets_kernel[(1, )](chunk_counts, chunk_starts, block_experts, sorted_pairs, num_padded, num_chunks,
                            num_experts, num_pairs, size, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_E=block_e,
                            BLOCK_S=block_s, BLOCK_B=block_b, num_warps=4)

@@ -7,12 +7,14 @@ import triton
 import triton.language as tl
 
 from ..moe import check_softmax_topk
-from ._common import next_pow2
+from ._common import next_pow2, pdl_launch, pdl_wait
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['num_tokens'])
 def _softmax_topk_kernel(Logits, Weights, Ids, num_tokens, num_experts, stride_l,
-                         TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+                         TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        pdl_wait()
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     row_mask = rows < num_tokens
@@ -47,5 +49,5 @@ def softmax_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor,
     block_t = max(1, min(next_pow2(num_tokens), 4096 // block_e))
     _softmax_topk_kernel[(triton.cdiv(num_tokens, block_t), )](
         router_logits, weights, ids, num_tokens, num_experts, router_logits.stride(0),
-        TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4)
+        TOP_K=top_k, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4, **pdl_launch(router_logits.device))
     return weights, ids

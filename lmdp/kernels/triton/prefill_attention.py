@@ -70,7 +70,7 @@ def _tile_range(acc, l_i, m_i, q, k_base, v_base, bo_base, lo, hi, q_pos, kv_len
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['stride_bo'])
 def _prefill_kernel(
     Q, K, V, BlockOffsets, QStartLoc, QSeqlens, KVSeqlens, Out,
     sm_scale, softcap, window,

@@ -9,16 +9,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2
+from ._common import next_pow2, pdl_launch, pdl_wait
 
 
 @triton.jit
 def _rms_norm_kernel(X, Residual, W, Out, ResOut, eps,
                      stride_x, stride_r, stride_o, stride_ro, N, heads, stride_xh,
-                     HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, ROUND_NORMED: tl.constexpr, BLOCK_N: tl.constexpr,
+                     USE_PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < N
+    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)     # a weight: no kernel of the step writes it
+    if USE_PDL:
+        pdl_wait()
     # x may be [T, heads, N] with any strides on T and heads (per-head q/k norms on views of a fused qkv)
     x = tl.load(X + (row // heads) * stride_x + (row % heads) * stride_xh + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
@@ -31,7 +35,6 @@ def _rms_norm_kernel(X, Residual, W, Out, ResOut, eps,
     normed = xf * rstd
     if ROUND_NORMED:
         normed = normed.to(x.dtype).to(tl.float32)
-    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(Out + row * stride_o + offs, (normed * w).to(Out.dtype.element_ty), mask=mask)
 
 
@@ -79,5 +82,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual:
         _rms_norm_kernel[(rows,)](x2, r2, weight, out2, ro2, float(eps),
                                   x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0), n, heads, stride_xh,
                                   HAS_RESIDUAL=residual is not None, ROUND_NORMED=round_normed, BLOCK_N=block_n,
-                                  num_warps=num_warps)
+                                  num_warps=num_warps, **pdl_launch(x.device))
     return out if residual is None else (out, res_out)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..rotary_fill_kv_cache import check_rotary_fill_shapes
-from ._common import next_pow2
+from ._common import next_pow2, pdl_launch, pdl_wait
 from .rotary import cos_sin_row
 
 
@@ -41,7 +41,7 @@ def _rotate_in_place(X, t, c1, s1, c2, s2, stride_xt, stride_xh, stride_xd,
     return y1, y2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['batch', 'stride_bob'])
 def _rotary_fill_kv_cache_kernel(
     Q, K, V, Cos, Sin, KCache, VCache, QStartLoc, QSeqlens, KVSeqlens, BlockOffsets,
     batch,
@@ -55,8 +55,10 @@ def _rotary_fill_kv_cache_kernel(
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     ROT_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_B: tl.constexpr, HAS_REST: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_B: tl.constexpr, HAS_REST: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        pdl_wait()     # everything it reads (q/k/v, cos/sin, the step's metadata) some kernel of the step wrote
     t = tl.program_id(0).to(tl.int64)
     HALF: tl.constexpr = ROT_DIM // 2
     # the token's cos/sin row, loaded once for all of its heads
@@ -141,7 +143,9 @@ def rotary_fill_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos:
         ROT_DIM=rot_dim, PAGE_SIZE=k_cache.size(1),
         BLOCK_HQ=block_hq, BLOCK_HK=next_pow2(num_kv_heads), BLOCK_HALF=block_half,
         BLOCK_REST=next_pow2(max(head_dim - rot_dim, 1)), BLOCK_DV=next_pow2(head_dim_v),
-        BLOCK_B=max(2, next_pow2(batch)), HAS_REST=rot_dim < head_dim,
+        # BLOCK_B: the sequences searched for each token's own; at least 64 so that steps of 2..64 sequences share
+        # one compiled variant instead of one per power of two
+        BLOCK_B=max(64, next_pow2(batch)), HAS_REST=rot_dim < head_dim,
         # the query program is the larger one: Hq heads x R/2 channels, twice
-        num_warps=4 if block_hq * block_half <= 2048 else 8,
+        num_warps=4 if block_hq * block_half <= 2048 else 8, **pdl_launch(q.device),
     )
