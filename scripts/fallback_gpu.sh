@@ -12,5 +12,5 @@ rc=0
 if [ "${FALLBACK_GPU_TESTS:-1}" != 0 ]; then
     python -m pytest tests/fallback -q -p no:cacheprovider -m gpu -x 2>&1 | tail -40 || rc=1
 fi
-python -m lmdp.bench 1b --model-impl both --workdir "${WORKDIR:-/tmp}" --json "$OUT/fallback_bench_1b.json" || rc=1
+python -m lmdp.bench 1b --model-impl both --long-context --workdir "${WORKDIR:-/tmp}" --json "$OUT/fallback_bench_1b.json" || rc=1
 exit $rc

@@ -24,9 +24,9 @@ if [ "$shape" = 1b ]; then
     step gpu_tests python -m pytest -q -p no:cacheprovider -m gpu tests/engine/test_mixed_prefill.py \
         tests/kernels/test_triton_kernels.py -k "mixed"
 fi
-step "bench_$shape" python -m lmdp.bench "$shape" --mixed-prefill both --no-hf --json "$out/lmdp_bench_$shape.json"
+step "bench_$shape" python -m lmdp.bench "$shape" --mixed-prefill both --no-hf --long-context --json "$out/lmdp_bench_$shape.json"
 for budget in ${BUDGETS-1024}; do
-    step "bench_${shape}_budget$budget" python -m lmdp.bench "$shape" --mixed-prefill on --no-hf \
+    step "bench_${shape}_budget$budget" python -m lmdp.bench "$shape" --mixed-prefill on --no-hf --long-context \
         --max-prefill-token-num "$budget" --json "$out/lmdp_bench_${shape}_budget$budget.json"
 done
 if [ -f .carry/lmdeploy/install.sh ]; then

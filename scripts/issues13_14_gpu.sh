@@ -149,7 +149,7 @@ print(ensure_checkpoint(with_layers(SHAPES['moe-tiny'], 1), '$out/dry_ckpt'))"
             step moe_ckpt "$(limit_for moe_ckpt)" python -c "from lmdp.bench.checkpoint import ensure_checkpoint
 from lmdp.bench.shapes import SHAPES, with_layers
 print(ensure_checkpoint(with_layers(SHAPES['moe'], $MOE_LAYERS), '$WORKDIR'))"
-            TAIL=3 step moe_lmdp "$(limit_for moe_lmdp)" python -m lmdp.bench moe --layers "$MOE_LAYERS" --no-hf \
+            TAIL=3 step moe_lmdp "$(limit_for moe_lmdp)" python -m lmdp.bench moe --layers "$MOE_LAYERS" --no-hf --long-context \
                 --workdir "$WORKDIR" --json "$out/lmdp_bench_moe.json"
             if [ $lmdeploy_ok = 1 ]; then
                 # lmdeploy's own environment: its install.sh prepends its site folders; lmdp's path is left out

@@ -40,7 +40,7 @@ fi
 # shellcheck disable=SC2086
 want sweep && TAIL=4 STEP_TIMEOUT=200 step sweep python -m lmdp.kernels.triton.bench_moe --sweep --tokens $SWEEP_TOKENS \
     --json "$out/bench_moe_sweep.json"
-want bench && TAIL=3 STEP_TIMEOUT=240 step bench python -m lmdp.bench moe --layers 8 --no-hf --workdir /tmp \
+want bench && TAIL=3 STEP_TIMEOUT=240 step bench python -m lmdp.bench moe --layers 8 --no-hf --long-context --workdir /tmp \
     --json "$out/lmdp_moe8.json"
 want profile && TAIL=2 STEP_TIMEOUT=150 step profile python scripts/profile_decode.py moe:8 --batch 1 64 256 \
     --kernels 12

@@ -39,7 +39,7 @@ bench|lmdp|lmdeploy)
     step moe_checkpoint python -c 'from lmdp.bench.checkpoint import ensure_checkpoint; from lmdp.bench.shapes \
 import SHAPES; print(ensure_checkpoint(SHAPES["moe"], "/tmp"))'
     if [ "$1" != lmdeploy ]; then
-        TAIL=8 step lmdp_bench_moe python -m lmdp.bench moe --no-hf --json "$out/lmdp_bench_moe.json"
+        TAIL=8 step lmdp_bench_moe python -m lmdp.bench moe --no-hf --long-context --json "$out/lmdp_bench_moe.json"
     fi
     if [ "$1" = lmdp ]; then
         :

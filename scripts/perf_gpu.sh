@@ -56,7 +56,7 @@ if want ttft; then
     done
 fi
 rm -rf /tmp/lmd_random_llama_8b
-want mixed && step mixed 120 60 python -m lmdp.bench 1b --mixed-prefill both --no-hf --workdir /tmp \
+want mixed && step mixed 120 60 python -m lmdp.bench 1b --mixed-prefill both --no-hf --long-context --workdir /tmp \
     --json "$out/lmdp_bench_1b_mixed.json"
 want lmdeploy && [ -f .carry/lmdeploy/install.sh ] && step lmdeploy 80 0 env -u PYTHONPATH bash -c \
     ". .carry/lmdeploy/install.sh && PYTHONPATH=$PWD:\$PYTHONPATH python3 scripts/lmdeploy_latency.py /tmp/lmd_random_llama_1b"
