@@ -40,10 +40,10 @@ def _some(path: str, *prefixes: str) -> list[str]:
 # behaviour; a pipeline over a tiny model appears only where nothing cheaper reaches the code.
 MODULES = {
     'sampler': (['lmdp/engine/sampler.py'],
-                # the sampler-level properties; the engine-level ones (a step launched ahead, whole requests alone
-                # and batched) take seconds per mutant and reach the sampler only through the engine
-                _some('tests/engine/test_sampler_properties.py', 'test_each_row_', 'test_a_row_', 'test_top_k_',
-                      'test_top_p_', 'test_min_p_', 'test_min_new_tokens_')
+                # the sampler-level properties and examples; not the whole generations alone and batched (seconds
+                # per mutant, and they reach the sampler only as the engine's step loop does)
+                _some('tests/engine/test_sampler_properties.py', 'test_each_row_', 'test_a_row_', 'test_a_step_',
+                      'test_a_batch_', 'test_top_k_', 'test_top_p_', 'test_min_p_', 'test_min_new_tokens_')
                 + ['tests/engine/test_sampler_noise.py',
                  'tests/engine/test_mixed_batch.py',
                  'tests/engine/test_sampling.py::test_4000_seeded_draws_follow_the_filtered_distribution',
@@ -363,15 +363,38 @@ def survivors_report(results: dict, groups: dict) -> str:
     return '\n'.join(parts)
 
 
+def _module_of(name: str) -> str | None:
+    """The module (a key of MODULES) whose files a mutant's name comes from."""
+    for module, (files, _) in MODULES.items():
+        if any(name.startswith(f.removesuffix('.py').replace('/', '.') + '.') for f in files):
+            return module
+    return None
+
+
 def update_notes(text: str, groups: dict):
+    """Write the table into notes/mutation.md. Modules without results in the work folder (run on another machine,
+    say) keep the row and message-wording names the notes already hold, so one module can be run again alone."""
     begin, end = '<!-- mutation table: begin -->', '<!-- mutation table: end -->'
     notes = NOTES.read_text()
     if begin not in notes:
         raise SystemExit(f'{NOTES} has no "{begin}" ... "{end}" block to fill')
-    wording = [f'- `{n}`' for g in groups.values() for n in g['wording']]
-    body = text + ('\nMessage-wording survivors:\n\n' + '\n'.join(wording) + '\n' if wording else '')
     head, rest = notes.split(begin, 1)
-    NOTES.write_text(head + begin + '\n' + body + end + rest.split(end, 1)[1])
+    old, tail = rest.split(end, 1)
+    kept_rows = {m.group(1): m.group(0) for m in re.finditer(r'^\| (\w+) \|.*\|$', old, flags=re.M)
+                 if m.group(1) in MODULES and m.group(1) not in groups}
+    new_rows = {m.group(1): m.group(0) for m in re.finditer(r'^\| (\w+) \|.*\|$', text, flags=re.M)
+                if m.group(1) in MODULES}
+    rows = {**kept_rows, **new_rows}
+    header = text.splitlines()[:2]
+    body = '\n'.join(header + [rows[m] for m in MODULES if m in rows]) + '\n'
+    kept_wording = [n for n in re.findall(r'^- `([^`]+)`$', old, flags=re.M)
+                    if _module_of(n) in MODULES and _module_of(n) not in groups]
+    wording = [(_module_of(n), n) for n in kept_wording] + \
+        [(m, n) for m, g in groups.items() for n in g['wording']]
+    order = list(MODULES)
+    wording = [f'- `{n}`' for _, n in sorted(wording, key=lambda mn: (order.index(mn[0]), mn[1]))]
+    body += '\nMessage-wording survivors:\n\n' + '\n'.join(wording) + '\n' if wording else ''
+    NOTES.write_text(head + begin + '\n' + body + end + tail)
 
 
 def main():

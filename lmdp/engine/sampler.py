@@ -148,8 +148,11 @@ class Sampler:
             tokens = logits.argmax(-1)
         else:
             x, ids = self.candidates(logits, inputs)
-            choice = (x + gumbel_noise(inputs.keys, ids)).argmax(-1)
-            tokens = choice if ids is self._vocab_ids else ids.gather(1, choice[:, None])[:, 0]
+            score = x + gumbel_noise(inputs.keys, ids)
+            # an exact tie goes to the lower token id: the candidates come in token order or best first, whichever
+            # the batch needs, so argmax's first maximum would make the draw depend on the batch
+            best = score == score.max(-1, keepdim=True).values
+            tokens = torch.where(best, ids, self.vocab_size).amin(-1)
             if inputs.do_sample is not None:
                 tokens = torch.where(inputs.do_sample, tokens, logits.argmax(-1))
         logprobs = None

@@ -52,6 +52,10 @@ def test_logprobs_go_to_the_rows_that_asked_for_them():
         top = expected[b].topk(asked[b]).indices.tolist()
         assert set(rows[b]) == set(top) | {tokens[b].item()}
         assert all(abs(v - expected[b, t].item()) < 1e-6 for t, v in rows[b].items())
+    # no row asks: no logprobs at all (the engine reads them back only when there are some)
+    none_asked = [SamplingParams(max_new_tokens=1, greedy=i % 2 == 0, seed=i) for i in range(4)]
+    inputs = sampler.prepare([Sequence(i + 4, [1], 1, p) for i, p in enumerate(none_asked)])
+    assert sampler(logits, inputs)[1] is None
 
 
 @pytest.mark.gpu

@@ -13,7 +13,7 @@ import pytest
 import torch
 from sampler_reference import adjusted_row, greedy_token, sampled_token, scaled_row, support
 
-from lmdp.engine.sampler import Sampler
+from lmdp.engine.sampler import Sampler, gumbel_noise, row_key
 from lmdp.engine.scheduler import finish_reason
 from lmdp.engine.sequence import SamplingParams, Sequence, SequenceStatus
 
@@ -115,6 +115,20 @@ def test_a_step_launched_ahead_of_the_host_draws_what_a_lockstep_step_draws(step
     behind = [Sequence(s.seq_id, s.token_ids[:-1], s.num_prompt_tokens, s.params) for s in seqs]
     _, _, ahead = _sample(vocab, behind, logits[[s.seq_id for s in seqs]], ahead=1)
     assert ahead.tolist() == lockstep.tolist()
+
+
+def test_a_step_launched_ahead_lifts_the_stop_id_mask_on_the_same_token_as_a_lockstep_step():
+    """The stop id is the best token. A row whose host record shows n tokens while one more is on the device is
+    drawing its token number n + 2: the stop id is allowed from min_new_tokens = n + 1 down."""
+    logits = torch.tensor([[0.0, 1.0, 4.0, 0.5]])
+    for greedy in (True, False):
+        for n in range(3):
+            for m in range(n + 4):
+                p = SamplingParams(max_new_tokens=10, min_new_tokens=m, greedy=greedy, top_k=2, seed=3,
+                                   stop_ids=frozenset({2}))
+                behind = Sequence(0, [1] + [3] * n, 1, p)
+                _, _, token = _sample(4, [behind], logits, ahead=1)
+                assert (token.item() == 2) == (n + 1 >= m), (greedy, n, m, token.item())
 
 
 class ToyModel:
@@ -243,3 +257,66 @@ def test_min_new_tokens_masks_stop_ids_for_exactly_that_many_tokens():
                                seed=1)
             out = generate(model, vocab, [([1], p)])[0]
             assert out[-1] == 4 and len(out) == m + 1 and 4 not in out[:-1]
+
+
+def test_top_k_ranks_minus_zero_and_zero_as_equal():
+    """-0.0 == 0.0: the tie goes to the lower token id whichever of the two it holds."""
+    assert _support([-0.0, 0.0, -1.0], top_k=1) == [0]
+    assert _support([0.0, -0.0, -1.0], top_k=1) == [0]
+    assert _support([-1.0, -0.0, 0.0], top_k=2) == [1, 2]
+
+
+def test_top_k_tells_logits_one_ulp_apart_in_a_wide_vocabulary():
+    """The best token is one float32 step above token 0 and has the highest id: no tie, whatever the width."""
+    for vocab in (2, 64, 4096):
+        logits = [1.0] + [-5.0] * (vocab - 2) + [torch.nextafter(torch.tensor(1.0), torch.tensor(2.0)).item()]
+        assert _support(logits, top_k=1) == [vocab - 1]
+        assert _support(logits, top_k=2) == [0, vocab - 1]
+
+
+def test_top_p_1_keeps_every_token_however_unlikely_beside_a_top_p_row():
+    """The float64 mass before a token 40 nats down rounds to exactly 1.0: a row without a top-p limit must keep
+    it all the same, also when another row of the batch brings the top-p op in."""
+    vocab = 4
+    logits = torch.tensor([[0.0, -40.0, -41.0, -45.0], [0.0, 0.0, 0.0, 0.0]])
+    params = [SamplingParams(max_new_tokens=1, greedy=False, top_p=1.0, seed=1),
+              SamplingParams(max_new_tokens=1, greedy=False, top_p=0.3, seed=2)]
+    sampler = Sampler(vocab, 'cpu')
+    inputs = sampler.prepare([Sequence(i, [0], 1, p) for i, p in enumerate(params)])
+    candidates = sampler.candidates(sampler.adjusted(logits, inputs), inputs)
+    assert sorted(_row_support(*candidates, 0)) == [0, 1, 2, 3]
+    assert sorted(_row_support(*candidates, 1)) == [0, 1]
+
+
+def test_a_batch_settings_are_built_once_and_again_when_the_batch_changes():
+    """Decode steps of one batch reuse its settings' device tensors (no host-to-device copy per step); another
+    batch, even of the same size, gets its own."""
+    a = [Sequence(0, [1], 1, SamplingParams(max_new_tokens=4, greedy=False, temperature=0.5, top_k=2, seed=1)),
+         Sequence(1, [2], 1, SamplingParams(max_new_tokens=4, greedy=False, temperature=2.0, seed=2))]
+    b = [Sequence(2, [1], 1, SamplingParams(max_new_tokens=4, greedy=False, temperature=0.75, top_k=3, seed=3)),
+         a[1]]
+    sampler = Sampler(8, 'cpu')
+    first = sampler.prepare(a)
+    assert sampler.prepare(a).temperature is first.temperature and sampler.prepare(a).top_k is first.top_k
+    other = sampler.prepare(b)
+    assert other.temperature.flatten().tolist() == [0.75, 2.0] and other.top_k.tolist() == [3, 8]
+    assert sampler.prepare(a).temperature.flatten().tolist() == [0.5, 2.0]
+
+
+def test_a_row_draws_the_same_token_alone_and_beside_a_top_k_row_at_an_exact_tie():
+    """Logit plus noise equal, in float32, for two tokens: the lower id wins, alone (candidates in token order) and
+    beside a top-k row (candidates best first) alike. (argmax's first maximum once took token 0 alone and token 1
+    in the batch.)"""
+    for seed in range(100):
+        g = gumbel_noise(torch.tensor([row_key(seed, 0)]), torch.arange(2)[None])[0]
+        x0 = (1.0 + g[1]) - g[0]
+        if g[0] > g[1] and x0 + g[0] == 1.0 + g[1]:
+            break
+    else:
+        pytest.fail('no seed gives an exact tie: pick other logits')
+    logits = torch.tensor([[x0.item(), 1.0]])
+    row = Sequence(0, [0], 1, SamplingParams(max_new_tokens=1, greedy=False, seed=seed))
+    top_k = Sequence(1, [0], 1, SamplingParams(max_new_tokens=1, greedy=False, top_k=1, seed=7))
+    _, _, alone = _sample(2, [row], logits)
+    _, _, batched = _sample(2, [row, top_k], logits.repeat(2, 1))
+    assert alone.tolist() == [0] and batched.tolist() == [0, 1]
