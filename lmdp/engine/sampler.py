@@ -151,7 +151,9 @@ class Sampler:
             score = x + gumbel_noise(inputs.keys, ids)
             # an exact tie goes to the lower token id: the candidates come in token order or best first, whichever
             # the batch needs, so argmax's first maximum would make the draw depend on the batch
-            best = score == score.max(-1, keepdim=True).values
+            # (a row of a broken model with NaN scores draws its lowest NaN token: a real id, never vocab_size,
+            # which would index past the embedding table on the next step)
+            best = (score == score.max(-1, keepdim=True).values) | score.isnan()
             tokens = torch.where(best, ids, self.vocab_size).amin(-1)
             if inputs.do_sample is not None:
                 tokens = torch.where(inputs.do_sample, tokens, logits.argmax(-1))

@@ -65,3 +65,22 @@ def test_noise_is_minus_log_minus_log_of_the_cell_centre():
     u = ((bits // 512).double() + 0.5) / 2 ** 23
     expected = -torch.log(-torch.log(u))
     assert torch.allclose(gumbel_from_bits(bits).double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_row_of_nan_logits_still_draws_a_real_token_id():
+    """A broken model's NaN logits must not make the sampler return vocab_size (an id past the embedding table,
+    which on the GPU is a device-side assert that takes every request down)."""
+    import torch
+
+    from lmdp.engine.sampler import Sampler
+    from lmdp.engine.sequence import SamplingParams, Sequence
+    vocab = 64
+    sampler = Sampler(vocab, torch.device('cpu'))
+    logits = torch.randn(3, vocab)
+    logits[0] = float('nan')
+    logits[1, 7] = float('nan')
+    params = [SamplingParams(max_new_tokens=4, greedy=False, temperature=1.0, top_k=k, seed=1) for k in (0, 0, 5)]
+    seqs = [Sequence(i, [1, 2, 3], 3, p) for i, p in enumerate(params)]
+    tokens, _ = sampler(logits, sampler.prepare(seqs))
+    assert ((tokens >= 0) & (tokens < vocab)).all(), tokens
+    assert tokens[1] == 7          # the NaN is the row's maximum, as argmax takes it
