@@ -19,12 +19,7 @@ PARTS=${PARTS:-tests kernel sweep bench profile}
 SWEEP_TOKENS=${SWEEP_TOKENS:-256 2048 4096}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 . scripts/lib.sh
-if ls .carry/wheels/*.whl > /dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/lmdp_wheels .carry/wheels/*.whl \
-        && export PYTHONPATH=$PYTHONPATH:/tmp/lmdp_wheels
-fi
-xdist=()
-python3 -c 'import xdist' 2> /dev/null && xdist=(-n 2)
+. scripts/xdist.sh
 
 { want bench || want profile; } && python -c "from lmdp.bench.checkpoint import ensure_checkpoint
 from lmdp.bench.shapes import SHAPES, with_layers

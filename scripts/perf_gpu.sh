@@ -32,12 +32,7 @@ step() {   # step NAME WANT RESERVE CMD...: at most WANT s, leaving RESERVE s fo
     timeout -k 5 "$lim" "$@" > "$out/$name.log" 2>&1
     echo "== $name: exit $? after $SECONDS s"
 }
-if ls .carry/wheels/*.whl > /dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/lmdp_wheels .carry/wheels/*.whl \
-        && export PYTHONPATH=$PYTHONPATH:/tmp/lmdp_wheels
-fi
-xdist=()
-python3 -c 'import xdist' 2> /dev/null && xdist=(-n 2)
+. scripts/xdist.sh
 ckpt() { python -c "from lmdp.bench.checkpoint import ensure_checkpoint
 from lmdp.bench.shapes import SHAPES
 print(ensure_checkpoint(SHAPES['$1'], '/tmp'))" 2>> "$out/ckpt.log" | tail -n 1; }

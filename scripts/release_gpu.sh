@@ -19,12 +19,7 @@ P1=${P1:-480}           # phase 1's limit, seconds
 END=${END:-560}         # when phase 2 must be done, seconds from the start
 : > "$out/rc.txt"
 
-if ls .carry/wheels/*.whl > /dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/lmdp_wheels .carry/wheels/*.whl \
-        && export PYTHONPATH=$PYTHONPATH:/tmp/lmdp_wheels
-fi
-xdist=()
-python3 -c 'import xdist' 2> /dev/null && xdist=(-n 2)
+. scripts/xdist.sh
 
 s() {   # s NAME LIMIT CMD...: one step under `timeout`, its log and exit status under $out
     local name=$1 lim=$2
