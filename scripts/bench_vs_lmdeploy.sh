@@ -70,18 +70,26 @@ done
 
 python - "$out" "$@" <<'PY'
 import glob, json, os, sys
+from lmdp.bench.long_context import long_context_row
 out = sys.argv[1]
+
+
+def load(path):
+    try:
+        return json.load(open(path))
+    except Exception:
+        return None
+
+
 print('\n| shape | lmdp bs1 tok/s | roofline | fraction | lmdeploy bs1 | ratio | lmdp 256-req out tok/s | lmdeploy | ratio |')
 print('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+long_rows, res = [], {}
 for path in sorted(glob.glob(os.path.join(out, 'lmdp_*.json'))):
-    try:
-        res = json.load(open(path))
-    except Exception:
-        continue
+    res = load(path) or {}
     for name, fig in res.get('shapes', {}).items():
         lmd = {}
         for cand in glob.glob(os.path.join(out, 'lmdeploy_*.json')):
-            d = json.load(open(cand))
+            d = load(cand) or {}
             if d.get('preset', '').endswith('_' + name):
                 lmd = d
         bs1, roof = fig.get('bs1_decode_tok_s'), fig.get('roofline_tok_s')
@@ -89,18 +97,9 @@ for path in sorted(glob.glob(os.path.join(out, 'lmdp_*.json'))):
         r = lambda a, b: f'{a / b:.2f}x' if a and b else '-'  # noqa: E731
         print(f"| {name} | {bs1} | {roof} | {bs1 / roof:.1%} | {lbs1 or '-'} | {r(bs1, lbs1)} | {tp or '-'} | "
               f"{ltp or '-'} | {r(tp, ltp)} |")
-from lmdp.bench.long_context import long_context_row
-for path in sorted(glob.glob(os.path.join(out, 'lmdp_*.json'))):
-    try:
-        res = json.load(open(path))
-    except Exception:
-        continue
-    for name, fig in res.get('shapes', {}).items():
         if fig.get('long_context'):
-            try:
-                theirs = json.load(open(os.path.join(out, f'lmdeploy_longctx_{name}.json')))
-            except Exception:
-                theirs = None
-            print(long_context_row(name, fig['long_context'], theirs))
+            theirs = load(os.path.join(out, f'lmdeploy_longctx_{name}.json'))
+            long_rows.append(long_context_row(name, fig['long_context'], theirs))
+print('\n'.join(long_rows))
 print(f"\n{res.get('device', '')}, copy bandwidth {res.get('copy_bandwidth_TBps', '?')} TB/s")
 PY
