@@ -134,8 +134,6 @@ def ensure_checkpoint(shape, workdir: str = '/tmp') -> str:
 
 #: `lmdp bench --quant`: the formats a bench checkpoint can be quantised to, and `lmdp quantize`'s method for each
 QUANT_METHODS = {'fp8': 'fp8-block', 'awq': 'awq'}
-_ELEMENT_BYTES = {'BF16': 2, 'F16': 2, 'F32': 4, 'F64': 8, 'F8_E4M3': 1, 'F8_E5M2': 1, 'I8': 1, 'U8': 1, 'I16': 2,
-                  'I32': 4, 'I64': 8, 'BOOL': 1}
 
 
 def quantized_dir(path: str, quant: str) -> str:
@@ -164,11 +162,8 @@ def step_bytes(model_path: str) -> int:
     from ..weight_loader import scan_checkpoint
     total = 0
     for name, info in scan_checkpoint(model_path).tensors.items():
-        count = 1
-        for d in info.shape:
-            count *= d
-        size = count * _ELEMENT_BYTES[str(info.dtype).upper()]
-        if 'embed_tokens' in name:
-            size //= info.shape[0]
-        total += size
+        size = info.nbytes
+        if size is None:
+            raise ValueError(f'bench: tensor {name} of {model_path} has dtype {info.dtype}, of no known width')
+        total += size // info.shape[0] if 'embed_tokens' in name else size
     return total

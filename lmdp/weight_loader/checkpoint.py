@@ -32,6 +32,17 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
 
+    @property
+    def nbytes(self) -> int | None:
+        """Bytes of the tensor's data by its header, or None for a dtype of unknown width."""
+        bits = _BITS.get(self.dtype)
+        if bits is None:
+            return None
+        count = 1
+        for d in self.shape:
+            count *= d
+        return -(-count * bits // 8)          # sub-byte types (F4, F6) round up to whole bytes
+
 
 @dataclass
 class CheckpointManifest:
@@ -132,16 +143,12 @@ def read_safetensors_header(path: str) -> dict[str, TensorInfo]:
         except (TypeError, KeyError, ValueError, AssertionError):
             raise WeightLoadError(f'{name}: the header entry of tensor {tensor!r} is malformed ({entry!r:.100}); '
                                   f'the file is corrupt: {path}') from None
-        bits = _BITS.get(dtype)
-        if bits is not None:
-            numel = 1
-            for d in shape:
-                numel *= d
-            if stop - begin != -(-numel * bits // 8):
-                raise WeightLoadError(f'{name}: tensor {tensor!r} ({dtype}, shape {list(shape)}) should take '
-                                      f'{-(-numel * bits // 8)} bytes but its header gives it {stop - begin}; the '
-                                      f'file is corrupt: {path}')
-        tensors[tensor] = TensorInfo(dtype, shape)
+        info = TensorInfo(dtype, shape)
+        if info.nbytes is not None and stop - begin != info.nbytes:
+            raise WeightLoadError(f'{name}: tensor {tensor!r} ({dtype}, shape {list(shape)}) should take '
+                                  f'{info.nbytes} bytes but its header gives it {stop - begin}; the '
+                                  f'file is corrupt: {path}')
+        tensors[tensor] = info
         end = max(end, stop)
     data = size - 8 - n
     if end > data:
