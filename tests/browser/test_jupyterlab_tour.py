@@ -21,7 +21,8 @@ ARTIFACTS = os.path.join(REPO, 'artifacts', 'browser')
 SCREENSHOT = os.path.join(ARTIFACTS, '00_tour.png')
 VIEW_SCREENSHOT = os.path.join(ARTIFACTS, '00_tour_per_layer_view.png')
 TOKEN = 'lmdp-browser-test'
-RUN_LIMIT_S = 240
+STALL_S = 180       # no cell finished for this long: the run is stuck (one cell takes ~5 s alone, ~30 s on a busy CI)
+RUN_LIMIT_S = 900   # the whole run, however steady its progress
 
 
 def _missing(what: str):
@@ -71,10 +72,14 @@ def lab(tmp_path):
                JUPYTERLAB_SETTINGS_DIR=str(tmp_path / 'settings'),
                JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / 'workspaces'),
                # kernels import lmdp and parity from this checkout, whatever an editable install points at
-               PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get('PYTHONPATH')) if p))
+               PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get('PYTHONPATH')) if p),
+               # one thread in the kernel: beside another xdist worker on two cores, torch's spinning threads
+               # would fight that worker for the cores and slow both many times over
+               OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
     _user_settings(env['JUPYTERLAB_SETTINGS_DIR'])
     port = int(os.environ.get('LMDP_BROWSER_TEST_PORT') or _free_port())
-    log = open(tmp_path / 'jupyterlab.log', 'w')
+    log_path = tmp_path / 'jupyterlab.log'
+    log = open(log_path, 'w')
     proc = subprocess.Popen([sys.executable, '-m', 'jupyterlab', '--no-browser', '--allow-root', f'--port={port}',
                              '--ServerApp.port_retries=0', '--ServerApp.ip=127.0.0.1',
                              f'--IdentityProvider.token={TOKEN}', f'--ServerApp.root_dir={work}'],
@@ -91,7 +96,7 @@ def lab(tmp_path):
                     log.flush()
                     pytest.fail('JupyterLab did not start:\n' + (tmp_path / 'jupyterlab.log').read_text()[-3000:])
                 time.sleep(0.5)
-        yield url
+        yield url, log_path
     finally:
         proc.terminate()
         try:
@@ -141,28 +146,71 @@ def _artifacts() -> str:
     return ARTIFACTS
 
 
-def _run_tour(browser, lab: str):
+def _prompts(driver) -> list:
+    """Each code cell's prompt, '[ ]:' (not run), '[*]:' (queued or running) or '[7]:' (done)."""
+    from selenium.webdriver.common.by import By
+    return [p.text.strip() for p in driver.find_elements(By.CSS_SELECTOR, '.jp-CodeCell .jp-InputArea-prompt')]
+
+
+def _finished(driver):
+    """The tour's last cell printed its verdict, or some cell printed a traceback."""
+    from selenium.webdriver.common.by import By
+    # the last cell's own output (its source holds the same words, so only output areas count)
+    return any(o.text.startswith('00_tour: pipeline() matches transformers') or 'Traceback' in o.text
+               for o in driver.find_elements(By.CSS_SELECTOR, '.jp-OutputArea-output'))
+
+
+def _wait_for_the_run(driver, log_path):
+    """Wait while cells keep finishing; fail, saying where it stood, when none has for STALL_S seconds.
+
+    A fixed limit on the whole run failed on a busy CI machine without saying whether the run was slow or stuck;
+    the prompts tell the two apart, and the server's log says why a kernel died.
+    """
+    start = last_change = time.time()
+    last = _prompts(driver)
+    started = False
+    while not _finished(driver):
+        now = time.time()
+        prompts = _prompts(driver)
+        if prompts != last:
+            last, last_change = prompts, now
+        started = started or any(p not in ('[ ]:', '') for p in prompts)
+        if not started and now - start > 60:
+            # Run All reached a notebook whose kernel was not yet listening: ask once more, as a person would
+            _run_all_cells(driver, _wait(driver, 30))
+            start = last_change = now
+            started = True
+        if now - last_change > STALL_S or now - start > RUN_LIMIT_S:
+            running = [i for i, p in enumerate(prompts) if p == '[*]:']
+            log_tail = log_path.read_text()[-3000:] if log_path.exists() else '(no log)'
+            pytest.fail(f'the tour stopped making progress after {now - start:.0f} s: no cell finished in the last '
+                        f'{now - last_change:.0f} s; code cells running or queued: {running}; prompts: {prompts}\n'
+                        f'JupyterLab log (tail):\n{log_tail}')
+        time.sleep(1)
+    print(f'Run All Cells took {time.time() - start:.0f} s in the browser')
+
+
+def _wait(driver, seconds):
+    from selenium.webdriver.support.ui import WebDriverWait
+    return WebDriverWait(driver, seconds)
+
+
+def _run_tour(browser, lab):
     """Open the tour, Run All Cells, wait for its check cell; returns the first per-layer view's table."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    browser.get(f'{lab}/lab/tree/00_tour.ipynb?token={TOKEN}')
-    wait = WebDriverWait(browser, 90)
+    url, log_path = lab
+    browser.get(f'{url}/lab/tree/00_tour.ipynb?token={TOKEN}')
+    wait = _wait(browser, 90)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '.jp-NotebookPanel .jp-Cell'))
     # the kernel must be up before the cells are sent, or Run All may land on a notebook with no session yet
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '.jp-Notebook-ExecutionIndicator[data-status="idle"]'))
     _run_all_cells(browser, wait)
-
-    start = time.time()
-    done = WebDriverWait(browser, RUN_LIMIT_S, poll_frequency=1)
-    # the last cell's own output (its source holds the same words, so only output areas count)
-    done.until(lambda d: any(o.text.startswith('00_tour: pipeline() matches transformers') or 'Traceback' in o.text
-                             for o in d.find_elements(By.CSS_SELECTOR, '.jp-OutputArea-output')))
-    print(f'Run All Cells took {time.time() - start:.0f} s in the browser')
+    _wait_for_the_run(browser, log_path)
     errors = [o.text for o in browser.find_elements(By.CSS_SELECTOR, '.jp-OutputArea-output') if 'Traceback' in o.text]
     assert not errors, errors[0][-2000:]
     # widgets render when their model reaches the page, a moment after the cell's output
-    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, 'table.lmdp-layer-errors'))
+    _wait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, 'table.lmdp-layer-errors'))
     return browser.find_elements(By.CSS_SELECTOR, 'table.lmdp-layer-errors')[0]
 
 
